@@ -1,0 +1,463 @@
+"""FineTuneJob v1alpha1: the API types, the single source of truth.
+
+The CRD YAML in crds/ is generated from these models (see kubetune.api.crd), and the
+trainer and the operator both read a FineTuneJob through them. Field names are camelCase
+because they are the Kubernetes wire format; defaults here are the documented defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ["ftj"]
+
+MODEL_URI_PATTERN = r"^(hf|s3|pvc|file)://.+"
+DATASET_URI_PATTERN = r"^(hf|s3|pvc|file)://.+"
+OUTPUT_URI_PATTERN = r"^(s3|file|pvc)://.+"
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+# A JSON object whose shape Kubernetes owns (tolerations, affinity, JSON schemas):
+# kept as-is and marked x-kubernetes-preserve-unknown-fields in the CRD.
+FreeForm = Annotated[dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})]
+
+
+def _cel(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> dict:
+    validation = {"rule": rule, "message": message}
+    if field_path:
+        validation["fieldPath"] = field_path
+    if reason:
+        validation["reason"] = reason
+    return validation
+
+
+class _Model(BaseModel):
+    # Unknown fields are an error, as they are for a structural CRD schema (pruning aside):
+    # a typo such as `learningrate` must not be silently ignored by `kubetune run`.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+
+
+class SecretKeyRef(_Model):
+    """A key in a Secret in the FineTuneJob's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="Name of the Secret.")
+    key: str = Field("token", min_length=1, max_length=253, description="Key in the Secret.")
+
+
+class SecretRef(_Model):
+    """A Secret in the FineTuneJob's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="Name of the Secret.")
+
+
+class LocalObjectReference(_Model):
+    name: str = Field(min_length=1, max_length=253, description="Name of the referenced object.")
+
+
+class ModelSource(_Model):
+    """Where the base model comes from."""
+
+    uri: str = Field(
+        pattern=MODEL_URI_PATTERN,
+        max_length=2048,
+        description="Base model: hf://org/name, s3://bucket/prefix, pvc://claim/path or file:///abs/path.",
+    )
+    revision: str | None = Field(
+        None, max_length=255, description="Hub revision (branch, tag or commit); hf:// only."
+    )
+    tokenSecretRef: SecretKeyRef | None = Field(
+        None, description="Secret key holding a Hugging Face token (passed to the trainer as HF_TOKEN)."
+    )
+    trustRemoteCode: bool = Field(
+        False, description="Allow model repositories to run their own Python code when loading."
+    )
+
+
+class LoraSpec(_Model):
+    """LoRA adapter settings (method lora or qlora)."""
+
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: int | None = Field(
+        None, ge=1, le=4096, description="LoRA alpha (scaling numerator). Default: 2 x r."
+    )
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    targetModules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        min_length=1,
+        max_length=64,
+        description="Module names to adapt; 'all-linear' adapts every linear layer.",
+        json_schema_extra={"default": DEFAULT_TARGET_MODULES},
+    )
+
+    @property
+    def effective_alpha(self) -> int:
+        return self.alpha if self.alpha is not None else 2 * self.r
+
+
+class QuantizationSpec(_Model):
+    """bitsandbytes quantisation of the frozen base model (method qlora)."""
+
+    bits: Literal[4] = Field(4, description="Bits per weight of the frozen base model.")
+    quantType: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    doubleQuant: bool = Field(True, description="Quantise the quantisation constants too.")
+    computeDtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Dtype of the matmuls on the dequantised weights."
+    )
+
+
+DatasetFormat = Literal["auto", "alpaca", "chat", "prompt-completion", "text"]
+
+
+class DatasetSpec(_Model):
+    """The training data."""
+
+    uri: str = Field(
+        pattern=DATASET_URI_PATTERN,
+        max_length=2048,
+        description="Training data (.jsonl .json .csv .parquet): s3://, hf://, pvc:// or file://.",
+    )
+    format: DatasetFormat = Field(
+        "auto",
+        description="Row format: alpaca (instruction/input/output), chat (messages), "
+        "prompt-completion, text; auto detects it from the columns.",
+    )
+    validationSplit: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Share of rows held out for validation (seeded)."
+    )
+    validationUri: str | None = Field(
+        None,
+        pattern=DATASET_URI_PATTERN,
+        max_length=2048,
+        description="Separate validation data; when set, validationSplit is not used.",
+    )
+    chatTemplate: str | None = Field(
+        None,
+        max_length=65536,
+        description="Jinja chat template for chat data when the tokenizer has none.",
+    )
+    revision: str | None = Field(None, max_length=255, description="Hub revision; hf:// only.")
+
+
+LrScheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
+
+
+class TrainingSpec(_Model):
+    """Optimisation settings."""
+
+    epochs: float = Field(3.0, gt=0, le=1000, description="Passes over the training data.")
+    maxSteps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    learningRate: float = Field(2.0e-4, gt=0, le=1.0, description="Peak learning rate.")
+    lrScheduler: LrScheduler = Field("cosine", description="Learning-rate schedule.")
+    warmupRatio: float = Field(0.03, ge=0, le=0.5, description="Share of steps spent warming up.")
+    weightDecay: float = Field(0.0, ge=0, le=1.0, description="AdamW weight decay.")
+    batchSize: int = Field(4, ge=1, le=4096, description="Per-device batch size.")
+    gradientAccumulationSteps: int = Field(
+        4, ge=1, le=4096, description="Micro-batches per optimizer step."
+    )
+    maxSeqLength: int = Field(2048, ge=16, le=1048576, description="Tokens per training sequence.")
+    packing: bool = Field(
+        True,
+        description="Pack several examples into each sequence (no cross-example attention "
+        "where the model supports it) instead of padding.",
+    )
+    gradientCheckpointing: bool = Field(
+        True, description="Recompute activations in the backward pass to save memory."
+    )
+    seed: int = Field(42, ge=0, description="Seed for data order, validation split and init.")
+    logEverySteps: int = Field(1, ge=1, description="Report progress every N optimizer steps.")
+    evalEverySteps: int | None = Field(
+        None, ge=1, description="Evaluate every N steps (default: at the end of each epoch)."
+    )
+    checkpointEverySteps: int = Field(
+        100, ge=1, description="Write a resumable checkpoint every N optimizer steps."
+    )
+    checkpointsToKeep: int = Field(2, ge=1, le=100, description="Most recent checkpoints kept.")
+
+
+class OutputSpec(_Model):
+    """Where artifacts are published: <uri>/<namespace>/<name>/."""
+
+    uri: str = Field(
+        pattern=OUTPUT_URI_PATTERN,
+        max_length=2048,
+        description="Artifact location: s3://bucket/prefix/ (or file:// and pvc:// for local runs).",
+    )
+    credentialsSecretRef: SecretRef | None = Field(
+        None,
+        description="Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and optional "
+        "AWS_ENDPOINT_URL, AWS_REGION; also used for s3:// model and dataset URIs.",
+    )
+    mergeAdapter: bool = Field(
+        False, description="LoRA/QLoRA: also publish the base model with the adapter merged in."
+    )
+
+
+class ResourcesSpec(_Model):
+    """Compute for the trainer pod."""
+
+    gpus: int = Field(1, ge=0, le=64, description="GPUs (nvidia.com/gpu) for the trainer pod.")
+    cpu: str | None = Field(
+        None, pattern=r"^[0-9]+(\.[0-9]+)?m?$", description="CPU request, e.g. '8'."
+    )
+    memory: str | None = Field(
+        None,
+        pattern=r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?)?$",
+        description="Memory request and limit, e.g. '64Gi'.",
+    )
+    shmSize: str = Field(
+        "8Gi",
+        pattern=r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?)?$",
+        description="Size of the /dev/shm memory volume (data-loader workers).",
+    )
+
+
+class FormatCheck(_Model):
+    """What a generated answer must look like."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel("self.type != 'regex' || has(self.pattern)", "format type regex needs pattern"),
+                _cel(
+                    "self.type != 'jsonSchema' || has(self.schema)",
+                    "format type jsonSchema needs schema",
+                ),
+            ]
+        },
+    )
+
+    type: Literal["json", "jsonSchema", "regex"] = Field(description="Kind of check.")
+    schema_: FreeForm | None = Field(
+        None, alias="schema", description="JSON Schema the output must validate against."
+    )
+    pattern: str | None = Field(
+        None, max_length=4096, description="Regular expression the whole output must match."
+    )
+
+
+class EvalThresholds(_Model):
+    """Quality gates; a missed one sets the EvalPassed condition to False."""
+
+    minFormatCompliance: float | None = Field(None, ge=0, le=1)
+    maxEvalLoss: float | None = Field(None, ge=0)
+    minExactMatch: float | None = Field(None, ge=0, le=1)
+    minTokenF1: float | None = Field(None, ge=0, le=1)
+    minRougeL: float | None = Field(None, ge=0, le=1)
+    maxUnsupportedContentRate: float | None = Field(None, ge=0, le=1)
+    maxRegressionPerplexityIncrease: float | None = Field(
+        None, ge=0, description="Largest allowed relative increase, e.g. 0.1 for +10%."
+    )
+
+
+class EvaluationSpec(_Model):
+    """Evaluation after training, against the base model."""
+
+    enabled: bool = Field(True, description="Run the evaluation stage.")
+    datasetUri: str | None = Field(
+        None, pattern=DATASET_URI_PATTERN, description="Evaluation data (default: validation split)."
+    )
+    maxSamples: int = Field(64, ge=1, le=100000, description="Examples generated for task metrics.")
+    maxNewTokens: int = Field(128, ge=1, le=8192, description="Generation length limit.")
+    format: FormatCheck | None = Field(None, description="Format compliance check.")
+    regressionUri: str | None = Field(
+        None,
+        pattern=DATASET_URI_PATTERN,
+        description="General text unrelated to the task; base vs tuned perplexity on it.",
+    )
+    thresholds: EvalThresholds | None = Field(None, description="Quality gates.")
+    failOnThresholds: bool = Field(False, description="Fail the job when a threshold is missed.")
+    sampleOutputs: int = Field(5, ge=0, le=100, description="Base vs tuned outputs kept in the report.")
+
+
+class FineTuneJobSpec(_Model):
+    """What to fine-tune, how, and where the result goes."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "!has(self.quantization) || self.method == 'qlora'",
+                    "quantization is only valid with method: qlora",
+                    ".quantization",
+                ),
+                _cel(
+                    "!has(self.lora) || self.method != 'full'",
+                    "lora settings are not valid with method: full",
+                    ".lora",
+                ),
+            ]
+        },
+    )
+
+    model: ModelSource = Field(description="Base model.")
+    method: Literal["full", "lora", "qlora"] = Field(
+        "lora", description="full: all parameters; lora: adapter; qlora: adapter on a 4-bit base."
+    )
+    lora: LoraSpec | None = Field(None, description="LoRA settings (lora and qlora).")
+    quantization: QuantizationSpec | None = Field(None, description="Quantisation (qlora only).")
+    dataset: DatasetSpec = Field(description="Training data.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Evaluation.")
+    output: OutputSpec = Field(description="Where artifacts go.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Compute.")
+
+    # Scheduling and lifecycle (used by the operator; ignored by `kubetune run`).
+    image: str | None = Field(None, max_length=1024, description="Trainer image (default: operator's).")
+    suspend: bool = Field(
+        False, description="Stop the running trainer, keeping checkpoints; false resumes it."
+    )
+    backoffLimit: int = Field(2, ge=0, le=100, description="Retries of a failed trainer pod.")
+    activeDeadlineSeconds: int | None = Field(
+        None, ge=1, description="Fail the job when it runs longer than this."
+    )
+    queueName: str | None = Field(
+        None, max_length=253, description="Kueue LocalQueue (same as the queue-name label)."
+    )
+    priorityClassName: str | None = Field(None, max_length=253)
+    nodeSelector: dict[str, str] | None = Field(None, description="Trainer pod node selector.")
+    tolerations: list[FreeForm] | None = Field(None, description="Trainer pod tolerations.")
+    affinity: FreeForm | None = Field(None, description="Trainer pod affinity.")
+    imagePullSecrets: list[LocalObjectReference] | None = Field(None)
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> FineTuneJobSpec:
+        # Mirrors the CEL rules so `kubetune run` rejects the same manifests as the API server,
+        # then fills in the method-dependent defaults.
+        if self.quantization is not None and self.method != "qlora":
+            raise ValueError("spec.quantization is only valid with method: qlora")
+        if self.lora is not None and self.method == "full":
+            raise ValueError("spec.lora settings are not valid with method: full")
+        if self.method in ("lora", "qlora") and self.lora is None:
+            self.lora = LoraSpec()
+        if self.method == "qlora" and self.quantization is None:
+            self.quantization = QuantizationSpec()
+        return self
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metadata kubetune reads; everything else is kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1, max_length=253)
+    namespace: str | None = None
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+
+
+# --- status -----------------------------------------------------------------------------
+
+Phase = Literal["Pending", "Queued", "Running", "Suspended", "Succeeded", "Failed"]
+PHASES: tuple[str, ...] = ("Pending", "Queued", "Running", "Suspended", "Succeeded", "Failed")
+TERMINAL_PHASES = ("Succeeded", "Failed")
+
+
+class Condition(BaseModel):
+    """A Kubernetes-style condition."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str | None = None
+    message: str | None = None
+    lastTransitionTime: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    observedGeneration: int | None = None
+
+
+class Progress(BaseModel):
+    """Latest training progress reported by the trainer."""
+
+    step: int | None = None
+    totalSteps: int | None = None
+    percent: float | None = None
+    epoch: float | None = None
+    loss: float | None = None
+    evalLoss: float | None = None
+    learningRate: float | None = None
+    tokensPerSecond: float | None = None
+    etaSeconds: float | None = None
+    summary: str | None = Field(None, description="Human-readable, e.g. '120/300 (40%)'.")
+    updatedAt: str | None = Field(None, json_schema_extra={"format": "date-time"})
+
+
+class Artifacts(BaseModel):
+    """Where the results are."""
+
+    model: str | None = Field(None, description="Adapter (LoRA/QLoRA) or model (full) location.")
+    mergedModel: str | None = None
+    manifest: str | None = None
+    report: str | None = None
+    metrics: str | None = None
+
+
+class Metrics(BaseModel):
+    """Headline numbers of a finished run."""
+
+    trainLoss: float | None = None
+    evalLoss: float | None = None
+    perplexity: float | None = None
+    baseEvalLoss: float | None = None
+    exactMatch: float | None = None
+    baseExactMatch: float | None = None
+    formatCompliance: float | None = None
+    baseFormatCompliance: float | None = None
+    tokensTrained: int | None = None
+    trainSamples: int | None = None
+    durationSeconds: float | None = None
+    evalPassed: bool | None = None
+
+
+class FineTuneJobStatus(BaseModel):
+    """Observed state, written by the operator."""
+
+    phase: Phase | None = None
+    reason: str | None = Field(None, description="Machine-readable cause of the phase.")
+    message: str | None = Field(None, description="Why, in words a user can act on.")
+    observedGeneration: int | None = None
+    conditions: list[Condition] | None = Field(
+        None, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
+    )
+    jobName: str | None = None
+    startTime: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    completionTime: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    progress: Progress | None = None
+    artifacts: Artifacts | None = None
+    metrics: Metrics | None = None
+    restarts: int | None = None
+    resumedFromStep: int | None = None
+
+
+class FineTuneJob(BaseModel):
+    """A FineTuneJob manifest (what `kubectl apply` and `kubetune run` take)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    apiVersion: Literal["kubetune.io/v1alpha1"] = API_VERSION
+    kind: Literal["FineTuneJob"] = KIND
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace or "default"
+
+    def wire(self) -> dict[str, Any]:
+        """The manifest as Kubernetes sees it (camelCase keys, no unset optionals)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# Spec fields that cannot change once the trainer has started (see kubetune.api.crd).
+IMMUTABLE_AFTER_START = ("model", "method", "dataset")
