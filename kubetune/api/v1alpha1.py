@@ -245,6 +245,15 @@ class FormatCheck(_Model):
         None, max_length=4096, description="Regular expression the whole output must match."
     )
 
+    @model_validator(mode="after")
+    def _needs_its_argument(self) -> FormatCheck:
+        # Mirrors the CEL rules above for `kubetune run`.
+        if self.type == "regex" and self.pattern is None:
+            raise ValueError("format type regex needs pattern")
+        if self.type == "jsonSchema" and self.schema_ is None:
+            raise ValueError("format type jsonSchema needs schema")
+        return self
+
 
 class EvalThresholds(_Model):
     """Quality gates; a missed one sets the EvalPassed condition to False."""

