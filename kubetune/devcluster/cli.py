@@ -1,0 +1,108 @@
+"""`kubetune dev up | down | status`: a local cluster for demos and manual testing.
+
+Wire into the main CLI with `add_dev_commands(subparsers)`; each subcommand sets
+`args.func`, which returns the exit code. Standalone: `python -m kubetune.devcluster.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from kubetune.devcluster.binaries import missing_binaries
+from kubetune.devcluster.controlplane import (
+    STATE_FILE,
+    DevCluster,
+    NodeConfig,
+    stop_cluster,
+)
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("KUBETUNE_DEV_DIR")
+                or Path.home() / ".cache" / "kubetune" / "dev")
+
+
+def up(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir)
+    if (state_dir / STATE_FILE).exists():
+        cluster = DevCluster.from_state(state_dir)
+        if len(cluster.alive_processes()) == len(cluster.processes):
+            print(f"already running: export KUBECONFIG={cluster.kubeconfig}")
+            return 0
+        print("found a partly stopped cluster; stopping what is left of it")
+        cluster.stop()
+    missing = missing_binaries()
+    if missing:
+        print(f"missing binaries: {', '.join(missing)}; run `bash hack/k8s-binaries.sh`",
+              file=sys.stderr)
+        return 1
+    # Every `up` is a fresh cluster: new certificates would not match old etcd data.
+    shutil.rmtree(state_dir, ignore_errors=True)
+    node = NodeConfig(name=args.node_name, cpu=args.cpu, memory=args.memory, gpus=args.gpus)
+    cluster = DevCluster.start(state_dir, node=node, detached=True)
+    print(f"cluster ready in {cluster.ready_seconds}s at {cluster.server} "
+          f"(node {node.name}: {node.cpu} CPU, {node.memory}, {node.gpus} nvidia.com/gpu)")
+    print(f"logs:  {state_dir / 'logs'}")
+    print(f"export KUBECONFIG={cluster.kubeconfig}")
+    print(f"export PATH={cluster.bin_dir}:$PATH   # kubectl and helm {cluster.bin_dir.name}")
+    return 0
+
+
+def down(args: argparse.Namespace) -> int:
+    if stop_cluster(Path(args.state_dir)):
+        print("cluster stopped")
+    else:
+        print(f"no cluster recorded in {args.state_dir}")
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir)
+    if not (state_dir / STATE_FILE).exists():
+        print(f"no cluster recorded in {state_dir}")
+        return 1
+    cluster = DevCluster.from_state(state_dir)
+    alive = {record.pid for record in cluster.alive_processes()}
+    print(f"server:     {cluster.server}")
+    print(f"kubeconfig: {cluster.kubeconfig}")
+    print(f"node:       {cluster.node.name}")
+    for record in cluster.processes:
+        state = "running" if record.pid in alive else "STOPPED"
+        print(f"  {record.name:<24} pid {record.pid:<8} {state:<8} log {record.log}")
+    return 0 if len(alive) == len(cluster.processes) else 1
+
+
+def add_dev_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    dev = subparsers.add_parser("dev", help="a local Kubernetes cluster for demos and tests")
+    dev.add_argument("--state-dir", default=str(default_state_dir()),
+                     help="where the cluster keeps its state (default %(default)s)")
+    commands = dev.add_subparsers(dest="dev_command", required=True)
+    start = commands.add_parser("up", help="start the cluster in the background")
+    start.add_argument("--node-name", default="kubetune-local")
+    start.add_argument("--cpu", default="8")
+    start.add_argument("--memory", default="32Gi")
+    start.add_argument("--gpus", type=int, default=1, help="nvidia.com/gpu the node offers")
+    start.set_defaults(func=up)
+    commands.add_parser("down", help="stop the cluster").set_defaults(func=down)
+    commands.add_parser("status", help="show the cluster's processes").set_defaults(func=status)
+    return dev
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Hook for the `kubetune` command (kubetune.cli)."""
+    add_dev_commands(subparsers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kubetune")
+    add_dev_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
