@@ -1,16 +1,38 @@
 """The evaluation stage's interface with the pipeline.
 
 The pipeline builds an `EvalInputs` after training and calls `evaluate_after_training`;
-everything it needs back is in the `EvalOutcome`.
+everything it needs back is in the `EvalOutcome`. The tuned model and the base model are
+measured on the same examples with the same greedy decoding: for lora/qlora the base is the
+same model with its adapter disabled (no second load), for full fine-tuning it is loaded
+from `base_model_path`.
+
+Torch is imported lazily so that `kubetune_trainer.evaluate.report` stays importable in the
+torch-free operator install.
 """
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJobSpec
+from kubetune_trainer.evaluate.examples import EvalExample, build_example
+from kubetune_trainer.evaluate.formats import FormatChecker, build_format_checker
+from kubetune_trainer.evaluate.gates import check_thresholds
+from kubetune_trainer.evaluate.metrics import perplexity
+from kubetune_trainer.evaluate.report import (
+    HALLUCINATION_PROXY_NOTE,
+    REPORT_SCHEMA_VERSION,
+    write_report_files,
+)
+from kubetune_trainer.evaluate.scoring import Scored, score_outputs
+
+DEFAULT_BATCH_SIZE = 8
 
 
 @dataclass
@@ -24,6 +46,10 @@ class EvalInputs:
     out_dir: Path  # local folder for report.json, report.md, PNGs; published by the pipeline
     log_history: list[dict] = field(default_factory=list)  # trainer.state.log_history
     train_seconds: float | None = None
+    # Where datasetUri / regressionUri data is downloaded (default: a temporary folder).
+    cache_dir: Path | None = None
+    # Examples per forward pass (loss) and per generate() call.
+    batch_size: int = DEFAULT_BATCH_SIZE
 
 
 @dataclass
@@ -33,8 +59,349 @@ class EvalOutcome:
     passed: bool | None = None  # None when no thresholds are set
     missed: list[str] = field(default_factory=list)  # "exactMatch 0.12 < minExactMatch 0.5"
     seconds: float = 0.0
+    report: dict[str, Any] = field(default_factory=dict)  # what report.json holds
+
+
+@dataclass
+class ModelResult:
+    """One model (tuned or base) measured on the evaluation and regression examples."""
+
+    loss: float | None
+    loss_tokens: int
+    outputs: list[str]
+    scored: Scored
+    regression_loss: float | None
+    generation_seconds: float
+    loss_seconds: float
+
+    def metrics(self) -> dict[str, float | int | None]:
+        return {
+            "evalLoss": self.loss,
+            "perplexity": perplexity(self.loss),
+            "lossTokens": self.loss_tokens,
+            **self.scored.metrics(),
+        }
+
+
+@dataclass(frozen=True)
+class EvalData:
+    examples: list[EvalExample]
+    source: str
+    regression: list[EvalExample] | None
+    regression_source: str | None
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    max_new_tokens: int
+    max_length: int
+    batch_size: int
+    checker: FormatChecker | None
 
 
 def evaluate_after_training(inputs: EvalInputs) -> EvalOutcome:
-    """Placeholder until the evaluation stage lands: evaluates nothing."""
-    return EvalOutcome(metrics={}, files=[])
+    """Measure tuned and base model, write the report files, check the thresholds."""
+    started = time.perf_counter()
+    evaluation = inputs.spec.evaluation
+    if not evaluation.enabled:
+        return EvalOutcome(metrics={}, files=[])
+    # A bad schema or pattern is bad input: report it before spending time on generation.
+    checker = build_format_checker(evaluation.format) if evaluation.format else None
+    data = _load_data(inputs)
+    settings = RunSettings(
+        max_new_tokens=evaluation.maxNewTokens,
+        max_length=inputs.spec.training.maxSeqLength,
+        batch_size=max(1, inputs.batch_size),
+        checker=checker,
+    )
+
+    model = inputs.model
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    try:
+        tuned = _measure(model, inputs.tokenizer, data, settings)
+        with _base_model(inputs) as base:
+            base_result = _measure(base, inputs.tokenizer, data, settings)
+    finally:
+        if was_training:
+            model.train()
+
+    seconds = time.perf_counter() - started
+    report = build_report(inputs, data, tuned, base_result, seconds)
+    files = write_report_files(report, inputs.out_dir, inputs.log_history)
+    gates = report["gates"]
+    return EvalOutcome(
+        metrics=headline_metrics(report),
+        files=files,
+        passed=gates["passed"],
+        missed=list(gates["missed"]),
+        seconds=time.perf_counter() - started,
+        report=report,
+    )
+
+
+def _load_data(inputs: EvalInputs) -> EvalData:
+    evaluation = inputs.spec.evaluation
+    with _cache_dir(inputs.cache_dir) as cache:
+        if evaluation.datasetUri:
+            rows, source = _rows_from_uri(evaluation.datasetUri, cache), evaluation.datasetUri
+        else:
+            rows, source = inputs.eval_rows, "validation split"
+        regression_rows = (
+            _rows_from_uri(evaluation.regressionUri, cache) if evaluation.regressionUri else None
+        )
+    limit = evaluation.maxSamples
+    tokenizer = inputs.tokenizer
+    return EvalData(
+        examples=[build_example(row, tokenizer) for row in rows[:limit]],
+        source=source,
+        regression=(
+            [build_example(row, tokenizer) for row in regression_rows[:limit]]
+            if regression_rows is not None
+            else None
+        ),
+        regression_source=evaluation.regressionUri,
+    )
+
+
+@contextlib.contextmanager
+def _cache_dir(cache_dir: Path | None) -> Iterator[Path]:
+    if cache_dir is not None:
+        yield Path(cache_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="kubetune-eval-") as temporary:
+        yield Path(temporary)
+
+
+def _rows_from_uri(uri: str, cache_dir: Path) -> list[dict]:
+    # The training data loader: same formats, same conversion, same one-line errors.
+    from kubetune_trainer.data import load_eval_rows
+
+    return load_eval_rows(uri, cache_dir=cache_dir)
+
+
+@contextlib.contextmanager
+def _base_model(inputs: EvalInputs) -> Iterator[Any]:
+    """The base model: the tuned PeftModel with its adapter off, or a fresh load (full)."""
+    model = inputs.model
+    if inputs.spec.method in ("lora", "qlora") and hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+        return
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kubetune_trainer.evaluate.inference import input_device
+
+    base = AutoModelForCausalLM.from_pretrained(
+        inputs.base_model_path,
+        dtype=model.dtype,
+        trust_remote_code=inputs.spec.model.trustRemoteCode,
+    )
+    base.to(input_device(model))
+    base.eval()
+    try:
+        yield base
+    finally:
+        del base
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _measure(model: Any, tokenizer: Any, data: EvalData, settings: RunSettings) -> ModelResult:
+    from kubetune_trainer.evaluate.inference import generate_greedy, pad_token_id, token_loss
+
+    pad_id = pad_token_id(tokenizer)
+    started = time.perf_counter()
+    loss = token_loss(
+        model,
+        data.examples,
+        pad_id=pad_id,
+        batch_size=settings.batch_size,
+        max_length=settings.max_length,
+    )
+    regression_loss = (
+        token_loss(
+            model,
+            data.regression,
+            pad_id=pad_id,
+            batch_size=settings.batch_size,
+            max_length=settings.max_length,
+        ).loss
+        if data.regression
+        else None
+    )
+    loss_seconds = time.perf_counter() - started
+
+    # Text rows have no answer to generate; task metrics cover the others.
+    generative = [e for e in data.examples if e.prompt_ids is not None]
+    started = time.perf_counter()
+    outputs = generate_greedy(
+        model,
+        tokenizer,
+        [e.prompt_ids or [] for e in generative],
+        max_new_tokens=settings.max_new_tokens,
+        batch_size=settings.batch_size,
+        max_prompt_length=max(1, settings.max_length - settings.max_new_tokens),
+    )
+    generation_seconds = time.perf_counter() - started
+    scored = score_outputs(
+        outputs,
+        [e.reference for e in generative],
+        [e.prompt for e in generative],
+        settings.checker,
+    )
+    return ModelResult(
+        loss=loss.loss,
+        loss_tokens=loss.tokens,
+        outputs=outputs,
+        scored=scored,
+        regression_loss=regression_loss,
+        generation_seconds=generation_seconds,
+        loss_seconds=loss_seconds,
+    )
+
+
+def _difference(a: Any, b: Any) -> float | None:
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return float(a) - float(b)
+    return None
+
+
+def regression_summary(
+    tuned_loss: float | None, base_loss: float | None, rows: int, source: str | None
+) -> dict[str, Any]:
+    """Base vs tuned perplexity on the regression set and the relative change (+0.1 = +10%)."""
+    tuned_ppl, base_ppl = perplexity(tuned_loss), perplexity(base_loss)
+    change = tuned_ppl / base_ppl - 1 if tuned_ppl is not None and base_ppl else None
+    return {
+        "source": source,
+        "rows": rows,
+        "tunedLoss": tuned_loss,
+        "baseLoss": base_loss,
+        "tunedPerplexity": tuned_ppl,
+        "basePerplexity": base_ppl,
+        "relativeIncrease": change,
+    }
+
+
+def _samples(
+    data: EvalData, tuned: ModelResult, base: ModelResult, count: int
+) -> list[dict[str, Any]]:
+    generative = [e for e in data.examples if e.prompt_ids is not None]
+    samples = []
+    for index, example in enumerate(generative[:count]):
+        sample = {
+            "prompt": example.prompt,
+            "reference": example.reference,
+            "base": base.outputs[index],
+            "tuned": tuned.outputs[index],
+        }
+        if tuned.scored.format_ok is not None and base.scored.format_ok is not None:
+            sample["baseFormatOk"] = base.scored.format_ok[index]
+            sample["tunedFormatOk"] = tuned.scored.format_ok[index]
+        samples.append(sample)
+    return samples
+
+
+def _loss_scope(examples: Sequence[EvalExample]) -> str:
+    if examples and all(e.prompt_ids is None for e in examples):
+        return "all tokens (text data)"
+    return "completion/assistant tokens only"
+
+
+def build_report(
+    inputs: EvalInputs, data: EvalData, tuned: ModelResult, base: ModelResult, seconds: float
+) -> dict[str, Any]:
+    """Everything report.json holds (every number; see kubetune.report for its rendering)."""
+    evaluation = inputs.spec.evaluation
+    tuned_metrics, base_metrics = tuned.metrics(), base.metrics()
+    regression = (
+        regression_summary(
+            tuned.regression_loss,
+            base.regression_loss,
+            len(data.regression),
+            data.regression_source,
+        )
+        if data.regression is not None
+        else None
+    )
+    gate_metrics = {
+        **tuned_metrics,
+        "regressionPerplexityIncrease": regression["relativeIncrease"] if regression else None,
+    }
+    passed, missed = check_thresholds(gate_metrics, evaluation.thresholds)
+    generative = sum(e.prompt_ids is not None for e in data.examples)
+    notes = [HALLUCINATION_PROXY_NOTE]
+    if generative < len(data.examples):
+        notes.append(
+            f"{len(data.examples) - generative} text rows have no reference answer: they count "
+            "towards loss and perplexity only."
+        )
+    train_seconds = inputs.train_seconds
+    return {
+        "schemaVersion": REPORT_SCHEMA_VERSION,
+        "method": inputs.spec.method,
+        "dataFormat": inputs.data_format,
+        "source": data.source,
+        "examples": len(data.examples),
+        "generatedExamples": generative,
+        "lossScope": _loss_scope(data.examples),
+        "generation": {
+            "decoding": "greedy",
+            "maxNewTokens": evaluation.maxNewTokens,
+            "maxSamples": evaluation.maxSamples,
+            "batchSize": max(1, inputs.batch_size),
+        },
+        "format": (
+            evaluation.format.model_dump(mode="json", by_alias=True, exclude_none=True)
+            if evaluation.format
+            else None
+        ),
+        "tuned": tuned_metrics,
+        "base": base_metrics,
+        "delta": {
+            key: _difference(tuned_metrics[key], base_metrics.get(key)) for key in tuned_metrics
+        },
+        "regression": regression,
+        "gates": {
+            "passed": passed,
+            "missed": missed,
+            "thresholds": (
+                evaluation.thresholds.model_dump(mode="json", exclude_none=True)
+                if evaluation.thresholds
+                else None
+            ),
+        },
+        "samples": _samples(data, tuned, base, evaluation.sampleOutputs),
+        "timing": {
+            "evalSeconds": seconds,
+            "tunedGenerationSeconds": tuned.generation_seconds,
+            "tunedLossSeconds": tuned.loss_seconds,
+            "baseGenerationSeconds": base.generation_seconds,
+            "baseLossSeconds": base.loss_seconds,
+            "trainSeconds": train_seconds,
+            "evalShareOfRun": seconds / (train_seconds + seconds) if train_seconds else None,
+        },
+        "notes": notes,
+    }
+
+
+def headline_metrics(report: dict[str, Any]) -> dict[str, float | int | bool | None]:
+    """The numbers that go into status.metrics (only kubetune.api.v1alpha1.Metrics keys;
+    unmeasured ones are left out so they do not overwrite anything)."""
+    tuned, base = report["tuned"], report["base"]
+    values: dict[str, float | int | bool | None] = {
+        "evalLoss": tuned.get("evalLoss"),
+        "perplexity": tuned.get("perplexity"),
+        "baseEvalLoss": base.get("evalLoss"),
+        "exactMatch": tuned.get("exactMatch"),
+        "baseExactMatch": base.get("exactMatch"),
+        "formatCompliance": tuned.get("formatCompliance"),
+        "baseFormatCompliance": base.get("formatCompliance"),
+        "evalPassed": report["gates"]["passed"],
+    }
+    return {key: value for key, value in values.items() if value is not None}
