@@ -422,6 +422,15 @@ class Metrics(BaseModel):
     baseExactMatch: float | None = None
     formatCompliance: float | None = None
     baseFormatCompliance: float | None = None
+    tokenF1: float | None = None
+    baseTokenF1: float | None = None
+    rougeL: float | None = None
+    baseRougeL: float | None = None
+    unsupportedContentRate: float | None = None
+    baseUnsupportedContentRate: float | None = None
+    regressionPerplexityIncrease: float | None = Field(
+        None, description="Tuned vs base perplexity on the regression set (+0.1 = +10%)."
+    )
     tokensTrained: int | None = None
     trainSamples: int | None = None
     durationSeconds: float | None = None

@@ -402,6 +402,13 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, float | int | bool | N
         "baseExactMatch": base.get("exactMatch"),
         "formatCompliance": tuned.get("formatCompliance"),
         "baseFormatCompliance": base.get("formatCompliance"),
+        "tokenF1": tuned.get("tokenF1"),
+        "baseTokenF1": base.get("tokenF1"),
+        "rougeL": tuned.get("rougeL"),
+        "baseRougeL": base.get("rougeL"),
+        "unsupportedContentRate": tuned.get("unsupportedContentRate"),
+        "baseUnsupportedContentRate": base.get("unsupportedContentRate"),
+        "regressionPerplexityIncrease": (report.get("regression") or {}).get("relativeIncrease"),
         "evalPassed": report["gates"]["passed"],
     }
     return {key: value for key, value in values.items() if value is not None}
