@@ -1,0 +1,80 @@
+"""`kubetune-operator` / `python -m kubetune_operator`: run the operator.
+
+Flags override KUBETUNE_OPERATOR_* environment variables (see settings.py and
+docs/operator.md). The Kubernetes connection is the usual one: KUBECONFIG or
+~/.kube/config, or the in-cluster service account.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+
+import kopf
+
+from kubetune_operator.settings import OperatorSettings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kubetune-operator", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "-n", "--namespace", action="append", dest="namespaces",
+        help="namespace to watch (repeatable; default: all namespaces)",
+    )  # fmt: skip
+    p.add_argument("--trainer-image", help="default trainer image")
+    p.add_argument("--trainer-command", help="trainer command line, e.g. 'kubetune-trainer'")
+    p.add_argument("--s3-endpoint", help="AWS_ENDPOINT_URL for trainer pods")
+    p.add_argument("--progress-base-url", help="URL trainer pods reach this operator at")
+    p.add_argument("--listen-host", help="address of the progress/metrics/health server")
+    p.add_argument("--listen-port", type=int, help="its port (0: any free port)")
+    p.add_argument("--patch-interval", type=float, dest="patch_interval_s",
+                   help="seconds between progress-only status patches (default 5)")  # fmt: skip
+    p.add_argument("--allowed-schemes", help="comma-separated URI schemes (default hf,s3,pvc)")
+    p.add_argument("--gpu-memory-gib", type=float, help="memory of one GPU (default 80)")
+    p.add_argument("--log-format", choices=["json", "text"])
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
+    overrides = {
+        "namespaces": args.namespaces,
+        "trainer_image": args.trainer_image,
+        "trainer_command": args.trainer_command.split() if args.trainer_command else None,
+        "s3_endpoint": args.s3_endpoint,
+        "progress_base_url": args.progress_base_url,
+        "listen_host": args.listen_host,
+        "listen_port": args.listen_port,
+        "patch_interval_s": args.patch_interval_s,
+        "allowed_schemes": args.allowed_schemes.split(",") if args.allowed_schemes else None,
+        "gpu_memory_gib": args.gpu_memory_gib,
+        "log_format": args.log_format,
+    }
+    return OperatorSettings.from_env(**overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = settings_from_args(args)
+    kopf.configure(
+        verbose=args.verbose,
+        log_format=kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL,
+    )
+    if not args.verbose:
+        # kopf logs every handled watch event at INFO: thousands of lines for nothing.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    import kubetune_operator.handlers  # noqa: F401  (registers the handlers)
+
+    memo = kopf.Memo(settings=settings)
+    namespaces = settings.namespaces
+    # Ctrl-C is the ordinary way to stop it.
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+        kopf.run(standalone=True, clusterwide=not namespaces, namespaces=namespaces, memo=memo)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

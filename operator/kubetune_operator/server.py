@@ -1,0 +1,102 @@
+"""The operator's HTTP server: trainer progress pushes, health and metrics.
+
+    POST /v1/progress/<namespace>/<name>   Authorization: Bearer <the job's token>
+    GET  /healthz   /readyz   /metrics
+
+Runs in the operator's event loop (started from kopf's startup handler). A push is
+accepted only with the token of that very job (compared in constant time); anything
+else is a 401 and is counted.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from kubetune.api.contract import ProgressEvent
+from kubetune_operator.metrics import OperatorMetrics
+
+logger = logging.getLogger("kubetune.operator.server")
+
+Key = tuple[str, str]
+TokenLookup = Callable[[Key], Awaitable[str | None]]
+ProgressSink = Callable[[Key, ProgressEvent], None]
+MAX_BODY = 64 * 1024
+
+
+def bearer_token(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def token_matches(presented: str | None, expected: str | None) -> bool:
+    if not presented or not expected:
+        return False
+    return hmac.compare_digest(presented.encode(), expected.encode())
+
+
+def build_app(
+    *,
+    lookup_token: TokenLookup,
+    on_progress: ProgressSink,
+    metrics: OperatorMetrics,
+    ready: Callable[[], bool] = lambda: True,
+) -> web.Application:
+    async def progress(request: web.Request) -> web.Response:
+        key = (request.match_info["namespace"], request.match_info["name"])
+        presented = bearer_token(request.headers.get("Authorization"))
+        expected = await lookup_token(key) if presented else None
+        if not token_matches(presented, expected):
+            metrics.progress_events.labels("rejected").inc()
+            logger.warning(
+                "rejected progress push",
+                extra={"namespace": key[0], "finetunejob": key[1], "remote": request.remote},
+            )
+            return web.json_response({"error": "unauthorized"}, status=401)
+        try:
+            event = ProgressEvent.model_validate_json(await request.read())
+        except ValidationError as exc:
+            metrics.progress_events.labels("invalid").inc()
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            return web.json_response({"error": f"{where}: {first['msg']}"}, status=400)
+        metrics.progress_events.labels("accepted").inc()
+        on_progress(key, event)
+        return web.json_response({"accepted": True}, status=202)
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def readyz(_: web.Request) -> web.Response:
+        return web.Response(text="ok") if ready() else web.Response(text="starting", status=503)
+
+    async def metrics_page(_: web.Request) -> web.Response:
+        body = generate_latest(metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application(client_max_size=MAX_BODY)
+    app.router.add_post("/v1/progress/{namespace}/{name}", progress)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_page)
+    return app
+
+
+async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Start serving; returns the runner (to stop it) and the bound port."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = port
+    server = getattr(site, "_server", None)
+    if server is not None and server.sockets:
+        bound = server.sockets[0].getsockname()[1]
+    return runner, bound

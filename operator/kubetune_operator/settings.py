@@ -1,0 +1,99 @@
+"""Operator configuration: every setting from a flag or an environment variable.
+
+`OperatorSettings.from_env()` reads KUBETUNE_OPERATOR_* variables; `__main__` lets flags
+override them. Defaults are the documented defaults (docs/operator.md).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ENV_PREFIX = "KUBETUNE_OPERATOR_"
+
+
+class OperatorSettings(BaseModel):
+    """How the operator runs and what trainer pods it creates."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    namespaces: list[str] = Field(
+        default_factory=list, description="Namespaces to watch; empty = all namespaces."
+    )
+    trainer_image: str = Field(
+        "ghcr.io/kubetune/trainer:latest", description="Image when spec.image is not set."
+    )
+    trainer_command: list[str] = Field(
+        default_factory=lambda: ["kubetune-trainer"],
+        description="Command of the trainer container (explicit, so any image or the local "
+        "node runs the same program).",
+    )
+    s3_endpoint: str | None = Field(
+        default_factory=lambda: os.environ.get("AWS_ENDPOINT_URL") or None,
+        description="AWS_ENDPOINT_URL for trainer pods when the credentials Secret has none.",
+    )
+    progress_base_url: str | None = Field(
+        None,
+        description="URL trainer pods reach the progress server at "
+        "(default: http://<listen host>:<port>).",
+    )
+    listen_host: str = Field("0.0.0.0", description="Progress/metrics/health server address.")
+    listen_port: int = Field(8080, ge=0, le=65535, description="Its port (0 = any free port).")
+    patch_interval_s: float = Field(
+        5.0, ge=0.0, description="Least time between two progress-only status patches of a job."
+    )
+    allowed_schemes: list[str] = Field(
+        default_factory=lambda: ["hf", "s3", "pvc"],
+        description="URI schemes FineTuneJobs may use for model, data and output.",
+    )
+    allowed_s3_prefixes: list[str] = Field(
+        default_factory=list,
+        description="s3:// URIs must start with one of these (e.g. s3://team-bucket/); "
+        "empty = any bucket.",
+    )
+    gpu_memory_gib: float = Field(
+        80.0, gt=0, description="Memory of one GPU, for the plausibility check of requests."
+    )
+    default_cpu: str = Field("2", description="CPU request when spec.resources.cpu is unset.")
+    default_memory: str = Field(
+        "8Gi", description="Memory request when spec.resources.memory is unset."
+    )
+    run_as_user: int = Field(1000, ge=1, description="UID of the trainer container (non-root).")
+    workers: int = Field(8, ge=1, le=256, description="Concurrent reconciles.")
+    api_threads: int = Field(16, ge=1, le=256, description="Threads for Kubernetes API calls.")
+    requeue_pending_s: float = Field(
+        30.0, gt=0, description="Recheck a FineTuneJob waiting for a missing Secret this often."
+    )
+    log_format: str = Field("json", pattern="^(json|text)$", description="Log format.")
+
+    @field_validator("allowed_schemes")
+    @classmethod
+    def _schemes_lower(cls, value: list[str]) -> list[str]:
+        return [s.lower().removesuffix("://") for s in value]
+
+    @property
+    def effective_progress_base_url(self) -> str:
+        if self.progress_base_url:
+            return self.progress_base_url.rstrip("/")
+        host = "127.0.0.1" if self.listen_host in ("0.0.0.0", "") else self.listen_host
+        return f"http://{host}:{self.listen_port}"
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, **overrides: object
+    ) -> OperatorSettings:
+        """Settings from KUBETUNE_OPERATOR_<FIELD> variables (lists comma-separated)."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for name, field in cls.model_fields.items():
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is None:
+                continue
+            is_list = "list" in str(field.annotation)
+            values[name] = [p.strip() for p in raw.split(",") if p.strip()] if is_list else raw
+        if name_cmd := env.get(ENV_PREFIX + "TRAINER_COMMAND"):
+            values["trainer_command"] = name_cmd.split()
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(values)

@@ -1,0 +1,419 @@
+"""Derive a FineTuneJob's status from what is observed, as a pure function.
+
+    desired = derive_status(Observed(ftj=..., job=..., pods=..., progress=...), now)
+
+Everything comes in as plain dicts (the API server's JSON), nothing is fetched here, so
+every case (queued, unschedulable, OOMKilled, bad input, deadline, success with the
+trainer's result) is unit-tested on hand-made objects.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubetune.api import contract
+from kubetune.api.v1alpha1 import TERMINAL_PHASES
+from kubetune_operator import names
+from kubetune_operator.validation import Problem
+
+# Waiting reasons of a container that a user has to act on (the pod will not start).
+STUCK_WAITING_REASONS = (
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+)
+_PROGRESS_FIELDS = (
+    "step",
+    "totalSteps",
+    "epoch",
+    "loss",
+    "evalLoss",
+    "learningRate",
+    "tokensPerSecond",
+    "etaSeconds",
+)
+# Status keys whose change is worth a patch at once; progress alone waits for the interval.
+_PROGRESS_ONLY = frozenset({"progress", "resumedFromStep"})
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the operator knows about one FineTuneJob at one moment."""
+
+    ftj: dict[str, Any]
+    job: dict[str, Any] | None = None
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    progress: dict[str, Any] | None = None  # merged ProgressEvent fields, latest wins
+    problem: Problem | None = None
+    changed_fields: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    phase: str
+    reason: str
+    message: str
+    result: contract.TrainerResult | None = None
+
+
+# --- pods ----------------------------------------------------------------------------
+
+
+def _trainer_status(pod: dict) -> dict:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name") == names.TRAINER_CONTAINER:
+            return cs
+    return {}
+
+
+def _terminated(pod: dict) -> dict | None:
+    return (_trainer_status(pod).get("state") or {}).get("terminated")
+
+
+def _pod_time(pod: dict) -> str:
+    term = _terminated(pod) or {}
+    return term.get("finishedAt") or pod["metadata"].get("creationTimestamp") or ""
+
+
+def _latest(pods: list[dict], phase: str) -> dict | None:
+    matching = [p for p in pods if (p.get("status") or {}).get("phase") == phase]
+    return max(matching, key=_pod_time) if matching else None
+
+
+def parse_result(message: str | None) -> contract.TrainerResult | None:
+    """The trainer's TrainerResult from a termination message, or None if it is not one."""
+    if not message or not message.lstrip().startswith("{"):
+        return None
+    try:
+        return contract.TrainerResult.model_validate(json.loads(message))
+    except (ValueError, ValidationError):
+        return None
+
+
+def _first_line(text: str | None, limit: int = 1024) -> str:
+    lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else "")[:limit]
+
+
+def _pod_failure(pod: dict, memory: str | None) -> tuple[str, str] | None:
+    """(reason, message) of a failed trainer pod, in the user's words."""
+    term = _terminated(pod)
+    if not term:
+        status = pod.get("status") or {}
+        if status.get("reason") == "Evicted":
+            return "Evicted", f"the trainer pod was evicted: {status.get('message', '')}".strip()
+        return None
+    code = term.get("exitCode")
+    result = parse_result(term.get("message"))
+    if code == contract.EXIT_BAD_INPUT:
+        text = (result.message if result else None) or _first_line(term.get("message"))
+        return "BadInput", text or "the trainer rejected its input (exit code 3)"
+    if term.get("reason") == "OOMKilled" or code == 137 and term.get("reason") == "OOMKilled":
+        limit = f" (memory limit {memory})" if memory else ""
+        return (
+            "OOMKilled",
+            f"the trainer ran out of memory{limit}: raise spec.resources.memory or lower "
+            "spec.training.batchSize / maxSeqLength",
+        )
+    if result and result.message:
+        return "TrainerFailed", result.message
+    tail = _first_line(term.get("message"))
+    return "TrainerFailed", f"the trainer exited with code {code}" + (f": {tail}" if tail else "")
+
+
+def _waiting_problem(pods: list[dict]) -> tuple[str, str] | None:
+    for pod in pods:
+        status = pod.get("status") or {}
+        if status.get("phase") != "Pending":
+            continue
+        for cond in status.get("conditions") or []:
+            if (
+                cond.get("type") == "PodScheduled"
+                and cond.get("status") == "False"
+                and cond.get("reason") == "Unschedulable"
+            ):
+                return (
+                    "Unschedulable",
+                    "the scheduler cannot place the trainer pod: "
+                    + (cond.get("message") or "").strip(),
+                )
+        waiting = (_trainer_status(pod).get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in STUCK_WAITING_REASONS:
+            detail = waiting.get("message") or ""
+            image = ((pod.get("spec") or {}).get("containers") or [{}])[0].get("image", "")
+            what = (
+                f"image {image}: "
+                if "Image" in waiting["reason"] or "Pull" in waiting["reason"]
+                else ""
+            )
+            return waiting["reason"], f"{waiting['reason']}: {what}{detail}".rstrip(": ")
+    return None
+
+
+# --- the Job --------------------------------------------------------------------------
+
+
+def _job_conditions(job: dict) -> dict[str, dict]:
+    return {
+        c["type"]: c
+        for c in (job.get("status") or {}).get("conditions") or []
+        if c.get("status") == "True"
+    }
+
+
+def job_outcome(ftj: dict, job: dict, pods: list[dict]) -> Outcome:
+    spec = ftj["spec"]
+    conds = _job_conditions(job)
+    memory = (spec.get("resources") or {}).get("memory")
+    if "Complete" in conds or "SuccessCriteriaMet" in conds:
+        pod = _latest(pods, "Succeeded")
+        result = parse_result(_terminated(pod).get("message")) if pod and _terminated(pod) else None
+        if result and result.result == "failed":
+            return Outcome(
+                "Failed", "TrainerFailed", result.message or "the trainer failed", result
+            )
+        return Outcome("Succeeded", "Completed", "training finished", result)
+    failed = conds.get("Failed") or conds.get("FailureTarget")
+    if failed:
+        job_reason = failed.get("reason") or "Failed"
+        if job_reason == "DeadlineExceeded":
+            deadline = spec.get("activeDeadlineSeconds")
+            return Outcome(
+                "Failed",
+                "DeadlineExceeded",
+                f"the job ran longer than spec.activeDeadlineSeconds ({deadline} s); stopped",
+            )
+        pod = _latest(pods, "Failed")
+        pod_failure = _pod_failure(pod, memory) if pod else None
+        result = parse_result((_terminated(pod) or {}).get("message")) if pod else None
+        if pod_failure:
+            reason, message = pod_failure
+            if job_reason == "BackoffLimitExceeded" and reason != "BadInput":
+                tries = (job.get("status") or {}).get("failed") or 1
+                message = f"the trainer failed {tries} time(s), giving up: {message}"
+            return Outcome("Failed", reason, message, result)
+        return Outcome("Failed", job_reason, failed.get("message") or "the trainer Job failed")
+    if (job.get("spec") or {}).get("suspend"):
+        if spec.get("suspend"):
+            return Outcome(
+                "Suspended", "Suspended", "suspended by spec.suspend; checkpoints are kept"
+            )
+        queue = names.queue_name(ftj)
+        where = f" in queue {queue}" if queue else ""
+        return Outcome("Queued", "WaitingForAdmission", f"waiting for admission{where}")
+    live = [
+        p
+        for p in pods
+        if (p.get("status") or {}).get("phase") in ("Pending", "Running", None)
+        and not p["metadata"].get("deletionTimestamp")
+    ]
+    if any((p.get("status") or {}).get("phase") == "Running" for p in live):
+        return Outcome("Running", "Training", "the trainer is running")
+    stuck = _waiting_problem(live)
+    if stuck:
+        return Outcome("Pending", *stuck)
+    # Between a pod's end and the Job's verdict (or the retry's start) the job is still
+    # under way: saying Pending there would flap.
+    if _latest(pods, "Succeeded"):
+        return Outcome("Running", "Completing", "the trainer finished; completing the Job")
+    if _latest(pods, "Failed"):
+        return Outcome("Running", "Restarting", "the trainer pod failed; starting a retry")
+    return Outcome("Pending", "Starting", "waiting for the trainer pod to start")
+
+
+# --- progress and conditions ----------------------------------------------------------
+
+
+def build_progress(
+    previous: dict | None, latest: dict | None, phase: str, total_steps: int | None = None
+) -> dict | None:
+    progress = {k: v for k, v in (previous or {}).items() if v is not None}
+    for key in (*_PROGRESS_FIELDS, "updatedAt"):
+        if latest and latest.get(key) is not None:
+            progress[key] = latest[key]
+    if total_steps:
+        progress["totalSteps"] = total_steps
+    if phase == "Succeeded" and progress.get("totalSteps"):
+        progress["step"] = progress["totalSteps"]
+        progress.pop("etaSeconds", None)
+    step, total = progress.get("step"), progress.get("totalSteps")
+    if step is not None and total:
+        progress["percent"] = round(100.0 * min(step, total) / total, 1)
+        progress["summary"] = f"{step}/{total} ({progress['percent']:.0f}%)"
+        stage = (latest or {}).get("stage")
+        if stage and stage not in ("train", "training") and phase == "Running":
+            progress["summary"] += f" {stage}"
+    return progress or None
+
+
+def merge_conditions(
+    previous: list[dict] | None, desired: list[dict], now: str, generation: int | None
+) -> list[dict]:
+    """Kubernetes-style: lastTransitionTime moves only when a condition's status flips."""
+    before = {c["type"]: c for c in previous or []}
+    merged = []
+    for cond in desired:
+        old = before.get(cond["type"])
+        flipped = old is None or old.get("status") != cond["status"]
+        out = {**cond, "lastTransitionTime": now if flipped else old.get("lastTransitionTime", now)}
+        if generation is not None:
+            out["observedGeneration"] = generation
+        merged.append({k: v for k, v in out.items() if v is not None})
+    return merged
+
+
+def _conditions(
+    phase: str, reason: str, message: str, obs: Observed, metrics: dict | None
+) -> list[dict]:
+    def cond(type_: str, true: bool, why: str | None = None, text: str | None = None) -> dict:
+        return {
+            "type": type_,
+            "status": "True" if true else "False",
+            "reason": why or (reason if true else phase),
+            "message": text if text is not None else (message if true else None),
+        }
+
+    problem = obs.problem
+    desired = [
+        cond(
+            "Accepted",
+            problem is None,
+            "Validated" if problem is None else problem.reason,
+            "the spec passed the operator's checks" if problem is None else problem.message,
+        ),
+        cond("Running", phase == "Running"),
+        cond("Suspended", phase == "Suspended"),
+        cond("Succeeded", phase == "Succeeded"),
+        cond("Failed", phase == "Failed"),
+    ]
+    had_changed = any(
+        c.get("type") == "SpecChangedAfterStart"
+        for c in (obs.ftj.get("status") or {}).get("conditions") or []
+    )
+    if obs.changed_fields or had_changed:
+        fields = ", ".join(f"spec.{f}" for f in obs.changed_fields)
+        desired.append(
+            cond(
+                "SpecChangedAfterStart",
+                bool(obs.changed_fields),
+                "SpecChanged" if obs.changed_fields else "SpecMatches",
+                f"{fields} changed after the trainer started; the running job keeps the "
+                "settings it started with (create a new FineTuneJob to use the new ones)"
+                if obs.changed_fields
+                else "",
+            )
+        )
+    if metrics and metrics.get("evalPassed") is not None:
+        passed = bool(metrics["evalPassed"])
+        desired.append(
+            cond(
+                "EvalPassed",
+                passed,
+                "ThresholdsMet" if passed else "ThresholdsMissed",
+                "evaluation met the thresholds"
+                if passed
+                else "evaluation missed a threshold (see the report)",
+            )
+        )
+    return desired
+
+
+# --- the whole status -----------------------------------------------------------------
+
+
+def derive_status(obs: Observed, now: str) -> dict[str, Any]:
+    """The status the FineTuneJob should have (JSON, no None values)."""
+    ftj, job = obs.ftj, obs.job
+    prev = ftj.get("status") or {}
+    generation = ftj["metadata"].get("generation")
+    status: dict[str, Any] = {}
+    result: contract.TrainerResult | None = None
+
+    if job is None and prev.get("phase") in TERMINAL_PHASES and prev.get("jobName"):
+        # Finished, and the Job is gone (deleted by hand, or TTL): the outcome stands.
+        return {k: v for k, v in prev.items()}
+    if job is None and obs.problem is not None:
+        outcome = Outcome(obs.problem.phase, obs.problem.reason, obs.problem.message)
+    elif job is None:
+        outcome = Outcome("Pending", "Creating", "creating the trainer Job")
+    else:
+        outcome = job_outcome(ftj, job, obs.pods)
+        result = outcome.result
+        status["jobName"] = job["metadata"]["name"]
+    phase = outcome.phase
+    status.update(phase=phase, reason=outcome.reason, message=outcome.message)
+    status["observedGeneration"] = generation
+
+    job_status = (job or {}).get("status") or {}
+    start = prev.get("startTime")
+    if not start and (phase in ("Running", *TERMINAL_PHASES)) and job is not None:
+        start = job_status.get("startTime") or now
+    if start:
+        status["startTime"] = start
+    if phase in TERMINAL_PHASES and job is not None:
+        status["completionTime"] = (
+            prev.get("completionTime") or job_status.get("completionTime") or now
+        )
+
+    total = result.totalSteps if result else None
+    progress = build_progress(prev.get("progress"), obs.progress, phase, total)
+    if progress:
+        status["progress"] = progress
+
+    failed = job_status.get("failed") or 0
+    job_failed = phase == "Failed" and job is not None
+    restarts = max(prev.get("restarts") or 0, failed - (1 if job_failed and failed else 0))
+    if job is not None:
+        status["restarts"] = restarts
+    resumed = (
+        (result.resumedFromStep if result else None)
+        or (obs.progress or {}).get("resumedFromStep")
+        or prev.get("resumedFromStep")
+    )
+    if resumed:
+        status["resumedFromStep"] = resumed
+
+    artifacts = dict(prev.get("artifacts") or {})
+    metrics = dict(prev.get("metrics") or {})
+    if result:
+        artifacts.update(result.artifacts.model_dump(exclude_none=True))
+        metrics.update(result.metrics.model_dump(exclude_none=True))
+    if artifacts:
+        status["artifacts"] = artifacts
+    if metrics:
+        status["metrics"] = metrics
+
+    status["conditions"] = merge_conditions(
+        prev.get("conditions"),
+        _conditions(phase, outcome.reason, outcome.message, obs, metrics),
+        now,
+        generation,
+    )
+    return {k: v for k, v in status.items() if v is not None}
+
+
+def needs_immediate_patch(old: dict, new: dict) -> bool:
+    """True when something other than progress changed (phase, conditions, results)."""
+    keys = (set(old) | set(new)) - _PROGRESS_ONLY
+    return any(old.get(k) != new.get(k) for k in keys)
+
+
+def merge_patch(old: dict, new: dict) -> dict:
+    """RFC 7386 merge patch that turns `old` into `new` (removed keys become null)."""
+    patch: dict[str, Any] = {}
+    for key in set(old) | set(new):
+        if key not in new:
+            patch[key] = None
+        elif isinstance(new[key], dict) and isinstance(old.get(key), dict):
+            sub = merge_patch(old[key], new[key])
+            if sub:
+                patch[key] = sub
+        elif old.get(key) != new[key]:
+            patch[key] = new[key]
+    return patch

@@ -1,0 +1,469 @@
+"""The operator on the real control plane: a subprocess operator, the real trainer run as
+pods on the local node, S3 = the moto server. Polls conditions; never sleeps to sync.
+
+    .venv/bin/pytest -q -m cluster tests/test_operator_cluster.py
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune.devcluster.controlplane import DevCluster
+from kubetune.devcluster.processes import wait_for
+from kubetune.devcluster.rest import MERGE, ApiError
+from kubetune_trainer.demo_assets import write_demo_dataset, write_tiny_model
+from tests.fixtures.operator import OperatorProcess, get_or_none, install_crd
+from tests.fixtures.s3 import S3Server
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+FTJ_API = "/apis/kubetune.io/v1alpha1"
+TRAINER = [sys.executable, "-m", "kubetune_trainer"]
+
+
+@pytest.fixture(scope="module")
+def assets(s3_server: S3Server) -> str:
+    """A bucket holding the tiny model and the demo dataset; returns its name."""
+    bucket = "kubetune-e2e"
+    s3 = s3_server.client()
+    s3.create_bucket(Bucket=bucket)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = write_tiny_model(Path(tmp) / "model")
+        data = write_demo_dataset(Path(tmp) / "train.jsonl", n_rows=96)
+        for path in sorted(model.rglob("*")):
+            if path.is_file():
+                s3.upload_file(str(path), bucket, f"models/tiny/{path.relative_to(model)}")
+        s3.upload_file(str(data), bucket, "data/train.jsonl")
+        s3.put_object(Bucket=bucket, Key="data/bad.jsonl", Body=b'{"colour": "blue"}\n' * 20)
+    return bucket
+
+
+@pytest.fixture(scope="module")
+def operator(
+    k8s_cluster: DevCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    install_crd(k8s_cluster)
+    op = OperatorProcess(k8s_cluster, tmp_path_factory.mktemp("operator"), trainer_command=TRAINER)
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()
+
+
+@pytest.fixture
+def ns(k8s_cluster: DevCluster, k8s_namespace: str, s3_server: S3Server) -> str:
+    """A namespace with the S3 credentials Secret the FineTuneJobs reference."""
+    k8s_cluster.rest().post(
+        f"/api/v1/namespaces/{k8s_namespace}/secrets",
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "s3-creds"},
+            "stringData": dict(s3_server.env),
+        },
+    )
+    return k8s_namespace
+
+
+def ftj_manifest(name: str, bucket: str, *, steps: int = 8, **spec: Any) -> dict:
+    body: dict[str, Any] = {
+        "model": {"uri": f"s3://{bucket}/models/tiny/"},
+        "method": "lora",
+        "lora": {"r": 4},
+        "dataset": {"uri": f"s3://{bucket}/data/train.jsonl", "validationSplit": 0.1},
+        "training": {
+            "maxSteps": steps,
+            "batchSize": 4,
+            "gradientAccumulationSteps": 1,
+            "maxSeqLength": 128,
+            "learningRate": 1e-3,
+            "checkpointEverySteps": 2,
+            "gradientCheckpointing": False,
+            "logEverySteps": 1,
+        },
+        "evaluation": {"enabled": True, "maxSamples": 2, "maxNewTokens": 8, "sampleOutputs": 1},
+        "output": {"uri": f"s3://{bucket}/runs/", "credentialsSecretRef": {"name": "s3-creds"}},
+        "resources": {"gpus": 0, "cpu": "500m", "memory": "2Gi", "shmSize": "64Mi"},
+        "backoffLimit": 2,
+    }
+    body.update(spec)
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": body,
+    }
+
+
+def create(cluster: DevCluster, ns: str, manifest: dict) -> dict:
+    return cluster.rest().post(f"{FTJ_API}/namespaces/{ns}/finetunejobs", manifest)
+
+
+def ftj(cluster: DevCluster, ns: str, name: str) -> dict:
+    return cluster.rest().get(f"{FTJ_API}/namespaces/{ns}/finetunejobs/{name}")
+
+
+def status_of(cluster: DevCluster, ns: str, name: str) -> dict:
+    return ftj(cluster, ns, name).get("status") or {}
+
+
+def wait_phase(cluster: DevCluster, ns: str, name: str, *phases: str, timeout: float = 240) -> dict:
+    def reached() -> dict | None:
+        st = status_of(cluster, ns, name)
+        return st if st.get("phase") in phases else None
+
+    try:
+        return wait_for(reached, timeout=timeout, interval=0.5, what=f"{name} in {phases}")
+    except TimeoutError:
+        raise AssertionError(f"{name}: {status_of(cluster, ns, name)}") from None
+
+
+def jobs_of(cluster: DevCluster, ns: str) -> list[dict]:
+    return cluster.rest().get(f"/apis/batch/v1/namespaces/{ns}/jobs")["items"]
+
+
+def pods_of(cluster: DevCluster, ns: str) -> list[dict]:
+    return cluster.rest().get(f"/api/v1/namespaces/{ns}/pods")["items"]
+
+
+def s3_keys(s3_server: S3Server, uri: str) -> list[str]:
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    pages = (
+        s3_server.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    )
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def events_for(cluster: DevCluster, ns: str, name: str) -> list[dict]:
+    items = cluster.rest().get(f"/api/v1/namespaces/{ns}/events")["items"]
+    return [
+        e
+        for e in items
+        if e["involvedObject"].get("name") == name
+        and e["involvedObject"].get("kind") == "FineTuneJob"
+    ]
+
+
+# --- tests ----------------------------------------------------------------------------
+
+
+def kubetune(
+    cluster: DevCluster, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The user CLI as a user runs it: a process with the cluster's kubeconfig."""
+    return subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", *args],
+        env={**cluster.env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_end_to_end_succeeds_with_progress_artifacts_and_events(
+    k8s_cluster: DevCluster,
+    operator: OperatorProcess,
+    ns: str,
+    assets: str,
+    s3_server: S3Server,
+    tmp_path: Path,
+) -> None:
+    manifest_file = tmp_path / "e2e.yaml"
+    manifest_file.write_text(yaml.safe_dump(ftj_manifest("e2e", assets, steps=10)))
+    submitted = kubetune(k8s_cluster, "submit", str(manifest_file), "-n", ns)
+    assert submitted.returncode == 0, submitted.stderr
+    seen: set[int] = set()
+
+    def finished() -> dict | None:
+        st = status_of(k8s_cluster, ns, "e2e")
+        step = (st.get("progress") or {}).get("step")
+        if st.get("phase") == "Running" and step is not None:
+            seen.add(step)
+        return st if st.get("phase") in ("Succeeded", "Failed") else None
+
+    st = wait_for(finished, timeout=300, interval=0.3, what="e2e finished")
+    assert st["phase"] == "Succeeded", st
+    assert any(0 < s < 10 for s in seen), f"no intermediate progress seen: {seen}"
+    assert st["progress"]["summary"] == "10/10 (100%)"
+    assert st["jobName"] == "e2e-trainer" and st["startTime"] and st["completionTime"]
+    assert st["restarts"] == 0
+    artifacts = st["artifacts"]
+    for field in ("model", "manifest", "report"):
+        uri = artifacts[field]
+        assert uri.startswith(f"s3://{assets}/runs/{ns}/e2e/"), uri
+        assert s3_keys(s3_server, uri), f"{field}: nothing at {uri}"
+    assert st["metrics"]["trainLoss"] > 0
+    conds = {c["type"]: c["status"] for c in st["conditions"]}
+    assert conds["Succeeded"] == "True" and conds["Running"] == "False"
+    reasons = {e["reason"] for e in events_for(k8s_cluster, ns, "e2e")}
+    assert {"Training", "Completed"} <= reasons, reasons
+    # The Job the operator made follows the agreed shape.
+    (job,) = jobs_of(k8s_cluster, ns)
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "FineTuneJob"
+    assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [3]
+    assert operator.metric("kubetune_progress_events_total", {"result": "accepted"}) > 0
+
+    # The user CLI sees the same: list, watch (returns at once: finished), logs, report.
+    listed = kubetune(k8s_cluster, "list", "-n", ns)
+    assert listed.returncode == 0 and "e2e" in listed.stdout and "Succeeded" in listed.stdout
+    watched = kubetune(k8s_cluster, "watch", "e2e", "-n", ns)
+    assert watched.returncode == 0, watched.stderr
+    assert artifacts["model"] in watched.stdout.replace("\n", "")
+    logs = kubetune(k8s_cluster, "logs", "e2e", "-n", ns)
+    assert logs.returncode == 0 and '"event": "completed"' in logs.stdout.replace('":"', '": "')
+    report = kubetune(k8s_cluster, "report", "e2e", "-n", ns, env=s3_server.env)
+    assert report.returncode == 0, report.stderr
+    assert "Thresholds" in report.stdout and "report.md" in report.stdout
+
+
+def test_bad_dataset_fails_at_once_with_the_trainers_message(
+    k8s_cluster: DevCluster, operator: OperatorProcess, ns: str, assets: str
+) -> None:
+    manifest = ftj_manifest("bad", assets)
+    manifest["spec"]["dataset"]["uri"] = f"s3://{assets}/data/bad.jsonl"
+    create(k8s_cluster, ns, manifest)
+    st = wait_phase(k8s_cluster, ns, "bad", "Failed", "Succeeded")
+    assert st["phase"] == "Failed" and st["reason"] == "BadInput", st
+    assert "bad.jsonl" in st["message"]
+    assert st["restarts"] == 0
+    (job,) = jobs_of(k8s_cluster, ns)
+    assert job["status"].get("failed") == 1  # no retry
+    assert "Warning" in {e["type"] for e in events_for(k8s_cluster, ns, "bad")}
+
+
+def test_more_gpus_than_the_node_has_stays_pending_with_the_schedulers_message(
+    k8s_cluster: DevCluster, operator: OperatorProcess, ns: str, assets: str
+) -> None:
+    manifest = ftj_manifest("greedy", assets)
+    manifest["spec"]["resources"]["gpus"] = 8
+    create(k8s_cluster, ns, manifest)
+
+    def unschedulable() -> dict | None:
+        st = status_of(k8s_cluster, ns, "greedy")
+        return st if st.get("reason") == "Unschedulable" else None
+
+    st = wait_for(unschedulable, timeout=60, what="Unschedulable status")
+    assert st["phase"] == "Pending"
+    assert "nvidia.com/gpu" in st["message"]
+
+
+def test_operator_checks_reject_at_once_without_a_job(
+    k8s_cluster: DevCluster, operator: OperatorProcess, ns: str, assets: str
+) -> None:
+    huge = ftj_manifest("huge", assets, method="full")
+    huge["spec"].pop("lora")
+    huge["spec"]["model"]["uri"] = "hf://meta-llama/Llama-2-70b-hf"
+    huge["spec"]["resources"]["gpus"] = 1
+    create(k8s_cluster, ns, huge)
+    nosecret = ftj_manifest("nosecret", assets)
+    nosecret["spec"]["output"]["credentialsSecretRef"]["name"] = "missing"
+    create(k8s_cluster, ns, nosecret)
+    st = wait_phase(k8s_cluster, ns, "huge", "Failed", timeout=30)
+    assert st["reason"] == "InsufficientGPUs" and "spec.resources.gpus >=" in st["message"]
+    st = wait_for(
+        lambda: (
+            status_of(k8s_cluster, ns, "nosecret").get("reason") == "SecretNotFound"
+            and status_of(k8s_cluster, ns, "nosecret")
+        ),
+        timeout=30,
+        what="SecretNotFound",
+    )
+    assert st["phase"] == "Pending" and "'missing'" in st["message"]
+    accepted = next(c for c in st["conditions"] if c["type"] == "Accepted")
+    assert accepted["status"] == "False"
+    assert jobs_of(k8s_cluster, ns) == []
+
+
+def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(
+    k8s_cluster: DevCluster, operator: OperatorProcess, ns: str, assets: str, s3_server: S3Server
+) -> None:
+    create(k8s_cluster, ns, ftj_manifest("retry", assets, steps=60))
+    prefix = f"s3://{assets}/runs/{ns}/retry/checkpoints/"
+
+    def checkpoint_and_pod() -> tuple[str, list[int]] | None:
+        if not any(k.endswith("_COMPLETE") for k in s3_keys(s3_server, prefix)):
+            return None
+        running = [p for p in pods_of(k8s_cluster, ns) if p["status"].get("phase") == "Running"]
+        if not running:
+            return None
+        name = running[0]["metadata"]["name"]
+        pids = k8s_cluster.pod_pids(ns, name)
+        return (name, pids) if pids else None
+
+    _, pids = wait_for(checkpoint_and_pod, timeout=240, interval=0.2, what="a checkpoint")
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    st = wait_phase(k8s_cluster, ns, "retry", "Succeeded", "Failed", timeout=300)
+    assert st["phase"] == "Succeeded", st
+    assert st["restarts"] == 1
+    assert st["resumedFromStep"] > 0
+
+
+def checkpoint_written(s3_server: S3Server, bucket: str, ns: str, name: str) -> bool:
+    prefix = f"s3://{bucket}/runs/{ns}/{name}/checkpoints/"
+    return any(k.endswith("_COMPLETE") for k in s3_keys(s3_server, prefix))
+
+
+def patch_spec(cluster: DevCluster, ns: str, name: str, spec: dict) -> dict:
+    return cluster.rest().patch(
+        f"{FTJ_API}/namespaces/{ns}/finetunejobs/{name}", {"spec": spec}, MERGE
+    )
+
+
+def test_suspend_stops_the_trainer_and_resume_continues_from_the_checkpoint(
+    k8s_cluster: DevCluster, operator: OperatorProcess, ns: str, assets: str, s3_server: S3Server
+) -> None:
+    create(k8s_cluster, ns, ftj_manifest("pausable", assets, steps=60))
+    wait_for(
+        lambda: checkpoint_written(s3_server, assets, ns, "pausable"),
+        timeout=240,
+        interval=0.2,
+        what="a checkpoint",
+    )
+    patch_spec(k8s_cluster, ns, "pausable", {"suspend": True})
+    st = wait_phase(k8s_cluster, ns, "pausable", "Suspended", "Succeeded", timeout=60)
+    assert st["phase"] == "Suspended", "finished before the suspend took effect"
+    (job,) = jobs_of(k8s_cluster, ns)
+    assert job["spec"]["suspend"] is True
+    wait_for(
+        lambda: not [p for p in pods_of(k8s_cluster, ns) if p["status"].get("phase") == "Running"],
+        timeout=60,
+        what="the trainer pod stopped",
+    )
+    patch_spec(k8s_cluster, ns, "pausable", {"suspend": False})
+    st = wait_phase(k8s_cluster, ns, "pausable", "Succeeded", "Failed", timeout=300)
+    assert st["phase"] == "Succeeded", st
+    assert st["resumedFromStep"] > 0
+    assert len(jobs_of(k8s_cluster, ns)) == 1
+
+
+def test_operator_restart_mid_job_keeps_one_job_and_status_moving(
+    k8s_cluster: DevCluster, operator: OperatorProcess, ns: str, assets: str
+) -> None:
+    create(k8s_cluster, ns, ftj_manifest("steady", assets, steps=60))
+
+    def step_now() -> int:
+        return (status_of(k8s_cluster, ns, "steady").get("progress") or {}).get("step") or 0
+
+    wait_for(lambda: step_now() > 0, timeout=240, interval=0.3, what="progress")
+    # Started: model, method and dataset are frozen by the CRD's transition rules...
+    with pytest.raises(ApiError) as rejected:
+        patch_spec(k8s_cluster, ns, "steady", {"model": {"uri": f"s3://{assets}/other/"}})
+    assert rejected.value.status == 422
+    assert "spec.model cannot change after the job has started" in str(rejected.value)
+    # ...other edits are accepted and shown, not applied to the running trainer.
+    patch_spec(k8s_cluster, ns, "steady", {"training": {"learningRate": 5e-4}})
+
+    before = status_of(k8s_cluster, ns, "steady")
+    assert before["phase"] == "Running", "finished before the restart: nothing to test"
+    operator.restart(signal.SIGKILL)
+    st = wait_phase(k8s_cluster, ns, "steady", "Succeeded", "Failed", timeout=300)
+    assert st["phase"] == "Succeeded", st
+    # The new operator wrote the outcome and the progress after the restart.
+    assert st["progress"]["step"] == 60 > before["progress"]["step"]
+    changed = next(c for c in st["conditions"] if c["type"] == "SpecChangedAfterStart")
+    assert changed["status"] == "True" and "spec.training" in changed["message"]
+    assert st["observedGeneration"] == ftj(k8s_cluster, ns, "steady")["metadata"]["generation"]
+    assert len(jobs_of(k8s_cluster, ns)) == 1
+    assert len(pods_of(k8s_cluster, ns)) == 1  # the one trainer pod: no second run
+
+    # Deleting the FineTuneJob takes the Job and its pod with it.
+    k8s_cluster.rest().delete(f"{FTJ_API}/namespaces/{ns}/finetunejobs/steady")
+    wait_for(
+        lambda: not jobs_of(k8s_cluster, ns) and not pods_of(k8s_cluster, ns),
+        timeout=60,
+        what="Job and pods deleted",
+    )
+
+
+def push(url: str, token: str | None, body: bytes) -> int:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_queued_job_progress_tokens_and_deletion_cleanup(
+    k8s_cluster: DevCluster, operator: OperatorProcess, ns: str, assets: str, s3_server: S3Server
+) -> None:
+    manifest = ftj_manifest("queued", assets)
+    manifest["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpu-queue"}
+    create(k8s_cluster, ns, manifest)
+    st = wait_phase(k8s_cluster, ns, "queued", "Queued", timeout=30)
+    assert "gpu-queue" in st["message"]
+    (job,) = jobs_of(k8s_cluster, ns)
+    assert job["spec"]["suspend"] is True  # Kueue admits it; the operator never unsuspends
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+
+    url = f"{operator.url}/v1/progress/{ns}/queued"
+    event = b'{"event": "step", "time": "2026-01-01T00:00:00Z", "step": 7, "totalSteps": 50}'
+    version = ftj(k8s_cluster, ns, "queued")["metadata"]["resourceVersion"]
+    rejected_before = operator.metric("kubetune_progress_events_total", {"result": "rejected"})
+    assert push(url, None, event) == 401
+    assert push(url, "not-the-token", event) == 401
+    # Another job's genuine token does not open this one.
+    create(
+        k8s_cluster,
+        ns,
+        {
+            **ftj_manifest("other", assets),
+            "metadata": {"name": "other", "labels": {"kueue.x-k8s.io/queue-name": "q"}},
+        },
+    )
+    wait_phase(k8s_cluster, ns, "other", "Queued", timeout=30)
+    secret = k8s_cluster.rest().get(f"/api/v1/namespaces/{ns}/secrets/other-progress")
+    other_token = base64.b64decode(secret["data"]["token"]).decode()
+    assert push(url, other_token, event) == 401
+    rejected = operator.metric("kubetune_progress_events_total", {"result": "rejected"})
+    assert rejected - rejected_before == 3
+    current = ftj(k8s_cluster, ns, "queued")
+    assert current["metadata"]["resourceVersion"] == version  # nothing changed
+    assert "progress" not in current["status"]
+    # The job's own token works, and the status shows it.
+    secret = k8s_cluster.rest().get(f"/api/v1/namespaces/{ns}/secrets/queued-progress")
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    assert push(url, token, event) == 202
+    wait_for(
+        lambda: (
+            (status_of(k8s_cluster, ns, "queued").get("progress") or {}).get("summary")
+            == "7/50 (14%)"
+        ),
+        timeout=30,
+        what="pushed progress in status",
+    )
+
+    k8s_cluster.rest().delete(f"{FTJ_API}/namespaces/{ns}/finetunejobs/queued")
+
+    def children_gone() -> bool:
+        return all(
+            get_or_none(k8s_cluster, path) is None
+            for path in (
+                f"/apis/batch/v1/namespaces/{ns}/jobs/queued-trainer",
+                f"/api/v1/namespaces/{ns}/configmaps/queued-config",
+                f"/api/v1/namespaces/{ns}/secrets/queued-progress",
+            )
+        )
+
+    wait_for(children_gone, timeout=60, what="children of the deleted FineTuneJob gone")
+    assert get_or_none(k8s_cluster, f"/apis/batch/v1/namespaces/{ns}/jobs/other-trainer")

@@ -1,0 +1,273 @@
+"""derive_status() on hand-made FineTuneJob / Job / Pod objects, one case each."""
+
+from __future__ import annotations
+
+import json
+
+from kubetune.api import contract
+from kubetune_operator import builders, status, validation
+from kubetune_operator.settings import OperatorSettings
+from tests.test_operator_builders import make_ftj
+
+T0, T1, T2 = "2026-01-01T00:00:00Z", "2026-01-01T00:01:00Z", "2026-01-01T00:02:00Z"
+SETTINGS = OperatorSettings(progress_base_url="http://op:8080")
+
+
+def job_for(ftj: dict, *, suspend: bool = False, conditions=(), failed: int = 0, **st) -> dict:
+    job = builders.build_job(ftj, SETTINGS)
+    job["metadata"]["uid"] = "job-uid"
+    job["spec"]["suspend"] = suspend
+    job["status"] = {
+        "conditions": [
+            {"type": t, "status": "True", "reason": r, "message": m} for t, r, m in conditions
+        ],
+        "failed": failed,
+        **st,
+    }
+    return job
+
+
+def pod(phase: str, *, terminated=None, waiting=None, running=False, conditions=None, name="p"):
+    state = {}
+    if terminated is not None:
+        state["terminated"] = terminated
+    if waiting is not None:
+        state["waiting"] = waiting
+    if running:
+        state["running"] = {"startedAt": T0}
+    return {
+        "metadata": {"name": name, "uid": name, "creationTimestamp": T0},
+        "spec": {"containers": [{"name": "trainer", "image": "registry.example/trainer:1"}]},
+        "status": {
+            "phase": phase,
+            "conditions": conditions or [],
+            "containerStatuses": [{"name": "trainer", "state": state}] if state else [],
+        },
+    }
+
+
+def derive(ftj, job=None, pods=(), progress=None, problem=None, changed=(), now=T1) -> dict:
+    obs = status.Observed(
+        ftj=ftj,
+        job=job,
+        pods=list(pods),
+        progress=progress,
+        problem=problem,
+        changed_fields=list(changed),
+    )
+    return status.derive_status(obs, now)
+
+
+def cond(st: dict, type_: str) -> dict:
+    return next(c for c in st["conditions"] if c["type"] == type_)
+
+
+def test_pending_before_the_job_exists() -> None:
+    st = derive(make_ftj())
+    assert st["phase"] == "Pending" and st["reason"] == "Creating"
+    assert st["observedGeneration"] == 1
+    assert cond(st, "Accepted")["status"] == "True"
+    assert "jobName" not in st and "startTime" not in st
+
+
+def test_validation_problem_shows_at_once_without_a_job() -> None:
+    problem = validation.Problem("Failed", "InsufficientGPUs", "needs 1120 GiB")
+    st = derive(make_ftj(), problem=problem)
+    assert (st["phase"], st["reason"], st["message"]) == (
+        "Failed",
+        "InsufficientGPUs",
+        "needs 1120 GiB",
+    )
+    accepted = cond(st, "Accepted")
+    assert accepted["status"] == "False" and accepted["reason"] == "InsufficientGPUs"
+    assert "completionTime" not in st  # nothing ran
+
+
+def test_queued_while_kueue_has_not_admitted_the_job() -> None:
+    ftj = make_ftj(queueName="gpu")
+    st = derive(ftj, job_for(ftj, suspend=True))
+    assert st["phase"] == "Queued" and "gpu" in st["message"]
+    assert st["jobName"] == "tune-trainer"
+
+
+def test_suspended_by_spec() -> None:
+    ftj = make_ftj(suspend=True)
+    st = derive(ftj, job_for(ftj, suspend=True))
+    assert st["phase"] == "Suspended"
+    assert cond(st, "Suspended")["status"] == "True"
+
+
+def test_running_with_progress_summary_and_start_time() -> None:
+    ftj = make_ftj()
+    job = job_for(ftj, startTime=T0, active=1)
+    progress = {"step": 120, "totalSteps": 300, "loss": 1.25, "epoch": 0.4, "updatedAt": T1}
+    st = derive(ftj, job, [pod("Running", running=True)], progress)
+    assert st["phase"] == "Running" and st["startTime"] == T0
+    assert st["progress"]["summary"] == "120/300 (40%)" and st["progress"]["percent"] == 40.0
+    assert st["progress"]["loss"] == 1.25 and st["progress"]["updatedAt"] == T1
+    assert cond(st, "Running")["status"] == "True"
+    assert st["restarts"] == 0
+
+
+def test_unschedulable_pending_carries_the_scheduler_message() -> None:
+    ftj = make_ftj()
+    scheduled = {
+        "type": "PodScheduled",
+        "status": "False",
+        "reason": "Unschedulable",
+        "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.",
+    }
+    st = derive(ftj, job_for(ftj, active=1), [pod("Pending", conditions=[scheduled])])
+    assert st["phase"] == "Pending" and st["reason"] == "Unschedulable"
+    assert "1 Insufficient nvidia.com/gpu" in st["message"]
+
+
+def test_image_pull_backoff() -> None:
+    ftj = make_ftj()
+    waiting = {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "x"'}
+    st = derive(ftj, job_for(ftj, active=1), [pod("Pending", waiting=waiting)])
+    assert (st["phase"], st["reason"]) == ("Pending", "ImagePullBackOff")
+    assert "registry.example/trainer:1" in st["message"]
+
+
+def test_succeeded_takes_artifacts_and_metrics_from_the_termination_message() -> None:
+    ftj = make_ftj()
+    result = contract.TrainerResult(
+        artifacts={"model": "s3://out/runs/team-a/tune/adapter/", "report": "s3://out/r.md"},
+        metrics={"trainLoss": 0.5, "evalLoss": 0.7, "tokensTrained": 1000, "evalPassed": True},
+        totalSteps=300,
+        resumedFromStep=100,
+    )
+    terminated = {"exitCode": 0, "reason": "Completed", "message": result.model_dump_json()}
+    job = job_for(ftj, conditions=[("Complete", "", "")], startTime=T0, completionTime=T2)
+    prev = {"phase": "Running", "progress": {"step": 290, "totalSteps": 300, "etaSeconds": 3}}
+    ftj["status"] = prev
+    st = derive(ftj, job, [pod("Succeeded", terminated=terminated)])
+    assert st["phase"] == "Succeeded" and st["completionTime"] == T2
+    assert st["artifacts"]["model"] == "s3://out/runs/team-a/tune/adapter/"
+    assert st["metrics"]["trainLoss"] == 0.5 and st["metrics"]["tokensTrained"] == 1000
+    assert st["progress"]["summary"] == "300/300 (100%)" and "etaSeconds" not in st["progress"]
+    assert st["resumedFromStep"] == 100
+    assert cond(st, "Succeeded")["status"] == "True"
+    assert cond(st, "EvalPassed")["status"] == "True"
+
+
+def test_bad_input_fails_with_the_trainers_own_line() -> None:
+    ftj = make_ftj()
+    line = "s3://data/train.jsonl: row 7: field 'output' is missing"
+    terminated = {"exitCode": 3, "reason": "Error", "message": line}
+    job = job_for(
+        ftj,
+        conditions=[("Failed", "PodFailurePolicy", "Container trainer ... exit code 3")],
+        failed=1,
+    )
+    st = derive(ftj, job, [pod("Failed", terminated=terminated)])
+    assert (st["phase"], st["reason"], st["message"]) == ("Failed", "BadInput", line)
+    assert st["restarts"] == 0  # failed at once, no retry
+    assert cond(st, "Failed")["message"] == line
+
+
+def test_oom_killed() -> None:
+    ftj = make_ftj()
+    terminated = {"exitCode": 137, "reason": "OOMKilled"}
+    job = job_for(ftj, conditions=[("Failed", "BackoffLimitExceeded", "")], failed=3)
+    st = derive(ftj, job, [pod("Failed", terminated=terminated)])
+    assert st["reason"] == "OOMKilled"
+    assert "ran out of memory (memory limit 32Gi)" in st["message"]
+    assert "failed 3 time(s)" in st["message"]
+    assert st["restarts"] == 2
+
+
+def test_deadline_exceeded() -> None:
+    ftj = make_ftj(activeDeadlineSeconds=600)
+    job = job_for(ftj, conditions=[("Failed", "DeadlineExceeded", "Job was active longer")])
+    st = derive(ftj, job, [])
+    assert st["reason"] == "DeadlineExceeded" and "600 s" in st["message"]
+
+
+def test_crash_without_result_reports_exit_code_and_log_tail() -> None:
+    ftj = make_ftj()
+    terminated = {"exitCode": 1, "reason": "Error", "message": "Traceback...\nRuntimeError: boom"}
+    job = job_for(ftj, conditions=[("Failed", "BackoffLimitExceeded", "")], failed=3)
+    st = derive(ftj, job, [pod("Failed", terminated=terminated)])
+    assert st["reason"] == "TrainerFailed"
+    assert "exited with code 1: RuntimeError: boom" in st["message"]
+
+
+def test_retry_counts_restarts_and_keeps_resumed_step() -> None:
+    ftj = make_ftj()
+    job = job_for(ftj, failed=1, active=1, startTime=T0)
+    pods = [
+        pod("Failed", terminated={"exitCode": 137}, name="a"),
+        pod("Running", running=True, name="b"),
+    ]
+    st = derive(ftj, job, pods, {"step": 12, "totalSteps": 20, "resumedFromStep": 10})
+    assert st["phase"] == "Running"
+    assert st["restarts"] == 1 and st["resumedFromStep"] == 10
+
+
+def test_condition_transition_time_moves_only_when_status_flips() -> None:
+    ftj = make_ftj()
+    job = job_for(ftj, active=1, startTime=T0)
+    first = derive(ftj, job, [pod("Running", running=True)], {"step": 1, "totalSteps": 10}, now=T1)
+    ftj["status"] = first
+    second = derive(ftj, job, [pod("Running", running=True)], {"step": 2, "totalSteps": 10}, now=T2)
+    assert cond(second, "Running")["lastTransitionTime"] == T1
+    assert second["startTime"] == first["startTime"]
+    ftj["status"] = second
+    done = job_for(ftj, conditions=[("Complete", "", "")])
+    third = derive(ftj, done, [pod("Succeeded", terminated={"exitCode": 0})], now=T2)
+    assert cond(third, "Running")["status"] == "False"
+    assert cond(third, "Running")["lastTransitionTime"] == T2
+    assert cond(third, "Accepted")["lastTransitionTime"] == T1
+
+
+def test_spec_change_after_start_is_a_condition_not_a_restart() -> None:
+    ftj = make_ftj()
+    job = job_for(ftj, active=1, startTime=T0)
+    st = derive(ftj, job, [pod("Running", running=True)], changed=["training"])
+    assert st["phase"] == "Running"
+    changed = cond(st, "SpecChangedAfterStart")
+    assert changed["status"] == "True" and "spec.training" in changed["message"]
+    assert changed["observedGeneration"] == 1
+
+
+def test_finished_job_whose_job_was_deleted_keeps_its_outcome() -> None:
+    ftj = make_ftj()
+    ftj["status"] = {
+        "phase": "Succeeded",
+        "jobName": "tune-trainer",
+        "artifacts": {"model": "s3://x"},
+    }
+    assert derive(ftj) == ftj["status"]
+
+
+def test_result_json_is_parsed_only_when_it_is_one() -> None:
+    assert status.parse_result("not json") is None
+    assert status.parse_result('{"artifacts": {"model": "s3://m"}}').artifacts.model == "s3://m"
+    assert status.parse_result(json.dumps({"artifacts": "bad"})) is None
+
+
+def test_progress_alone_waits_for_the_interval_but_phase_changes_do_not() -> None:
+    old = {"phase": "Running", "progress": {"step": 1}}
+    assert not status.needs_immediate_patch(old, {"phase": "Running", "progress": {"step": 2}})
+    assert status.needs_immediate_patch(old, {"phase": "Succeeded", "progress": {"step": 2}})
+
+
+def test_merge_patch_nulls_removed_keys() -> None:
+    old = {"phase": "Pending", "reason": "X", "progress": {"step": 1, "etaSeconds": 5}}
+    new = {"phase": "Running", "progress": {"step": 2}}
+    assert status.merge_patch(old, new) == {
+        "phase": "Running",
+        "reason": None,
+        "progress": {"step": 2, "etaSeconds": None},
+    }
+
+
+def test_between_pod_end_and_job_verdict_the_job_stays_running() -> None:
+    ftj = make_ftj()
+    job = job_for(ftj, startTime=T0)  # no Complete condition yet
+    st = derive(ftj, job, [pod("Succeeded", terminated={"exitCode": 0})])
+    assert (st["phase"], st["reason"]) == ("Running", "Completing")
+    retry = derive(ftj, job_for(ftj, failed=1), [pod("Failed", terminated={"exitCode": 137})])
+    assert (retry["phase"], retry["reason"]) == ("Running", "Restarting")
