@@ -1,0 +1,269 @@
+"""Trainer throughput: kubetune's training path vs a plain TRL SFTTrainer set up as in a
+typical TRL example (no packing, default collator).
+
+Both fine-tune the same random Llama (hidden 256, 4 layers) with the same LoRA adapter,
+learning rate, seed and number of epochs on the same variable-length instruction data, then
+get the same evaluation: mean completion-token loss on held-out rows, computed one example at
+a time (no packing, no padding), so the number does not depend on how training batched.
+
+Throughput counts useful tokens (prompt + completion + eos of every training example, per
+epoch) over training time; padding is not credited to anyone. Training runs on one thread
+and time is the process's CPU time, which other load on a shared machine does not inflate
+the way it inflates wall time (wall time is printed too).
+
+    .venv/bin/python bench/bench_trainer.py [--rows 512] [--epochs 1]
+
+Each variant runs in its own process so that peak RSS is its own; the variants alternate
+`--repeats` times and the fastest run of each counts, because a shared machine's load comes
+and goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SEED = 11
+LEARNING_RATE = 3e-3
+# Baseline: 8 padded examples per step, as in TRL's examples. Ours: one packed row of 512
+# tokens per step (about 6 of these examples). Longer rows hold more examples per step but
+# cost more on CPU: SDPA computes attention densely over the whole row, masked-out blocks
+# between packed examples included (see docs/benchmarks.md).
+BASELINE_BATCH = 8
+OURS_BATCH = 1
+OURS_SEQ = 512
+
+
+def bench_shape():
+    from kubetune_trainer.demo_assets import TinyModelShape
+
+    return TinyModelShape(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=768,
+        vocab_size=768,
+    )
+
+
+def prepare(workdir: Path, rows: int, long_tail: bool) -> None:
+    from kubetune_trainer.demo_assets import write_demo_dataset, write_tiny_model
+
+    write_tiny_model(workdir / "model", seed=SEED, shape=bench_shape())
+    write_demo_dataset(workdir / "train.jsonl", rows, seed=SEED, long_tail=long_tail)
+    write_demo_dataset(workdir / "validation.jsonl", 64, seed=SEED + 1, long_tail=long_tail)
+
+
+def converted_rows(path: Path) -> list[dict]:
+    from kubetune_trainer.data import load_eval_rows
+
+    return load_eval_rows(path.as_uri(), cache_dir=path.parent / "cache")
+
+
+def useful_tokens(tokenizer, rows: list[dict]) -> int:
+    return sum(
+        len(tokenizer(row["prompt"] + row["completion"])["input_ids"]) + 1  # + eos
+        for row in rows
+    )
+
+
+def completion_loss(model, tokenizer, rows: list[dict]) -> float:
+    """Token-weighted NLL of the completions (+ eos) given the prompts, one row at a time."""
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            prompt = tokenizer(row["prompt"])["input_ids"]
+            full = tokenizer(row["prompt"] + row["completion"])["input_ids"] + [
+                tokenizer.eos_token_id
+            ]
+            labels = [-100] * len(prompt) + full[len(prompt) :]
+            out = model(input_ids=torch.tensor([full]), labels=torch.tensor([labels]))
+            n = sum(1 for label in labels[1:] if label != -100)
+            total += out.loss.item() * n
+            count += n
+    return total / count
+
+
+def lora_settings() -> dict:
+    return {"r": 16, "alpha": 32, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]}
+
+
+def run_ours(workdir: Path, epochs: float) -> dict:
+    from kubetune.api.v1alpha1 import FineTuneJob
+    from kubetune_trainer.data import load_training_data
+    from kubetune_trainer.modeling import build_model
+    from kubetune_trainer.progress import quiet_libraries
+    from kubetune_trainer.train import train_model
+
+    quiet_libraries()
+    job = FineTuneJob.model_validate(
+        {
+            "metadata": {"name": "bench"},
+            "spec": {
+                "model": {"uri": (workdir / "model").as_uri()},
+                "method": "lora",
+                "lora": lora_settings(),
+                "dataset": {"uri": (workdir / "train.jsonl").as_uri(), "validationSplit": 0},
+                # Everything not set here is kubetune's default (packing on, bfd, ...).
+                "training": {
+                    "epochs": epochs,
+                    "learningRate": LEARNING_RATE,
+                    "batchSize": OURS_BATCH,
+                    "gradientAccumulationSteps": 1,
+                    "maxSeqLength": OURS_SEQ,
+                    "seed": SEED,
+                    "logEverySteps": 10,
+                    "checkpointEverySteps": 100000,
+                },
+                "output": {"uri": (workdir / "out").as_uri()},
+            },
+        }
+    )
+    data = load_training_data(job.spec.dataset, seed=SEED, cache_dir=workdir / "cache")
+    built = build_model(job.spec, workdir / "model")
+    outcome = train_model(built, data, job.spec.training, output_dir=workdir / "ours-ckpt")
+    return {
+        "seconds": outcome.seconds,
+        "cpu_seconds": outcome.cpu_seconds,
+        "steps": outcome.global_step,
+        "model": outcome.model,
+        "tokenizer": built.tokenizer,
+    }
+
+
+def run_baseline(workdir: Path, epochs: float) -> dict:
+    import datasets
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    datasets.disable_progress_bars()
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    model = AutoModelForCausalLM.from_pretrained(workdir / "model")
+    train = datasets.Dataset.from_list(converted_rows(workdir / "train.jsonl"))
+    lora = lora_settings()
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(
+            output_dir=str(workdir / "baseline-out"),
+            num_train_epochs=epochs,
+            per_device_train_batch_size=BASELINE_BATCH,
+            learning_rate=LEARNING_RATE,
+            seed=SEED,
+            logging_steps=10,
+            save_strategy="no",
+            report_to="none",
+            bf16=False,
+            use_cpu=True,
+            disable_tqdm=True,
+        ),
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(
+            r=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules=lora["targetModules"],
+            task_type="CAUSAL_LM",
+        ),
+    )
+    started, cpu_started = time.monotonic(), time.process_time()
+    trainer.train()
+    return {
+        "seconds": time.monotonic() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
+        "steps": trainer.state.global_step,
+        "model": trainer.model,
+        "tokenizer": tokenizer,
+    }
+
+
+def measure(variant: str, workdir: Path, epochs: float) -> dict:
+    import torch
+
+    # One thread: CPU time then measures the work done, which other processes on a shared
+    # machine cannot inflate the way they inflate wall time.
+    torch.set_num_threads(1)
+    train_rows = converted_rows(workdir / "train.jsonl")
+    validation_rows = converted_rows(workdir / "validation.jsonl")
+    run = run_ours(workdir, epochs) if variant == "ours" else run_baseline(workdir, epochs)
+    lengths = [useful_tokens(run["tokenizer"], [row]) for row in train_rows]
+    # Packing truncates rows longer than a packed row; none may be, or ours would be
+    # credited with tokens it never trained on.
+    assert max(lengths) <= OURS_SEQ, f"a row has {max(lengths)} tokens > {OURS_SEQ}"
+    tokens = sum(lengths) * epochs
+    return {
+        "variant": variant,
+        "train_cpu_seconds": round(run["cpu_seconds"], 2),
+        "train_wall_seconds": round(run["seconds"], 2),
+        "optimizer_steps": run["steps"],
+        "examples_per_second": round(len(train_rows) * epochs / run["cpu_seconds"], 2),
+        "tokens_per_second": round(tokens / run["cpu_seconds"], 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "eval_loss": round(completion_loss(run["model"], run["tokenizer"], validation_rows), 4),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=512, help="training rows (default 512)")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument(
+        "--lengths",
+        choices=["long-tail", "short"],
+        default="long-tail",
+        help="row lengths: log-normal like real instruction data (default), or 40-100 tokens",
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="runs per variant (default 2)")
+    parser.add_argument("--variant", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:  # child process: one variant, JSON on the last stdout line
+        print(json.dumps(measure(args.variant, args.workdir, args.epochs)))
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp:
+        workdir = Path(tmp)
+        prepare(workdir, args.rows, args.lengths == "long-tail")
+        results: dict[str, dict] = {}
+        for _ in range(args.repeats):
+            for variant in ("baseline", "ours"):
+                done = subprocess.run(
+                    [sys.executable, __file__, "--variant", variant, "--workdir", str(workdir)]
+                    + ["--epochs", str(args.epochs)],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                if done.returncode != 0:
+                    print(done.stderr[-3000:], file=sys.stderr)
+                    return 1
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                print(json.dumps(result), file=sys.stderr)
+                best = results.get(variant)
+                if best is None or result["train_cpu_seconds"] < best["train_cpu_seconds"]:
+                    results[variant] = result
+
+    keys = list(results["ours"])[1:]
+    print(f"{'':22}{'baseline TRL':>14}{'kubetune':>14}")
+    for key in keys:
+        print(f"{key:22}{results['baseline'][key]:>14}{results['ours'][key]:>14}")
+    speedup = results["ours"]["tokens_per_second"] / results["baseline"]["tokens_per_second"]
+    print(f"throughput ratio (kubetune / baseline): {speedup:.2f}x")
+    summary = {"rows": args.rows, "lengths": args.lengths, "epochs": args.epochs}
+    print(json.dumps({**summary, **results, "ratio": round(speedup, 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

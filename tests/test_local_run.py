@@ -1,0 +1,94 @@
+"""`kubetune run` end to end on file:// URIs, and bad input through the trainer's entrypoint:
+exit code 3, one line on stderr and in the termination log, nothing trained."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from kubetune.api.contract import EXIT_BAD_INPUT
+from kubetune_trainer import local_run
+
+
+def kubetune_run(argv: list[str]) -> int:
+    """`kubetune run ...` through the subcommand's own registration."""
+    parser = argparse.ArgumentParser(prog="kubetune")
+    local_run.register(parser.add_subparsers())
+    args = parser.parse_args(["run", *argv])
+    return args.func(args)
+
+
+@pytest.mark.slow
+def test_kubetune_run_writes_artifacts_and_prints_them(tiny_job, tmp_path, capsys):
+    manifest = tiny_job(
+        "s3://not-used-when-output-is-given/",
+        name="local-demo",
+        training={"maxSteps": 4},
+        evaluation={"enabled": True, "maxSamples": 2, "maxNewTokens": 4, "sampleOutputs": 1},
+    )
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(manifest))
+    out = tmp_path / "artifacts"
+
+    code = kubetune_run([str(job_file), "--output", str(out), "--work-dir", str(tmp_path / "w")])
+
+    assert code == 0
+    run = out / "local" / "local-demo"
+    published = json.loads((run / "manifest.json").read_text())
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert published["job"] == {"name": "local-demo", "namespace": "local"}
+    assert published["config"]["output"]["uri"] == out.resolve().as_uri() + "/"
+    printed = capsys.readouterr().out
+    assert str(run.as_uri()) in printed.replace("\n", "")
+    assert "adapter/adapter_model.safetensors" in printed and "manifest.json" in printed
+    assert "Evaluation" in printed and "eval loss" in printed
+
+
+def test_kubetune_run_bad_manifest_is_one_line_and_exit_3(tmp_path, capsys):
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(
+        "apiVersion: kubetune.io/v1alpha1\nkind: FineTuneJob\nmetadata: {name: x}\n"
+    )
+    assert kubetune_run([str(job_file)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: job.yaml: spec: Field required")
+    assert "\n" not in err
+
+
+def test_trainer_bad_dataset_row_exits_3_before_training(tiny_job, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    manifest = tiny_job((tmp_path / "out").as_uri())
+    manifest["spec"]["dataset"]["uri"] = data.as_uri()
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(manifest))
+    termination_log = tmp_path / "termination-log"
+    env = {
+        **os.environ,
+        "KUBETUNE_TERMINATION_LOG": str(termination_log),
+        "KUBETUNE_WORK_DIR": str(tmp_path / "work"),
+    }
+
+    done = subprocess.run(
+        [sys.executable, "-m", "kubetune_trainer", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+
+    assert done.returncode == EXIT_BAD_INPUT, done.stderr[-2000:]
+    message = termination_log.read_text()
+    assert "\n" not in message and "train.jsonl" in message and "row 2" in message
+    assert done.stderr.strip().splitlines()[-1] == message
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert events[-1]["event"] == "failed" and events[-1]["message"] == message
+    assert not any(e["event"] in ("started", "step") for e in events)
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert written == []  # nothing published, not even a checkpoint

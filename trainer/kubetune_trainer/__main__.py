@@ -1,0 +1,128 @@
+"""`python -m kubetune_trainer` / `kubetune-trainer`: the program in the trainer pod.
+
+stdout carries JSON-line progress events only (the last line is `completed` or `failed`);
+library chatter goes to stderr. Exit codes: 0 done (termination message: TrainerResult JSON),
+3 bad input (nothing trained; the message names the file, row or field), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from kubetune.api.contract import (
+    DEFAULT_JOB_CONFIG,
+    DEFAULT_WORK_DIR,
+    ENV_JOB_CONFIG,
+    ENV_WORK_DIR,
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+)
+from kubetune_trainer.errors import BadInputError, one_line, write_termination_message
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="kubetune-trainer", description="Run one FineTuneJob (the trainer pod's program)."
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"FineTuneJob manifest (default: ${ENV_JOB_CONFIG} or {DEFAULT_JOB_CONFIG})",
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help=f"scratch space (default: ${ENV_WORK_DIR} or {DEFAULT_WORK_DIR})",
+    )
+    parser.add_argument(
+        "--namespace",
+        default=None,
+        help="artifact namespace (default: the manifest's metadata.namespace, else 'default')",
+    )
+    return parser.parse_args(argv)
+
+
+def failure_summary(error: BaseException) -> str:
+    """One line for the termination message: the exception's type and first message line."""
+    text = one_line(str(error)) or "(no message)"
+    return f"{type(error).__name__}: {text}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = args.config or Path(os.environ.get(ENV_JOB_CONFIG) or DEFAULT_JOB_CONFIG)
+    work_dir = args.work_dir or Path(os.environ.get(ENV_WORK_DIR) or DEFAULT_WORK_DIR)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
+    )
+
+    # Imported here so that `--help` is instant and import failures are reported like the rest.
+    from kubetune_trainer.progress import (
+        HttpReporter,
+        JsonLinesReporter,
+        MultiReporter,
+        make_event,
+        quiet_libraries,
+    )
+
+    events_out = sys.stdout
+    reporters = [JsonLinesReporter(events_out)]
+    http = HttpReporter.from_env()
+    if http is not None:
+        reporters.append(http)
+    reporter = MultiReporter(reporters)
+    quiet_libraries()
+    try:
+        # Anything a library prints goes to stderr: stdout is the event stream.
+        with contextlib.redirect_stdout(sys.stderr):
+            from kubetune_trainer.config import load_job
+            from kubetune_trainer.pipeline import RunOptions, run_pipeline
+
+            job = load_job(config)
+            namespace = args.namespace or job.namespace
+            result = run_pipeline(job, reporter, RunOptions(work_dir=work_dir, namespace=namespace))
+    except BadInputError as error:
+        message = str(error)
+        print(message, file=sys.stderr)
+        write_termination_message(message)
+        reporter.emit(make_event("failed", message=message))
+        reporter.close()
+        return EXIT_BAD_INPUT
+    except Exception as error:  # noqa: BLE001 - every failure must end in a termination message
+        from kubetune_trainer.pipeline import EvaluationGateError
+
+        if isinstance(error, EvaluationGateError):
+            message = str(error)  # artifacts are published; the misses are the whole story
+        else:
+            traceback.print_exc(file=sys.stderr)
+            message = failure_summary(error)
+        write_termination_message(message)
+        reporter.emit(make_event("failed", message=message))
+        reporter.close()
+        return EXIT_FAILURE
+    write_termination_message(result.model_dump_json(exclude_none=True))
+    reporter.emit(
+        make_event(
+            "completed",
+            step=result.totalSteps,
+            totalSteps=result.totalSteps,
+            loss=result.metrics.trainLoss,
+            evalLoss=result.metrics.evalLoss,
+            resumedFromStep=result.resumedFromStep,
+            message=result.artifacts.manifest,
+        )
+    )
+    reporter.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""`kubetune run job.yaml [--output DIR]`: the trainer pod's pipeline on this machine.
+
+Same manifest, same stages, same artifacts as in the cluster, with a progress bar instead of
+JSON lines. With file:// URIs (or --output DIR) no cloud account is needed at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from kubetune.api.contract import ENV_WORK_DIR, EXIT_BAD_INPUT, EXIT_FAILURE
+
+LOCAL_NAMESPACE = "local"  # artifacts of local runs go to <output>/local/<name>/
+DEFAULT_LOCAL_WORK_DIR = Path.home() / ".cache" / "kubetune" / "work"
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run a FineTuneJob on this machine",
+        description="Fine-tune as the cluster would, on this machine, with a progress bar.",
+    )
+    parser.add_argument("manifest", type=Path, help="FineTuneJob manifest (YAML or JSON)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="artifact folder; overrides spec.output.uri with file://DIR",
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help=f"scratch space (default: ${ENV_WORK_DIR} or {DEFAULT_LOCAL_WORK_DIR}/<name>)",
+    )
+    parser.set_defaults(func=run_command)
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+def print_summary(console: Any, location: str, manifest: dict[str, Any]) -> None:
+    """Where the artifacts went (a table of files) and the evaluation summary."""
+    from rich.table import Table
+
+    files = Table(title=f"Artifacts in {location}", title_justify="left")
+    files.add_column("file")
+    files.add_column("size", justify="right")
+    files.add_column("sha256")
+    for name, entry in manifest["files"].items():
+        files.add_row(name, human_size(entry["size"]), entry["sha256"][:12])
+    files.add_row("manifest.json", "", "")
+    console.print(files)
+
+    metrics = manifest.get("metrics", {})
+    pairs = [
+        ("eval loss", "baseEvalLoss", "evalLoss"),
+        ("exact match", "baseExactMatch", "exactMatch"),
+        ("format compliance", "baseFormatCompliance", "formatCompliance"),
+    ]
+    if any(base in metrics or tuned in metrics for _, base, tuned in pairs):
+        evaluation = Table(title="Evaluation", title_justify="left")
+        evaluation.add_column("metric")
+        evaluation.add_column("base", justify="right")
+        evaluation.add_column("tuned", justify="right")
+        for label, base, tuned in pairs:
+            if base in metrics or tuned in metrics:
+                evaluation.add_row(label, _fmt(metrics.get(base)), _fmt(metrics.get(tuned)))
+        console.print(evaluation)
+    passed = manifest.get("evalPassed")
+    if passed is not None:
+        verdict = "[green]passed[/]" if passed else "[red]missed[/]"
+        console.print(f"Evaluation thresholds: {verdict}")
+        for miss in manifest.get("evalMissed", []):
+            console.print(f"  - {miss}")
+    console.print(
+        f"train loss {_fmt(metrics.get('trainLoss'))}, "
+        f"{metrics.get('tokensTrained', 0):,} tokens trained in "
+        f"{metrics.get('durationSeconds', 0):.1f} s"
+    )
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.text import Text
+
+    from kubetune_trainer.errors import BadInputError
+
+    console = Console()
+    errors = Console(stderr=True)
+
+    def error_line(message: str) -> None:
+        # Text, not markup: messages hold brackets such as `spec.tolerations[0]`.
+        errors.print(Text.assemble(("error: ", "bold red"), message))
+
+    try:
+        from kubetune_trainer.config import load_job
+        from kubetune_trainer.pipeline import EvaluationGateError, RunOptions, run_pipeline
+        from kubetune_trainer.progress import RichReporter, quiet_libraries
+        from kubetune_trainer.publish import MANIFEST, run_prefix
+        from kubetune_trainer.storage import open_store
+
+        quiet_libraries()
+        job = load_job(args.manifest)
+        if args.output is not None:
+            job.spec.output.uri = args.output.resolve().as_uri() + "/"
+        work_dir = args.work_dir or Path(
+            os.environ.get(ENV_WORK_DIR) or DEFAULT_LOCAL_WORK_DIR / job.metadata.name
+        )
+        reporter = RichReporter(errors)
+        failure = None
+        try:
+            run_pipeline(job, reporter, RunOptions(work_dir=work_dir, namespace=LOCAL_NAMESPACE))
+        except EvaluationGateError as error:
+            failure = str(error)  # the artifacts were published: show them, then fail
+        finally:
+            reporter.close()
+    except BadInputError as error:
+        error_line(str(error))
+        return EXIT_BAD_INPUT
+    store = open_store(job.spec.output.uri)
+    prefix = run_prefix(LOCAL_NAMESPACE, job.metadata.name)
+    manifest = json.loads(store.read_text(prefix + MANIFEST))
+    print_summary(console, store.uri_for(prefix), manifest)
+    if failure:
+        error_line(failure)
+        return EXIT_FAILURE
+    return 0

@@ -1,0 +1,211 @@
+"""Publishing a finished run to `<output.uri>/<namespace>/<name>/`.
+
+Layout: `adapter/` (lora, qlora) or `model/` (full) with the tokenizer alongside,
+`merged-model/` when spec.output.mergeAdapter, `metrics.json`, `loss_curve.png`, the
+evaluation files, and `manifest.json` LAST: the manifest lists every file with its sha256, so
+its presence means the run completed and everything it names is in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from kubetune.api.v1alpha1 import FineTuneJob
+from kubetune_trainer.data import TrainingData
+from kubetune_trainer.storage import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+METRICS = "metrics.json"
+LOSS_CURVE = "loss_curve.png"
+ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
+MERGED_DIR = "merged-model"
+LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate")
+
+
+def run_prefix(namespace: str, name: str) -> str:
+    """Key prefix of a job's artifacts inside the output location."""
+    return f"{namespace}/{name}/"
+
+
+def remove_stale_manifest(store: ArtifactStore, prefix: str) -> None:
+    """Delete an earlier run's manifest before training, so that "manifest.json exists"
+    always means "the latest run completed"."""
+    key = prefix + MANIFEST
+    if store.exists(key):
+        store.delete_keys([key])
+
+
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in (*LIBRARIES, "kubetune"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entries(staging: Path) -> dict[str, dict[str, Any]]:
+    """Relative path -> {sha256, size} of every file under `staging`, sorted."""
+    entries = {}
+    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+        entries[path.relative_to(staging).as_posix()] = {
+            "sha256": sha256_file(path),
+            "size": path.stat().st_size,
+        }
+    return entries
+
+
+def save_model_files(model: Any, tokenizer: Any, *, is_adapter: bool, staging: Path) -> str:
+    """Save the adapter (or full model) and tokenizer under `staging`; returns the folder name."""
+    folder = ADAPTER_DIR if is_adapter else MODEL_DIR
+    target = staging / folder
+    model.save_pretrained(target)  # safetensors by default
+    tokenizer.save_pretrained(target)
+    return folder
+
+
+def save_merged_model(
+    base_model_path: Path, adapter_dir: Path, tokenizer: Any, target: Path, dtype: Any
+) -> None:
+    """The base model (reloaded unquantised) with the adapter merged into its weights."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | None:
+    """Train and eval loss against the step; None when nothing was logged."""
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display in a pod
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        axes.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        axes.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+@dataclass
+class RunSummary:
+    """Everything publish needs to know about the run, besides the files themselves."""
+
+    job: FineTuneJob
+    namespace: str
+    data: TrainingData
+    metrics: dict[str, Any]  # headline metrics (keys of kubetune.api.v1alpha1.Metrics)
+    log_history: list[dict[str, Any]]
+    total_steps: int
+    resumed_from_step: int | None
+    duration_seconds: float
+    train_seconds: float
+    first_loss: float | None
+    mean_train_loss: float | None
+    eval_passed: bool | None = None
+    eval_missed: list[str] = field(default_factory=list)
+    artifacts: dict[str, str] = field(default_factory=dict)  # role -> relative folder/file
+
+
+def metrics_document(summary: RunSummary) -> dict[str, Any]:
+    return {
+        "metrics": summary.metrics,
+        "firstTrainLoss": summary.first_loss,
+        "meanTrainLoss": summary.mean_train_loss,
+        "totalSteps": summary.total_steps,
+        "resumedFromStep": summary.resumed_from_step,
+        "trainSeconds": round(summary.train_seconds, 3),
+        "durationSeconds": round(summary.duration_seconds, 3),
+        "logHistory": summary.log_history,
+    }
+
+
+def manifest_document(summary: RunSummary, files: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    spec = summary.job.spec
+    data = summary.data
+    return {
+        "job": {"name": summary.job.metadata.name, "namespace": summary.namespace},
+        "createdAt": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "method": spec.method,
+        "baseModel": {"uri": spec.model.uri, "revision": spec.model.revision},
+        "dataset": {
+            "uri": spec.dataset.uri,
+            "format": data.format,
+            "digest": data.digest,
+            "trainRows": data.train_rows,
+            "validationRows": data.validation_rows,
+            "validationSource": data.validation_source,
+            "validationDigest": data.validation_digest,
+        },
+        "config": spec.model_dump(mode="json", by_alias=True),
+        "libraries": library_versions(),
+        "durationSeconds": round(summary.duration_seconds, 3),
+        "tokensTrained": summary.metrics.get("tokensTrained"),
+        "totalSteps": summary.total_steps,
+        "resumedFromStep": summary.resumed_from_step,
+        "metrics": summary.metrics,
+        "evalPassed": summary.eval_passed,
+        "evalMissed": summary.eval_missed,
+        "artifacts": summary.artifacts,
+        "files": files,
+    }
+
+
+def write_run_documents(summary: RunSummary, staging: Path) -> None:
+    """metrics.json and loss_curve.png into `staging`."""
+    (staging / METRICS).write_text(json.dumps(metrics_document(summary), indent=2))
+    plot_loss_curve(summary.log_history, staging / LOSS_CURVE)
+
+
+def upload_run(
+    store: ArtifactStore, prefix: str, staging: Path, summary: RunSummary
+) -> dict[str, Any]:
+    """Upload everything under `staging`, then the manifest (last). Returns the manifest."""
+    files = file_entries(staging)
+    for relative in files:
+        store.put_file(staging / relative, prefix + relative)
+    manifest = manifest_document(summary, files)
+    store.write_text(prefix + MANIFEST, json.dumps(manifest, indent=2))
+    return manifest
+
+
+def fresh_dir(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path

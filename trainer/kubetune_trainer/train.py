@@ -1,0 +1,180 @@
+"""Training with TRL's SFTTrainer: the FineTuneJob's TrainingSpec mapped onto an SFTConfig.
+
+Packing uses TRL's best-fit-decreasing strategy, which is padding-free: examples are packed
+into rows of `maxSeqLength` tokens, each keeps its own position ids, and attention does not
+cross example boundaries (transformers derives a block-diagonal mask from the position ids).
+No compute is spent on pad tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+from trl import SFTConfig, SFTTrainer
+
+from kubetune.api.v1alpha1 import TrainingSpec
+from kubetune_trainer.data import TrainingData
+from kubetune_trainer.modeling import BuiltModel, Hardware
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    """What training produced, besides the model itself (kept on `trainer.model`)."""
+
+    trainer: SFTTrainer
+    log_history: list[dict[str, Any]]
+    global_step: int
+    max_steps: int
+    first_loss: float | None  # first logged training loss
+    train_loss: float | None  # last logged training loss
+    mean_train_loss: float | None  # the trainer's average over this process's steps
+    eval_loss: float | None  # loss on the validation split of the final model
+    tokens_trained: int  # non-padding tokens over the whole run (resumed runs included)
+    train_samples: int
+    seconds: float  # wall time of this process's training
+    cpu_seconds: float  # CPU time of this process's training (all threads)
+    resumed_from_step: int | None
+
+    @property
+    def model(self) -> Any:
+        return self.trainer.model
+
+
+def eval_strategy(training: TrainingSpec, has_validation: bool) -> dict[str, Any]:
+    if not has_validation:
+        return {"eval_strategy": "no"}
+    if training.evalEverySteps:
+        return {"eval_strategy": "steps", "eval_steps": training.evalEverySteps}
+    return {"eval_strategy": "epoch"}
+
+
+def sft_config(
+    training: TrainingSpec,
+    *,
+    output_dir: Path,
+    has_validation: bool,
+    hardware: Hardware,
+) -> SFTConfig:
+    """The SFTConfig for a TrainingSpec. Checkpoints go to `output_dir` (local scratch);
+    uploading and pruning them in the output location is the checkpoint callback's job."""
+    precision = hardware.precision
+    return SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=training.epochs,
+        max_steps=training.maxSteps or -1,
+        learning_rate=training.learningRate,
+        lr_scheduler_type=training.lrScheduler,
+        warmup_steps=training.warmupRatio,  # a float below 1 is a ratio of the total steps
+        weight_decay=training.weightDecay,
+        per_device_train_batch_size=training.batchSize,
+        per_device_eval_batch_size=training.batchSize,
+        gradient_accumulation_steps=training.gradientAccumulationSteps,
+        max_length=training.maxSeqLength,
+        packing=training.packing,
+        packing_strategy="bfd",
+        activation_checkpointing=training.gradientCheckpointing,
+        seed=training.seed,
+        data_seed=training.seed,
+        logging_strategy="steps",
+        logging_steps=training.logEverySteps,
+        **eval_strategy(training, has_validation),
+        save_strategy="steps",
+        save_steps=training.checkpointEverySteps,
+        save_total_limit=1,  # local scratch; the output location keeps checkpointsToKeep
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=hardware.device == "cpu",
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=True,  # progress goes through the reporters (JSON lines in a pod)
+        log_level="warning",
+        dataloader_pin_memory=hardware.device == "cuda",
+    )
+
+
+def keep_adapter_dtype(trainer: SFTTrainer, built: BuiltModel) -> None:
+    """TRL casts QLoRA adapter weights to bf16; on CPU they stay float32 (see modeling)."""
+    if built.quantized and built.hardware.device == "cpu":
+        for param in trainer.model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.to(torch.float32)
+
+
+def _losses(log_history: list[dict[str, Any]], key: str) -> list[float]:
+    return [float(entry[key]) for entry in log_history if key in entry]
+
+
+def train_model(
+    built: BuiltModel,
+    data: TrainingData,
+    training: TrainingSpec,
+    *,
+    output_dir: Path,
+    callbacks: list[TrainerCallback] | None = None,
+    resume_from: Path | None = None,
+    resumed_from_step: int | None = None,
+) -> TrainOutcome:
+    """Train `built.model` on `data`; resume from the local checkpoint folder `resume_from`."""
+    config = sft_config(
+        training,
+        output_dir=output_dir,
+        has_validation=data.validation is not None,
+        hardware=built.hardware,
+    )
+    trainer = SFTTrainer(
+        model=built.model,
+        args=config,
+        train_dataset=data.train,
+        eval_dataset=data.validation,
+        processing_class=built.tokenizer,
+        callbacks=callbacks or [],
+    )
+    # With tqdm off, transformers prints every log dict to stdout; stdout is for JSON events.
+    trainer.remove_callback(PrinterCallback)
+    keep_adapter_dtype(trainer, built)
+    started, cpu_started = time.monotonic(), time.process_time()
+    summary = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds, cpu_seconds = time.monotonic() - started, time.process_time() - cpu_started
+
+    state = trainer.state
+    history = list(state.log_history)
+    eval_losses = _losses(history, "eval_loss")
+    last_eval_step = max((e["step"] for e in history if "eval_loss" in e), default=None)
+    eval_loss = eval_losses[-1] if eval_losses else None
+    if data.validation is not None and last_eval_step != state.global_step:
+        # The reported eval loss is always the final model's.
+        eval_loss = float(trainer.evaluate()["eval_loss"])
+        history = list(state.log_history)
+    train_losses = _losses(history, "loss")
+    mean_loss = summary.metrics.get("train_loss") if summary else None
+    return TrainOutcome(
+        trainer=trainer,
+        log_history=history,
+        global_step=state.global_step,
+        max_steps=state.max_steps,
+        first_loss=train_losses[0] if train_losses else None,
+        train_loss=train_losses[-1] if train_losses else None,
+        mean_train_loss=float(mean_loss) if mean_loss is not None else None,
+        eval_loss=eval_loss,
+        tokens_trained=int(state.num_input_tokens_seen or 0),
+        train_samples=data.train_rows,
+        seconds=seconds,
+        cpu_seconds=cpu_seconds,
+        resumed_from_step=resumed_from_step,
+    )
+
+
+def perplexity(loss: float | None) -> float | None:
+    if loss is None:
+        return None
+    return math.exp(loss) if loss < 50 else math.inf
