@@ -32,8 +32,9 @@ SERVICE_ACCOUNT = FULLNAME
 
 # What the operator does to each namespaced resource: the API calls in
 # operator/kubetune_operator/controller.py (get, create, merge_patch, delete) plus kopf's
-# list/watch of FineTuneJobs, Jobs and pods. A change here is a change to what the operator
-# is allowed to do.
+# list/watch of FineTuneJobs, Jobs and pods; `get` comes with every `list` (it reveals nothing
+# more). A change here is a change to what the operator is allowed to do;
+# test_operator_runs_under_the_charts_rbac proves it is enough.
 NAMESPACED_VERBS: dict[tuple[str, str], set[str]] = {
     ("kubetune.io", "finetunejobs"): {"get", "list", "watch"},
     ("kubetune.io", "finetunejobs/status"): {"get", "patch"},
@@ -43,12 +44,11 @@ NAMESPACED_VERBS: dict[tuple[str, str], set[str]] = {
     ("", "configmaps"): {"create"},
     ("", "secrets"): {"get", "create"},
 }
-CRD_READ: dict[tuple[str, str], set[str]] = {
-    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
-}
+# Cluster-wide, kopf follows CRDs (to notice the FineTuneJob resource come and go); it never
+# lists namespaces then, as it watches each resource across all of them. With listed
+# namespaces the operator turns kopf's scanning off and needs nothing cluster-scoped.
 CLUSTER_ONLY_VERBS: dict[tuple[str, str], set[str]] = {
-    ("", "namespaces"): {"list", "watch"},
-    **CRD_READ,
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
 }
 
 
@@ -239,6 +239,12 @@ def test_helm_lint_strict(helm: Path, tmp_path: Path, values: dict) -> None:
         ({"uriPolicy": {"allowedSchemes": ["ftp"]}}, "/uriPolicy/allowedSchemes/0"),
         ({"logFormat": "xml"}, "/logFormat"),
         ({"trainer": {"resources": {"memory": "lots"}}}, "/trainer/resources/memory"),
+        (
+            {"trainer": {"tolerations": [{"key": "gpu", "effect": "Never"}]}},
+            "/trainer/tolerations/0/effect",
+        ),
+        ({"trainer": {"nodeSelector": {"gpu": True}}}, "/trainer/nodeSelector/gpu"),
+        ({"s3": {"credentialsSecret": "My_Secret"}}, "/s3/credentialsSecret"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_key(
@@ -279,11 +285,9 @@ def test_namespaced_rbac_is_limited_to_the_listed_namespaces(
     for binding in bindings:
         assert binding["roleRef"]["kind"] == "Role"
         assert binding["subjects"][0]["namespace"] == RELEASE_NAMESPACE
-    # Outside the namespaces: reading CRDs (cluster-scoped, for discovery) and nothing else.
-    (cluster_role,) = by_kind(namespaced_objects, "ClusterRole")
-    assert rule_map(cluster_role["rules"]) == CRD_READ
-    (cluster_binding,) = by_kind(namespaced_objects, "ClusterRoleBinding")
-    assert cluster_binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
+    # Nothing outside the namespaces: kopf's cluster scanning is off in this mode.
+    assert by_kind(namespaced_objects, "ClusterRole") == []
+    assert by_kind(namespaced_objects, "ClusterRoleBinding") == []
 
 
 def test_rbac_has_no_wildcards(default_objects: list[dict], namespaced_objects: list[dict]) -> None:
@@ -348,10 +352,20 @@ def operator_env(objects: list[dict]) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container["env"] if "value" in e}
 
 
+GPU_TAINT = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 FULL_VALUES = {
     "watchNamespaces": ["team-a"],
-    "trainer": {"image": {"repository": "registry.local/trainer", "tag": "v9"}},
-    "s3": {"endpoint": "http://minio.minio.svc:9000"},
+    "trainer": {
+        "image": {"repository": "registry.local/trainer", "tag": "v9"},
+        "nodeSelector": {"nvidia.com/gpu.present": "true"},
+        "tolerations": [GPU_TAINT],
+        "readOnlyRootFilesystem": False,
+    },
+    "s3": {
+        "endpoint": "http://minio.minio.svc:9000",
+        "region": "eu-west-1",
+        "credentialsSecret": "team-s3",
+    },
     "uriPolicy": {"allowedSchemes": ["s3", "pvc"], "allowedS3Prefixes": ["s3://team-a/"]},
     "progress": {"port": 9090, "patchIntervalSeconds": 2.5},
     "logFormat": "text",
@@ -380,9 +394,67 @@ def test_env_is_the_operators_settings(helm: Path, tmp_path: Path, values: dict)
         assert settings.allowed_s3_prefixes == ["s3://team-a/"]
         assert settings.patch_interval_s == 2.5
         assert settings.log_format == "text"
+        assert settings.default_node_selector == {"nvidia.com/gpu.present": "true"}
+        assert [t.manifest() for t in settings.default_tolerations] == [GPU_TAINT]
+        assert settings.s3_region == "eu-west-1"
+        assert settings.default_credentials_secret == "team-s3"
+        assert settings.trainer_read_only_root is False
     else:
         assert settings.namespaces == []
         assert settings.trainer_image.endswith(":0.1.0")
+        assert settings.default_node_selector == {} and settings.default_tolerations == []
+        assert settings.s3_region is None and settings.default_credentials_secret is None
+        assert settings.trainer_read_only_root is True
+
+
+def trainer_job(objects: list[dict], **spec: Any) -> dict:
+    """The Job the operator, configured by this rendering of the chart, makes for a job."""
+    from kubetune.api.v1alpha1 import FineTuneJob
+    from kubetune_operator import builders
+    from kubetune_operator.settings import OperatorSettings
+
+    settings = OperatorSettings.from_env(operator_env(objects))
+    body = {
+        "model": {"uri": "s3://models/tiny/"},
+        "dataset": {"uri": "s3://data/train.jsonl"},
+        "output": {"uri": "s3://out/runs/"},
+        **spec,
+    }
+    ftj = FineTuneJob.model_validate(
+        {"metadata": {"name": "tune", "namespace": "team-a"}, "spec": body}
+    ).wire()
+    ftj["metadata"]["uid"] = "uid-1"
+    return builders.build_job(ftj, settings, frozenset(builders.REQUIRED_S3_KEYS))
+
+
+def test_trainer_pods_report_progress_to_the_charts_service(helm: Path, tmp_path: Path) -> None:
+    for values, port in (({}, 8080), ({"progress": {"port": 9090}}, 9090)):
+        objects = render(helm, tmp_path, values)
+        service = one(objects, "Service")
+        assert service["spec"]["ports"][0]["port"] == port
+        container = trainer_job(objects)["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        host = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
+        assert env["KUBETUNE_PROGRESS_URL"] == f"http://{host}:{port}/v1/progress/team-a/tune"
+
+
+def test_chart_defaults_reach_the_trainer_pod(helm: Path, tmp_path: Path) -> None:
+    objects = render(helm, tmp_path, FULL_VALUES)
+    pod = trainer_job(objects)["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["tolerations"] == [GPU_TAINT]
+    (container,) = pod["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is False
+    env = {e["name"]: e for e in container["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "team-s3"
+    assert env["AWS_REGION"]["value"] == "eu-west-1"
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.minio.svc:9000"
+    # A job's own placement wins over the chart's defaults.
+    own = trainer_job(objects, nodeSelector={"pool": "a100"})["spec"]["template"]["spec"]
+    assert own["nodeSelector"] == {"pool": "a100"}
+    # By default the trainer's root filesystem is read-only.
+    default_pod = trainer_job(render(helm, tmp_path))["spec"]["template"]["spec"]
+    assert default_pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
 
 
 # ---- Service and NetworkPolicy ---------------------------------------------------------------
@@ -407,11 +479,30 @@ def test_network_policy_admits_only_trainer_pods(helm: Path, tmp_path: Path) -> 
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     (ingress,) = policy["spec"]["ingress"]
     (peer,) = ingress["from"]
-    trainer_pod = names.child_labels("my-job")  # the labels of the operator's Job pods
+    # The labels of the pods the operator's Job template makes (the Job controller adds its
+    # own, which the selector ignores).
+    trainer_pod = trainer_job(objects)["spec"]["template"]["metadata"]["labels"]
     assert selector_matches(peer["podSelector"], trainer_pod)
     for other in ({}, {"app": "web"}, {names.LABEL_MANAGED_BY: "someone-else"}):
         assert not selector_matches(peer["podSelector"], other)
+    assert peer["namespaceSelector"] == {}  # cluster-wide: trainers in any namespace
     assert ingress["ports"] == [{"port": "progress", "protocol": "TCP"}]
+
+
+def test_network_policy_in_namespaced_mode_admits_only_the_served_namespaces(
+    helm: Path, tmp_path: Path
+) -> None:
+    prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}}
+    values = {
+        **NAMESPACED_VALUES,
+        "networkPolicy": {"enabled": True, "extraFrom": [prometheus]},
+    }
+    (ingress,) = one(render(helm, tmp_path, values), "NetworkPolicy")["spec"]["ingress"]
+    trainers, extra = ingress["from"]
+    for namespace, admitted in (("team-a", True), ("team-b", True), ("other", False)):
+        labels = {"kubernetes.io/metadata.name": namespace}
+        assert selector_matches(trainers["namespaceSelector"], labels) is admitted
+    assert extra == prometheus
 
 
 # ---- on a real API server --------------------------------------------------------------------
@@ -527,13 +618,9 @@ def test_installed_service_accounts_can_do_what_the_operator_does(installed: dic
         if not can_i(installed, who, verb, _resource_arg(group, resource), team)
     ]
     assert missing == []
-    for verb in ("list", "watch"):
+    for verb in ("get", "list", "watch"):
         assert can_i(
             installed, "wide", verb, "customresourcedefinitions.apiextensions.k8s.io", None
-        )
-        assert can_i(installed, "wide", verb, "namespaces", None)
-        assert can_i(
-            installed, "narrow", verb, "customresourcedefinitions.apiextensions.k8s.io", None
         )
 
 
@@ -558,6 +645,10 @@ def test_installed_service_accounts_can_do_what_the_operator_does(installed: dic
         ("narrow", "get", "pods/log", "other"),
         ("narrow", "list", "namespaces", None),
         ("narrow", "delete", "nodes", None),
+        ("wide", "list", "namespaces", None),
+        ("narrow", "list", "customresourcedefinitions.apiextensions.k8s.io", None),
+        ("wide", "get", "configmaps", "team"),
+        ("wide", "update", "jobs.batch", "team"),
     ],
 )
 def test_installed_service_accounts_are_denied_the_rest(
@@ -565,6 +656,117 @@ def test_installed_service_accounts_are_denied_the_rest(
 ) -> None:
     namespace = installed["ns"][where] if where else None
     assert not can_i(installed, who, verb, resource, namespace)
+
+
+def service_account_kubeconfig(installed: dict, who: str, path: Path) -> Path:
+    """A kubeconfig that authenticates as the release's ServiceAccount (a real token)."""
+    _, _, namespace, name = installed["sa"][who].split(":")
+    token = _kubectl(
+        installed["kubeconfig"], "create", "token", name, "-n", namespace, "--duration=1h"
+    )
+    assert token.returncode == 0, token.stderr
+    config = yaml.safe_load(Path(installed["kubeconfig"]).read_text())
+    for user in config["users"]:
+        user["user"] = {"token": token.stdout.strip()}
+    path.touch(mode=0o600)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def rbac_probe_job(name: str) -> dict:
+    """A FineTuneJob whose pod never runs (no node matches), to drive the operator's calls."""
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": "s3://models/tiny/"},
+            "dataset": {"uri": "s3://data/train.jsonl"},
+            "output": {"uri": "s3://out/runs/", "credentialsSecretRef": {"name": f"{name}-s3"}},
+            "resources": {"gpus": 0, "cpu": "100m", "memory": "64Mi"},
+            "nodeSelector": {"kubetune.io/test": "never-scheduled"},
+        },
+    }
+
+
+# What the operator logs when the API server refuses it something.
+PERMISSION_ERRORS = ("Forbidden", "HTTP 403", "Not enough permissions", "reconcile failed")
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("who", ["narrow", "wide"])
+def test_operator_runs_under_the_charts_rbac(
+    installed: dict, k8s_cluster: Any, who: str, tmp_path: Path
+) -> None:
+    """The operator, authenticated as the chart's ServiceAccount, makes every call of a job's
+    life (Secret check, children, status, Event, pod watch, suspend, delete) without one
+    refusal; namespaced, it needs nothing cluster-scoped and ignores other namespaces."""
+    from kubetune.devcluster.processes import wait_for
+    from kubetune.devcluster.rest import MERGE
+    from tests.fixtures.operator import OperatorProcess
+
+    team, other = installed["ns"]["team"], installed["ns"]["other"]
+    namespace = team if who == "narrow" else other
+    api = k8s_cluster.rest()
+    ftj_path = f"/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs"
+    name = f"rbac-{who}"
+    operator = OperatorProcess(
+        k8s_cluster,
+        tmp_path,
+        trainer_command=["true"],
+        extra_args=["--namespace", team] if who == "narrow" else [],
+        env={"KUBECONFIG": str(service_account_kubeconfig(installed, who, tmp_path / "kc"))},
+    )
+
+    def status() -> dict:
+        return api.get(f"{ftj_path}/{name}").get("status") or {}
+
+    def wait_status(what: str, check: Any) -> dict:
+        try:
+            return wait_for(lambda: check(status()), timeout=60, interval=0.3, what=what)
+        except TimeoutError:
+            raise AssertionError(f"{what}: {status()}\n{operator.logs()[-3000:]}") from None
+
+    outsider = None
+    if who == "narrow":  # a job the namespaced operator must not touch
+        outsider = f"/apis/kubetune.io/v1alpha1/namespaces/{other}/finetunejobs"
+        api.post(outsider, rbac_probe_job("outsider"))
+    operator.start()
+    try:
+        api.post(ftj_path, rbac_probe_job(name))
+        wait_status("SecretNotFound", lambda st: st.get("reason") == "SecretNotFound")
+        api.post(
+            f"/api/v1/namespaces/{namespace}/secrets",
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": f"{name}-s3"},
+                "stringData": {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"},
+            },
+        )
+        # Unschedulable comes from the pod the Job made: the operator watches pods.
+        wait_status("Unschedulable", lambda st: st.get("reason") == "Unschedulable")
+        job_path = f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}-trainer"
+        api.patch(f"{ftj_path}/{name}", {"spec": {"suspend": True}}, MERGE)
+        wait_for(
+            lambda: api.get(job_path)["spec"].get("suspend") is True,
+            timeout=60,
+            what="Job suspended by the operator",
+        )
+        events = api.get(
+            f"/api/v1/namespaces/{namespace}/events", fieldSelector=f"involvedObject.name={name}"
+        )["items"]
+        assert any(e.get("reportingComponent") == "kubetune-operator" for e in events)
+        if outsider:
+            assert not api.get(f"{outsider}/outsider").get("status")
+        logs = operator.logs()
+        refused = [line for line in logs.splitlines() if any(e in line for e in PERMISSION_ERRORS)]
+        assert refused == [], "\n".join(refused[:5])
+    finally:
+        operator.stop()
+        api.delete(f"{ftj_path}/{name}")
+        if outsider:
+            api.delete(f"{outsider}/outsider")
 
 
 @pytest.mark.cluster

@@ -10,8 +10,9 @@ import yaml
 
 from kubetune.api import contract
 from kubetune.api.v1alpha1 import FineTuneJob
+from kubetune_operator import __main__ as operator_main
 from kubetune_operator import builders, names, validation
-from kubetune_operator.settings import OperatorSettings
+from kubetune_operator.settings import OperatorSettings, Toleration
 
 SETTINGS = OperatorSettings(
     trainer_image="registry.example/trainer:1",
@@ -286,3 +287,200 @@ def test_settings_from_env() -> None:
     assert settings.trainer_command == ["python", "-m", "kubetune_trainer"]
     assert settings.allowed_schemes == ["s3", "file"]
     assert settings.effective_progress_base_url == "http://127.0.0.1:9999"
+
+
+# --- operator defaults for trainer pods --------------------------------------------------
+
+GPU_TAINT = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+DEFAULTS = SETTINGS.model_copy(
+    update={
+        "default_node_selector": {"nvidia.com/gpu.present": "true"},
+        "default_tolerations": [Toleration(**GPU_TAINT)],
+        "default_credentials_secret": "team-s3",
+        "s3_region": "eu-west-1",
+    }
+)
+
+
+def pod_of(ftj: dict, settings: OperatorSettings = DEFAULTS, keys: frozenset[str] | None = None):
+    return builders.build_job(ftj, settings, keys)["spec"]["template"]["spec"]
+
+
+def test_default_placement_applies_when_the_job_sets_none() -> None:
+    pod = pod_of(make_ftj())
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["tolerations"] == [GPU_TAINT]
+    # Without defaults the pod carries no placement at all.
+    bare = pod_of(make_ftj(), SETTINGS)
+    assert "nodeSelector" not in bare and "tolerations" not in bare
+
+
+def test_a_jobs_own_placement_replaces_the_defaults() -> None:
+    own_toleration = {"key": "team-a", "operator": "Equal", "value": "yes", "effect": "NoExecute"}
+    pod = pod_of(make_ftj(nodeSelector={"pool": "a100"}, tolerations=[own_toleration]))
+    assert pod["nodeSelector"] == {"pool": "a100"}  # replaced, not merged
+    assert pod["tolerations"] == [own_toleration]
+    # Setting only one of them keeps the default of the other.
+    only_selector = pod_of(make_ftj(nodeSelector={"pool": "a100"}))
+    assert only_selector["tolerations"] == [GPU_TAINT]
+
+
+def test_queued_jobs_get_no_default_placement() -> None:
+    pod = pod_of(make_ftj(queueName="gpu-small"))
+    assert "nodeSelector" not in pod and "tolerations" not in pod
+    own = pod_of(make_ftj(queueName="gpu-small", nodeSelector={"pool": "a100"}))
+    assert own["nodeSelector"] == {"pool": "a100"}
+
+
+def test_default_credentials_secret_for_s3_jobs_without_their_own() -> None:
+    no_ref = make_ftj(output={"uri": "s3://out/runs/"})
+    env = env_of(builders.build_job(no_ref, DEFAULTS, None))
+    for key in builders.REQUIRED_S3_KEYS:
+        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "team-s3", "key": key}
+    # The job's own Secret wins.
+    env = env_of(builders.build_job(make_ftj(), DEFAULTS, None))
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
+    # A job that touches no s3:// URI gets no S3 keys at all (the Secret may not exist).
+    pvc_only = make_ftj(
+        model={"uri": "hf://org/m"},
+        dataset={"uri": "pvc://data/train.jsonl"},
+        output={"uri": "pvc://results/out"},
+    )
+    assert "AWS_ACCESS_KEY_ID" not in env_of(builders.build_job(pvc_only, DEFAULTS, None))
+    # An s3:// input alone is enough.
+    s3_model = make_ftj(model={"uri": "s3://models/m/"}, output={"uri": "pvc://results/out"})
+    assert builders.credentials_secret(s3_model["spec"], DEFAULTS) == "team-s3"
+
+
+def test_default_region_fills_in_only_when_the_secret_has_none() -> None:
+    keys = frozenset(builders.REQUIRED_S3_KEYS)
+    env = env_of(builders.build_job(make_ftj(), DEFAULTS, keys))
+    assert env["AWS_REGION"] == {"name": "AWS_REGION", "value": "eu-west-1"}
+    env = env_of(builders.build_job(make_ftj(), DEFAULTS, keys | {"AWS_REGION"}))
+    assert env["AWS_REGION"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-creds",
+        "key": "AWS_REGION",
+        "optional": True,
+    }
+    assert "AWS_REGION" not in env_of(builders.build_job(make_ftj(), SETTINGS, keys))
+
+
+def test_every_env_name_appears_once() -> None:
+    settings = DEFAULTS.model_copy(update={"s3_endpoint": "http://minio:9000"})
+    for keys in (None, frozenset(builders.REQUIRED_S3_KEYS)):
+        container = builders.build_job(make_ftj(), settings, keys)["spec"]["template"]["spec"]
+        env_names = [e["name"] for e in container["containers"][0]["env"]]
+        assert len(env_names) == len(set(env_names)), env_names
+
+
+def test_trainer_root_filesystem_is_read_only_and_scratch_goes_to_the_work_dir() -> None:
+    pod = pod_of(make_ftj(), SETTINGS)
+    container = pod["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    env = env_of(builders.build_job(make_ftj(), SETTINGS))
+    # Every path the trainer writes to is a volume: TMPDIR and caches in the work dir.
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for var in ("TMPDIR", "XDG_CACHE_HOME", contract.ENV_WORK_DIR):
+        path = env[var]["value"]
+        mount = max((m for m in mounts if path == m or path.startswith(m + "/")), key=len)
+        assert not mounts[mount].get("readOnly"), (var, mount)
+        assert "emptyDir" in volumes[mounts[mount]["name"]], (var, mount)
+    off = SETTINGS.model_copy(update={"trainer_read_only_root": False})
+    assert (
+        pod_of(make_ftj(), off)["containers"][0]["securityContext"]["readOnlyRootFilesystem"]
+        is False
+    )
+
+
+def test_default_credentials_secret_is_validated() -> None:
+    no_ref = make_ftj(output={"uri": "s3://out/runs/"})["spec"]
+    assert validation.referenced_secrets(no_ref, DEFAULTS) == ["team-s3"]
+    assert validation.referenced_secrets(no_ref) == []  # without settings: only named ones
+    problem = validation.validate(no_ref, DEFAULTS, {})
+    assert problem and problem.phase == "Pending" and problem.reason == "SecretNotFound"
+    assert problem.message == (
+        "spec.output.credentialsSecretRef (unset, so the operator's default): "
+        "Secret 'team-s3' not found"
+    )
+    problem = validation.validate(no_ref, DEFAULTS, {"team-s3": frozenset({"AWS_ACCESS_KEY_ID"})})
+    assert problem and problem.reason == "SecretKeyMissing"
+    assert "AWS_SECRET_ACCESS_KEY" in problem.message
+    creds = {"team-s3": frozenset(builders.REQUIRED_S3_KEYS)}
+    assert validation.validate(no_ref, DEFAULTS, creds) is None
+    # No default configured: nothing to check.
+    assert validation.validate(no_ref, SETTINGS, {}) is None
+
+
+def test_structured_settings_from_env_and_flags() -> None:
+    env = {
+        "KUBETUNE_OPERATOR_DEFAULT_NODE_SELECTOR": '{"nvidia.com/gpu.present": "true"}',
+        "KUBETUNE_OPERATOR_DEFAULT_TOLERATIONS": json.dumps([GPU_TAINT]),
+        "KUBETUNE_OPERATOR_DEFAULT_CREDENTIALS_SECRET": "team-s3",
+        "KUBETUNE_OPERATOR_S3_REGION": "eu-west-1",
+        "KUBETUNE_OPERATOR_TRAINER_READ_ONLY_ROOT": "false",
+        "KUBETUNE_OPERATOR_S3_ENDPOINT": "",  # empty = unset
+    }
+    settings = OperatorSettings.from_env(env)
+    assert settings.default_node_selector == {"nvidia.com/gpu.present": "true"}
+    assert [t.manifest() for t in settings.default_tolerations] == [GPU_TAINT]
+    assert settings.default_credentials_secret == "team-s3"
+    assert settings.s3_region == "eu-west-1"
+    assert settings.trainer_read_only_root is False
+    assert settings.s3_endpoint is None
+    empty = OperatorSettings.from_env(
+        {"KUBETUNE_OPERATOR_DEFAULT_NODE_SELECTOR": "", "KUBETUNE_OPERATOR_DEFAULT_TOLERATIONS": ""}
+    )
+    assert empty.default_node_selector == {} and empty.default_tolerations == []
+
+    args = operator_main.build_parser().parse_args(
+        ["--default-node-selector", '{"pool": "a100"}', "--s3-region", "us-east-2"]
+    )
+    with_flags = operator_main.settings_from_args(args)
+    assert with_flags.default_node_selector == {"pool": "a100"}
+    assert with_flags.s3_region == "us-east-2"
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        (
+            {"KUBETUNE_OPERATOR_DEFAULT_NODE_SELECTOR": "gpu=h100"},
+            "KUBETUNE_OPERATOR_DEFAULT_NODE_SELECTOR: expected a JSON object",
+        ),
+        (
+            {"KUBETUNE_OPERATOR_DEFAULT_TOLERATIONS": '[{"key": "x"'},
+            "KUBETUNE_OPERATOR_DEFAULT_TOLERATIONS: not valid JSON",
+        ),
+        (
+            {"KUBETUNE_OPERATOR_DEFAULT_TOLERATIONS": '[{"key": "x", "effect": "Never"}]'},
+            "default_tolerations.0.effect: Input should be 'NoSchedule'",
+        ),
+    ],
+)
+def test_bad_settings_fail_in_one_line_naming_the_setting(env: dict, fragment: str) -> None:
+    from kubetune_operator.settings import describe_error
+
+    with pytest.raises(ValueError) as error:
+        OperatorSettings.from_env(env)
+    message = describe_error(error.value)
+    assert fragment in message and "\n" not in message
+
+
+def test_operator_exits_with_the_one_line_error(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setenv("KUBETUNE_OPERATOR_DEFAULT_TOLERATIONS", "not json")
+    with pytest.raises(SystemExit) as exited:
+        operator_main.main([])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kubetune-operator: invalid settings")
+    assert "KUBETUNE_OPERATOR_DEFAULT_TOLERATIONS: expected a JSON list" in err
+    assert "\n" not in err
+
+
+def test_kopf_scans_the_cluster_only_when_serving_all_namespaces() -> None:
+    # Listed namespaces: no cluster-scoped listing of namespaces or CRDs (RBAC has none).
+    assert operator_main.kopf_settings(
+        SETTINGS.model_copy(update={"namespaces": ["a"]})
+    ).scanning.disabled
+    assert not operator_main.kopf_settings(SETTINGS).scanning.disabled

@@ -24,6 +24,12 @@ WORK_DIR = contract.DEFAULT_WORK_DIR
 PVC_ROOT = "/mnt/pvc"  # the trainer maps pvc://claim/path to $KUBETUNE_PVC_ROOT/claim/path
 ENV_PVC_ROOT = "KUBETUNE_PVC_ROOT"
 
+# With a read-only root filesystem the trainer writes only to its volumes: temporary files
+# and tool caches (Hugging Face, torch, pip...) go to the work dir. The trainer image sets
+# HF_HOME, TRITON_CACHE_DIR and MPLCONFIGDIR under it too (Dockerfile.trainer).
+TMP_DIR = WORK_DIR
+CACHE_DIR = f"{WORK_DIR}/.cache"
+
 REQUIRED_S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 OPTIONAL_S3_KEYS = ("AWS_ENDPOINT_URL", "AWS_REGION")
 # Spec fields whose change does not touch the work already running.
@@ -123,6 +129,31 @@ def pvc_claims(ftj: dict) -> dict[str, bool]:
     return claims
 
 
+def uses_s3(spec: dict) -> bool:
+    """Whether any URI of the job (model, data, evaluation, output) is s3://."""
+    evaluation = spec.get("evaluation") or {}
+    uris = [
+        spec["model"]["uri"],
+        spec["dataset"]["uri"],
+        spec["dataset"].get("validationUri"),
+        evaluation.get("datasetUri"),
+        evaluation.get("regressionUri"),
+        spec["output"]["uri"],
+    ]
+    return any(uri and uri.lower().startswith("s3://") for uri in uris)
+
+
+def credentials_secret(spec: dict, settings: OperatorSettings) -> str | None:
+    """The S3 credentials Secret of a job: its own credentialsSecretRef, else the operator's
+    default when the job touches S3 at all (a pvc:// or hf:// job needs no S3 keys)."""
+    own = (spec["output"].get("credentialsSecretRef") or {}).get("name")
+    if own:
+        return own
+    if settings.default_credentials_secret and uses_s3(spec):
+        return settings.default_credentials_secret
+    return None
+
+
 def _secret_env(name: str, secret: str, key: str, optional: bool = False) -> dict[str, Any]:
     ref: dict[str, Any] = {"name": secret, "key": key}
     if optional:
@@ -136,7 +167,7 @@ def build_env(
     """Trainer environment. Credentials only as secretKeyRef, never as values.
 
     `credential_keys` are the keys present in the credentials Secret (None: unknown), so
-    the operator's default S3 endpoint fills in only when the Secret has none.
+    the operator's default S3 endpoint and region fill in only when the Secret has none.
     """
     meta, spec = ftj["metadata"], ftj["spec"]
     progress_url = (
@@ -153,17 +184,23 @@ def build_env(
         {"name": ENV_PVC_ROOT, "value": PVC_ROOT},
         # Unbuffered output so `kubetune logs` shows progress as it happens.
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "TMPDIR", "value": TMP_DIR},
+        {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
     ]
-    creds = (spec["output"].get("credentialsSecretRef") or {}).get("name")
-    has_endpoint = False
+    creds = credentials_secret(spec, settings)
+    from_secret: set[str] = set()
     if creds:
         env += [_secret_env(key, creds, key) for key in REQUIRED_S3_KEYS]
         for key in OPTIONAL_S3_KEYS:
             if credential_keys is None or key in credential_keys:
                 env.append(_secret_env(key, creds, key, optional=True))
-                has_endpoint |= key == "AWS_ENDPOINT_URL"
-    if settings.s3_endpoint and not has_endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": settings.s3_endpoint})
+                from_secret.add(key)
+    defaults = {"AWS_ENDPOINT_URL": settings.s3_endpoint, "AWS_REGION": settings.s3_region}
+    env += [
+        {"name": key, "value": value}
+        for key, value in defaults.items()
+        if value and key not in from_secret
+    ]
     token_ref = spec["model"].get("tokenSecretRef")
     if token_ref:
         env.append(
@@ -182,6 +219,29 @@ def build_resources(spec: dict, settings: OperatorSettings) -> dict[str, Any]:
         # Extended resources: the limit is the request.
         limits["nvidia.com/gpu"] = str(gpus)
     return {"requests": requests, "limits": limits}
+
+
+def placement(ftj: dict, settings: OperatorSettings) -> dict[str, Any]:
+    """nodeSelector and tolerations of the trainer pod.
+
+    The job's own value replaces the operator's default (no merging, so a job can always
+    opt out of a default). Kueue-queued jobs get no defaults: their ResourceFlavor injects
+    its node labels and tolerations, and a default could contradict it.
+    """
+    spec = ftj["spec"]
+    queued = names.queue_name(ftj) is not None
+    node_selector = spec.get("nodeSelector") or (
+        {} if queued else dict(settings.default_node_selector)
+    )
+    tolerations = spec.get("tolerations") or (
+        [] if queued else [t.manifest() for t in settings.default_tolerations]
+    )
+    out: dict[str, Any] = {}
+    if node_selector:
+        out["nodeSelector"] = node_selector
+    if tolerations:
+        out["tolerations"] = tolerations
+    return out
 
 
 def build_pod_spec(
@@ -231,6 +291,7 @@ def build_pod_spec(
             "runAsNonRoot": True,
             "runAsUser": settings.run_as_user,
             "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": settings.trainer_read_only_root,
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
@@ -248,7 +309,8 @@ def build_pod_spec(
         "containers": [container],
         "volumes": volumes,
     }
-    for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
+    pod.update(placement(ftj, settings))
+    for key in ("affinity", "priorityClassName"):
         if spec.get(key):
             pod[key] = spec[key]
     if spec.get("imagePullSecrets"):

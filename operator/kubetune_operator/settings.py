@@ -6,12 +6,35 @@ override them. Defaults are the documented defaults (docs/operator.md).
 
 from __future__ import annotations
 
+import json
 import os
+import typing
 from collections.abc import Mapping
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "KUBETUNE_OPERATOR_"
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be read; the message is one line naming the variable."""
+
+
+class Toleration(BaseModel):
+    """A Kubernetes toleration (core/v1 Toleration), checked when the operator starts so a
+    typo fails there and not in every trainer pod."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    tolerationSeconds: int | None = Field(None, ge=0)  # the Kubernetes field name
+
+    def manifest(self) -> dict[str, object]:
+        return self.model_dump(exclude_none=True)
 
 
 class OperatorSettings(BaseModel):
@@ -33,6 +56,31 @@ class OperatorSettings(BaseModel):
     s3_endpoint: str | None = Field(
         default_factory=lambda: os.environ.get("AWS_ENDPOINT_URL") or None,
         description="AWS_ENDPOINT_URL for trainer pods when the credentials Secret has none.",
+    )
+    s3_region: str | None = Field(
+        None, description="AWS_REGION for trainer pods when the credentials Secret has none."
+    )
+    default_credentials_secret: str | None = Field(
+        None,
+        min_length=1,
+        max_length=253,
+        description="Secret (in the job's namespace) with the S3 credentials of jobs that set "
+        "no spec.output.credentialsSecretRef but use s3:// URIs; unset = none.",
+    )
+    default_node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Trainer pod nodeSelector when spec.nodeSelector is unset "
+        "(not for Kueue-queued jobs: their ResourceFlavor places them).",
+    )
+    default_tolerations: list[Toleration] = Field(
+        default_factory=list,
+        description="Trainer pod tolerations when spec.tolerations is unset "
+        "(not for Kueue-queued jobs).",
+    )
+    trainer_read_only_root: bool = Field(
+        True,
+        description="readOnlyRootFilesystem on the trainer container: it writes only to its "
+        "volumes (work dir, /dev/shm, PVCs); TMPDIR and XDG_CACHE_HOME point into the work dir.",
     )
     progress_base_url: str | None = Field(
         None,
@@ -84,16 +132,46 @@ class OperatorSettings(BaseModel):
     def from_env(
         cls, env: Mapping[str, str] | None = None, **overrides: object
     ) -> OperatorSettings:
-        """Settings from KUBETUNE_OPERATOR_<FIELD> variables (lists comma-separated)."""
+        """Settings from KUBETUNE_OPERATOR_<FIELD> variables: lists comma-separated or JSON,
+        mappings and tolerations JSON."""
         env = os.environ if env is None else env
         values: dict[str, object] = {}
         for name, field in cls.model_fields.items():
             raw = env.get(ENV_PREFIX + name.upper())
-            if raw is None:
-                continue
-            is_list = "list" in str(field.annotation)
-            values[name] = [p.strip() for p in raw.split(",") if p.strip()] if is_list else raw
+            if raw is not None:
+                values[name] = parse_env_value(ENV_PREFIX + name.upper(), raw, field.annotation)
         if name_cmd := env.get(ENV_PREFIX + "TRAINER_COMMAND"):
             values["trainer_command"] = name_cmd.split()
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(values)
+
+
+def parse_env_value(variable: str, raw: str, annotation: object) -> object:
+    """One variable's text as the field's type wants it (pydantic checks the result)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    text = raw.strip()
+    if not text and type(None) in args:
+        return None  # an empty variable leaves an optional setting unset
+    if origin in (list, dict) and text.startswith(("[", "{")):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"{variable}: not valid JSON: {exc}") from None
+    if origin is dict or (origin is list and args and args[0] is not str):
+        if not text:
+            return {} if origin is dict else []
+        kind = "object" if origin is dict else "list"
+        raise SettingsError(f"{variable}: expected a JSON {kind}, got {text[:60]!r}")
+    if origin is list:
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    return raw
+
+
+def describe_error(error: Exception) -> str:
+    """A settings error as one line: each bad field with pydantic's reason."""
+    if isinstance(error, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"
+            for e in error.errors()
+        )
+    return str(error)

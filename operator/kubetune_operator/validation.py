@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlparse
 
-from kubetune_operator.builders import REQUIRED_S3_KEYS
+from kubetune_operator.builders import REQUIRED_S3_KEYS, credentials_secret
 from kubetune_operator.settings import OperatorSettings
 
 # Bytes of GPU memory per parameter, weights + gradients + optimizer state, before
@@ -103,23 +103,37 @@ def check_uris(spec: dict, settings: OperatorSettings) -> Problem | None:
     return None
 
 
-def check_secrets(spec: dict, secrets: Mapping[str, frozenset[str]]) -> Problem | None:
-    """`secrets`: name -> keys of each Secret that exists in the FineTuneJob's namespace."""
-    creds = (spec["output"].get("credentialsSecretRef") or {}).get("name")
+def _credentials(spec: dict, settings: OperatorSettings | None) -> tuple[str | None, str]:
+    """The credentials Secret a job uses and how to name it in a message."""
+    own = (spec["output"].get("credentialsSecretRef") or {}).get("name")
+    if own or settings is None:
+        return own, "spec.output.credentialsSecretRef"
+    return (
+        credentials_secret(spec, settings),
+        "spec.output.credentialsSecretRef (unset, so the operator's default)",
+    )
+
+
+def check_secrets(
+    spec: dict,
+    secrets: Mapping[str, frozenset[str]],
+    settings: OperatorSettings | None = None,
+) -> Problem | None:
+    """`secrets`: name -> keys of each Secret that exists in the FineTuneJob's namespace.
+
+    With `settings`, a job without credentialsSecretRef is checked against the operator's
+    default credentials Secret (settings.default_credentials_secret).
+    """
+    creds, where = _credentials(spec, settings)
     if creds:
         if creds not in secrets:
-            return Problem(
-                "Pending",
-                "SecretNotFound",
-                f"spec.output.credentialsSecretRef: Secret {creds!r} not found",
-            )
+            return Problem("Pending", "SecretNotFound", f"{where}: Secret {creds!r} not found")
         missing = [k for k in REQUIRED_S3_KEYS if k not in secrets[creds]]
         if missing:
             return Problem(
                 "Pending",
                 "SecretKeyMissing",
-                f"spec.output.credentialsSecretRef: Secret {creds!r} has no key "
-                f"{', '.join(missing)}",
+                f"{where}: Secret {creds!r} has no key {', '.join(missing)}",
             )
     token = spec["model"].get("tokenSecretRef")
     if token:
@@ -139,8 +153,9 @@ def check_secrets(spec: dict, secrets: Mapping[str, frozenset[str]]) -> Problem 
     return None
 
 
-def referenced_secrets(spec: dict) -> list[str]:
-    names = [(spec["output"].get("credentialsSecretRef") or {}).get("name")]
+def referenced_secrets(spec: dict, settings: OperatorSettings | None = None) -> list[str]:
+    """Secrets the job's pod will read (with `settings`: including the default credentials)."""
+    names = [_credentials(spec, settings)[0]]
     names.append((spec["model"].get("tokenSecretRef") or {}).get("name"))
     return sorted({n for n in names if n})
 
@@ -152,4 +167,8 @@ def validate(
 
     Permanent problems (Failed) come before ones that may fix themselves (Pending).
     """
-    return check_uris(spec, settings) or check_gpus(spec, settings) or check_secrets(spec, secrets)
+    return (
+        check_uris(spec, settings)
+        or check_gpus(spec, settings)
+        or check_secrets(spec, secrets, settings)
+    )

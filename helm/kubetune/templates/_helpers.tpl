@@ -66,8 +66,9 @@ app.kubernetes.io/part-of: kubetune
 {{/*
 RBAC rules for the namespaced resources the operator uses (in a Role or a ClusterRole): the
 calls in operator/kubetune_operator/controller.py plus kopf's watches. kopf runs standalone
-(no peering objects) with event posting off, and only has event handlers (no finalizers, no
-annotations on FineTuneJobs). tests/test_helm.py holds the same table.
+(no peering objects) with its own event posting off, and only has event handlers (no
+finalizers, no annotations on FineTuneJobs). `get` comes with every `list` (it shows nothing
+more). tests/test_helm.py holds the same table (NAMESPACED_VERBS).
 */}}
 {{- define "kubetune.namespacedRules" -}}
 # Watched through kopf; the operator never changes a FineTuneJob's spec or metadata.
@@ -86,11 +87,12 @@ annotations on FineTuneJobs). tests/test_helm.py holds the same table.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Trainer pods: read only (termination message, scheduling state).
+# Trainer pods: watched, read only (termination message, scheduling state).
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
-# The job manifest the trainer reads; deleted by the garbage collector with its owner.
+# The job manifest the trainer reads: created once, never read back (an existing one of the
+# same name is the operator's own), deleted by the garbage collector with its owner.
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["create"]
@@ -120,8 +122,22 @@ kubetune_operator.settings.OperatorSettings (tests/test_helm.py keeps the names 
   value: {{ $v.trainer.runAsUser | toString | quote }}
 - name: KUBETUNE_OPERATOR_GPU_MEMORY_GIB
   value: {{ $v.trainer.gpuMemoryGiB | toString | quote }}
+- name: KUBETUNE_OPERATOR_DEFAULT_NODE_SELECTOR
+  value: {{ $v.trainer.nodeSelector | default dict | toJson | quote }}
+- name: KUBETUNE_OPERATOR_DEFAULT_TOLERATIONS
+  value: {{ $v.trainer.tolerations | default list | toJson | quote }}
+- name: KUBETUNE_OPERATOR_TRAINER_READ_ONLY_ROOT
+  value: {{ $v.trainer.readOnlyRootFilesystem | toString | quote }}
 {{- with $v.s3.endpoint }}
 - name: KUBETUNE_OPERATOR_S3_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+{{- with $v.s3.region }}
+- name: KUBETUNE_OPERATOR_S3_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- with $v.s3.credentialsSecret }}
+- name: KUBETUNE_OPERATOR_DEFAULT_CREDENTIALS_SECRET
   value: {{ . | quote }}
 {{- end }}
 - name: KUBETUNE_OPERATOR_ALLOWED_SCHEMES
