@@ -70,7 +70,10 @@ def test_manifest_round_trip_keeps_field_names():
             "apiVersion": "kubetune.io/v1alpha1",
             "kind": "FineTuneJob",
             "metadata": {"name": "support-lora", "namespace": "team-a"},
-            "spec": {**MINIMAL_SPEC, "evaluation": {"format": {"type": "jsonSchema", "schema": {"type": "object"}}}},
+            "spec": {
+                **MINIMAL_SPEC,
+                "evaluation": {"format": {"type": "jsonSchema", "schema": {"type": "object"}}},
+            },
         }
     )
     wire = job.wire()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from kubetune_trainer.config import field_path, load_job
 from kubetune_trainer.errors import BadInputError, termination_log_path, write_termination_message
 

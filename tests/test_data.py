@@ -12,6 +12,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from kubetune.api.v1alpha1 import DatasetSpec
 from kubetune_trainer.data import (
     convert_row,
     detect_format,
@@ -21,8 +23,6 @@ from kubetune_trainer.data import (
     parse_jsonl,
 )
 from kubetune_trainer.errors import BadInputError
-
-from kubetune.api.v1alpha1 import DatasetSpec
 from tests.fixtures.s3 import S3Server
 
 ALPACA = [{"instruction": f"Say {i}", "output": f"{i}"} for i in range(1, 21)]

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from kubetune_trainer.errors import BadInputError
-from kubetune_trainer.model_source import resolve_model
 
 from kubetune.api.v1alpha1 import ModelSource
+from kubetune_trainer.errors import BadInputError
+from kubetune_trainer.model_source import resolve_model
 from tests.fixtures.s3 import S3Server
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from kubetune_trainer.errors import BadInputError
 from kubetune_trainer.storage import (
     SYNC_INDEX,
@@ -19,7 +20,6 @@ from kubetune_trainer.storage import (
     open_store,
     parse_uri,
 )
-
 from tests.fixtures.s3 import S3Server
 
 

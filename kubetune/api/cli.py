@@ -8,7 +8,9 @@ from kubetune.api import crd
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("crd", help="print the FineTuneJob CRD (generated from the API types)")
+    parser = subparsers.add_parser(
+        "crd", help="print the FineTuneJob CRD (generated from the API types)"
+    )
     parser.add_argument("--check", action="store_true", help="fail when crds/ is stale")
     parser.set_defaults(func=_run)
 

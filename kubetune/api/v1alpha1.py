@@ -27,7 +27,9 @@ DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 # A JSON object whose shape Kubernetes owns (tolerations, affinity, JSON schemas):
 # kept as-is and marked x-kubernetes-preserve-unknown-fields in the CRD.
-FreeForm = Annotated[dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})]
+FreeForm = Annotated[
+    dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+]
 
 
 def _cel(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> dict:
@@ -74,7 +76,8 @@ class ModelSource(_Model):
         None, max_length=255, description="Hub revision (branch, tag or commit); hf:// only."
     )
     tokenSecretRef: SecretKeyRef | None = Field(
-        None, description="Secret key holding a Hugging Face token (passed to the trainer as HF_TOKEN)."
+        None,
+        description="Secret key holding a Hugging Face token (passed to the trainer as HF_TOKEN).",
     )
     trustRemoteCode: bool = Field(
         False, description="Allow model repositories to run their own Python code when loading."
@@ -190,7 +193,7 @@ class OutputSpec(_Model):
     uri: str = Field(
         pattern=OUTPUT_URI_PATTERN,
         max_length=2048,
-        description="Artifact location: s3://bucket/prefix/ (or file:// and pvc:// for local runs).",
+        description="Artifact location: s3://bucket/prefix/ (file:// or pvc:// for local runs).",
     )
     credentialsSecretRef: SecretRef | None = Field(
         None,
@@ -228,7 +231,9 @@ class FormatCheck(_Model):
         extra="forbid",
         json_schema_extra={
             "x-kubernetes-validations": [
-                _cel("self.type != 'regex' || has(self.pattern)", "format type regex needs pattern"),
+                _cel(
+                    "self.type != 'regex' || has(self.pattern)", "format type regex needs pattern"
+                ),
                 _cel(
                     "self.type != 'jsonSchema' || has(self.schema)",
                     "format type jsonSchema needs schema",
@@ -274,7 +279,9 @@ class EvaluationSpec(_Model):
 
     enabled: bool = Field(True, description="Run the evaluation stage.")
     datasetUri: str | None = Field(
-        None, pattern=DATASET_URI_PATTERN, description="Evaluation data (default: validation split)."
+        None,
+        pattern=DATASET_URI_PATTERN,
+        description="Evaluation data (default: validation split).",
     )
     maxSamples: int = Field(64, ge=1, le=100000, description="Examples generated for task metrics.")
     maxNewTokens: int = Field(128, ge=1, le=8192, description="Generation length limit.")
@@ -286,7 +293,9 @@ class EvaluationSpec(_Model):
     )
     thresholds: EvalThresholds | None = Field(None, description="Quality gates.")
     failOnThresholds: bool = Field(False, description="Fail the job when a threshold is missed.")
-    sampleOutputs: int = Field(5, ge=0, le=100, description="Base vs tuned outputs kept in the report.")
+    sampleOutputs: int = Field(
+        5, ge=0, le=100, description="Base vs tuned outputs kept in the report."
+    )
 
 
 class FineTuneJobSpec(_Model):
@@ -324,7 +333,9 @@ class FineTuneJobSpec(_Model):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Compute.")
 
     # Scheduling and lifecycle (used by the operator; ignored by `kubetune run`).
-    image: str | None = Field(None, max_length=1024, description="Trainer image (default: operator's).")
+    image: str | None = Field(
+        None, max_length=1024, description="Trainer image (default: operator's)."
+    )
     suspend: bool = Field(
         False, description="Stop the running trainer, keeping checkpoints; false resumes it."
     )
@@ -445,7 +456,8 @@ class FineTuneJobStatus(BaseModel):
     message: str | None = Field(None, description="Why, in words a user can act on.")
     observedGeneration: int | None = None
     conditions: list[Condition] | None = Field(
-        None, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
+        None,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     jobName: str | None = None
     startTime: str | None = Field(None, json_schema_extra={"format": "date-time"})
