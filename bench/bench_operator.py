@@ -70,22 +70,29 @@ def ftj_manifest(name: str, *, queue: str | None, gpus: int = 0) -> dict:
 
 
 class Watcher(threading.Thread):
-    """Records the first time each object matching `accept` is seen on a watch."""
+    """Records the first time each object matching `accept` is seen on a watch.
 
-    def __init__(self, rest, path: str, accept) -> None:  # noqa: ANN001
+    Objects are keyed by `key(obj)` (default: their name). `ready` is set once the watch's
+    starting point is fixed, so nothing created afterwards can be missed.
+    """
+
+    def __init__(self, rest, path: str, accept, key=None) -> None:  # noqa: ANN001
         super().__init__(daemon=True)
         self.rest, self.path, self.accept = rest, path, accept
+        self.key = key or (lambda obj: obj["metadata"].get("name"))
         self.first: dict[str, float] = {}
         self.modified: dict[str, int] = {}
+        self.ready = threading.Event()
         self.stop = False
 
     def run(self) -> None:
         version = self.rest.get(self.path)["metadata"]["resourceVersion"]
+        self.ready.set()
         while not self.stop:
             for event in self.rest.watch(self.path, resourceVersion=version, timeoutSeconds=30):
                 obj = event["object"]
                 version = obj["metadata"].get("resourceVersion", version)
-                name = obj["metadata"].get("name")
+                name = self.key(obj)
                 if event["type"] == "MODIFIED":
                     self.modified[name] = self.modified.get(name, 0) + 1
                 if name not in self.first and self.accept(obj):
@@ -93,29 +100,135 @@ class Watcher(threading.Thread):
                 if self.stop:
                     return
 
+    def wait_for(self, count: int, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.first) < count and time.monotonic() < deadline:
+            time.sleep(0.1)  # a benchmark's own polling, not test synchronisation
+
+
+def start_watchers(*watchers: Watcher) -> None:
+    for w in watchers:
+        w.start()
+    for w in watchers:
+        w.ready.wait(30)
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """user+system CPU seconds each process (threads included) has used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for name, pid in pids.items():
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        used[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return used
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {name: round(after[name] - before[name], 2) for name in before}
+
+
+Request = tuple[str, str, dict, str]  # method, path, body, content type
+
+
+async def send_all(kube, requests: list[Request], concurrency: int) -> list[float]:  # noqa: ANN001
+    """Send every request with `concurrency` in flight; returns when each one was answered."""
+    done = [0.0] * len(requests)
+    pending = iter(range(len(requests)))
+
+    async def worker() -> None:
+        for i in pending:  # one shared iterator: each request is taken once
+            method, path, body, content_type = requests[i]
+            await kube.request(method, path, body, content_type=content_type)
+            done[i] = time.monotonic()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return done
+
+
+def post_request(manifest: dict) -> Request:
+    from kubetune_operator.kube import ftj_path, path_for
+
+    if manifest["kind"] == "FineTuneJob":
+        path = ftj_path(manifest["metadata"]["namespace"])
+    else:
+        path = path_for(manifest)
+    return "POST", path, manifest, "application/json"
+
 
 async def create_all(kube, manifests: list[dict], concurrency: int) -> dict[str, float]:  # noqa: ANN001
     """POST every manifest with `concurrency` in flight; returns name -> time created."""
-    from kubetune_operator.kube import path_for
+    done = await send_all(kube, [post_request(m) for m in manifests], concurrency)
+    return {m["metadata"]["name"]: t for m, t in zip(manifests, done, strict=True)}
 
-    created: dict[str, float] = {}
-    queue: asyncio.Queue = asyncio.Queue()
-    for m in manifests:
-        queue.put_nowait(m)
 
-    async def worker() -> None:
-        while not queue.empty():
-            manifest = queue.get_nowait()
-            if manifest["kind"] == "FineTuneJob":
-                ns = manifest["metadata"]["namespace"]
-                path = f"/apis/kubetune.io/v1alpha1/namespaces/{ns}/finetunejobs"
-            else:
-                path = path_for(manifest)
-            await kube.request("POST", path, manifest)
-            created[manifest["metadata"]["name"]] = time.monotonic()
+def write_cost_requests(n: int, namespace: str, settings) -> dict[str, list[Request]]:  # noqa: ANN001
+    """n of each write the operator's burst makes, by kind, for the per-write cost."""
+    from kubetune_operator import builders
+    from kubetune_operator.kube import ftj_path
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return created
+    ftjs, children = [], []
+    for i in range(n):
+        ftj = ftj_manifest(f"cost-{i:04d}", queue="bench")
+        ftj["metadata"]["namespace"] = namespace
+        ftjs.append(ftj)
+        owned = {**ftj, "metadata": {**ftj["metadata"], "uid": f"0-0-0-0-{i:012d}"}}
+        children.append(builders.build_children(owned, settings, "t" * 43, None))
+    event = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": "cost.", "namespace": namespace},
+        "involvedObject": {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+                           "name": "cost", "namespace": namespace},
+        "reason": "Queued", "message": "Queued: waiting for admission", "type": "Normal",
+        "source": {"component": "bench"}, "count": 1,
+        "firstTimestamp": "2030-01-01T00:00:00Z", "lastTimestamp": "2030-01-01T00:00:00Z",
+    }  # fmt: skip
+    status = {
+        "status": {"phase": "Queued", "reason": "Queued", "jobName": "x-trainer",
+                   "message": "waiting for the queue to admit the Job", "observedGeneration": 1}
+    }  # fmt: skip
+    merge = "application/merge-patch+json"
+    for c in children:
+        c.job["metadata"].pop("ownerReferences")
+    return {
+        "FineTuneJob create": [post_request(f) for f in ftjs],
+        "ConfigMap create": [post_request(c.config_map) for c in children],
+        "Secret create": [post_request(c.token_secret) for c in children],
+        "Job create (suspended)": [post_request(c.job) for c in children],
+        "FineTuneJob status patch": [
+            ("PATCH", ftj_path(namespace, f["metadata"]["name"], "status"), status, merge)
+            for f in ftjs
+        ],
+        "Event create": [post_request(event) for _ in range(n)],
+    }
+
+
+def measure_write_costs(
+    kube_run, requests: dict[str, list[Request]], pids: dict[str, int], settle_s: float = 1.0
+) -> dict[str, dict[str, float]]:
+    """API server and etcd CPU per write, by kind (idle CPU subtracted).
+
+    Each kind's CPU is counted until `settle_s` after its last answer, so the watch
+    fan-out and the controllers' reactions to it (the Job controller's status write
+    for a new Job) are in its cost, as they are in the burst's.
+    """
+    server = {k: v for k, v in pids.items() if k in ("kube-apiserver", "etcd")}
+    before, t0 = cpu_seconds(server), time.monotonic()
+    time.sleep(settle_s * 2)
+    idle_rate = sum(cpu_delta(before, cpu_seconds(server)).values()) / (time.monotonic() - t0)
+    costs = {}
+    for kind, batch in requests.items():
+        before, t0 = cpu_seconds(server), time.monotonic()
+        kube_run(batch)
+        wall = time.monotonic() - t0
+        time.sleep(settle_s)  # the benchmark's own settling, not test synchronisation
+        used = sum(cpu_delta(before, cpu_seconds(server)).values())
+        used -= idle_rate * (time.monotonic() - t0)
+        costs[kind] = {
+            "cpu_ms_per_write": round(1000 * used / len(batch), 2),
+            "writes_per_s": round(len(batch) / wall, 1),
+        }
+    return costs
 
 
 def main() -> int:
@@ -124,13 +237,16 @@ def main() -> int:
     parser.add_argument("--running", type=int, default=3)
     parser.add_argument("--window", type=float, default=60.0, help="seconds of running jobs")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--write-costs", type=int, default=300, help="writes per kind for the cost table (0: skip)"
+    )
     parser.add_argument("--fake-trainer", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.fake_trainer is not None:
         return fake_trainer(args.fake_trainer)
 
     from kubetune.devcluster.controlplane import DevCluster
-    from kubetune_operator import builders
+    from kubetune_operator import builders, names
     from kubetune_operator.kube import Kube
     from kubetune_operator.settings import OperatorSettings
     from tests.fixtures.operator import OperatorProcess, install_crd
@@ -164,7 +280,18 @@ def main() -> int:
             finally:
                 await kube.close()
 
-        # 1. Baseline: the same Jobs, created directly.
+        async def run_requests(requests: list[Request]) -> None:
+            kube = await Kube.connect(pool_size=args.concurrency)
+            try:
+                await send_all(kube, requests, args.concurrency)
+            finally:
+                await kube.close()
+
+        pids = {r.name: r.pid for r in cluster.processes if r.name != "localnode"}
+        pids.update(operator=op.proc.pid, bench=os.getpid())
+        ns_path = "/apis/{}/namespaces/{}/{}".format
+
+        # 1. Baseline: the same Jobs, created directly by a bare client (no operator work).
         settings = OperatorSettings(progress_base_url=op.url)
         bare = []
         for i in range(args.n):
@@ -172,57 +299,95 @@ def main() -> int:
             ftj["metadata"].update(namespace="bench-bare", uid=f"00000000-0000-0000-0000-{i:012d}")
             job = builders.build_job(ftj, settings)
             job["metadata"].pop("ownerReferences")  # no owner exists in the baseline
+            # Not the operator's: it must not see (and spend CPU on) the baseline's Jobs.
+            for meta in (job["metadata"], job["spec"]["template"]["metadata"]):
+                meta["labels"].pop(names.LABEL_MANAGED_BY)
             bare.append(job)
+        # Both runs are timed the same way: from the first POST until a watch has seen the
+        # last Job (the watch costs the benchmark process the same in both).
+        bare_jobs = Watcher(rest, ns_path("batch/v1", "bench-bare", "jobs"), lambda o: True)
+        start_watchers(bare_jobs)
+        cpu_before = cpu_seconds(pids)
         _, bare_start, bare_end = asyncio.run(run_creates(bare))
-        results["bare_jobs_total_s"] = round(bare_end - bare_start, 2)
+        bare_jobs.wait_for(args.n)
+        cpu_bare = cpu_delta(cpu_before, cpu_seconds(pids))
+        bare_jobs.stop = True
+        results["bare_posts_total_s"] = round(bare_end - bare_start, 2)
+        results["bare_jobs_total_s"] = round(max(bare_jobs.first.values()) - bare_start, 2)
+        results["bare_cpu_s"] = cpu_bare
 
         # 2. Burst of FineTuneJobs.
-        jobs = Watcher(rest, "/apis/batch/v1/namespaces/bench/jobs", lambda o: True)
+        jobs = Watcher(rest, ns_path("batch/v1", "bench", "jobs"), lambda o: True)
         statuses = Watcher(
             rest,
-            "/apis/kubetune.io/v1alpha1/namespaces/bench/finetunejobs",
+            ns_path("kubetune.io/v1alpha1", "bench", "finetunejobs"),
             lambda o: bool((o.get("status") or {}).get("phase")),
         )
-        jobs.start(), statuses.start()
+        events = Watcher(
+            rest,
+            "/api/v1/namespaces/bench/events",
+            lambda o: o["involvedObject"].get("kind") == "FineTuneJob",
+            key=lambda o: o.get("involvedObject", {}).get("name"),
+        )
+        start_watchers(jobs, statuses, events)
         burst = [ftj_manifest(f"ftj-{i:04d}", queue="bench") for i in range(args.n)]
         for m in burst:
             m["metadata"]["namespace"] = "bench"
-        created, start, _ = asyncio.run(run_creates(burst))
-        deadline = time.monotonic() + 600
-        while (
-            len(jobs.first) < args.n or len(statuses.first) < args.n
-        ) and time.monotonic() < deadline:
-            time.sleep(0.2)  # a benchmark's own polling, not test synchronisation
-        job_lat = [
-            jobs.first[f"{n}-trainer"] - t
-            for n, t in created.items()
-            if f"{n}-trainer" in jobs.first
-        ]
-        st_lat = [statuses.first[n] - t for n, t in created.items() if n in statuses.first]
+        cpu_before = cpu_seconds(pids)
+        created, start, posts_end = asyncio.run(run_creates(burst))
+        for watcher in (jobs, statuses, events):
+            watcher.wait_for(args.n)
+        cpu_burst = cpu_delta(cpu_before, cpu_seconds(pids))
+
+        def latencies(seen: dict[str, float], suffix: str = "") -> list[float]:
+            return [seen[n + suffix] - t for n, t in created.items() if n + suffix in seen]
+
+        job_lat = latencies(jobs.first, "-trainer")
+        st_lat, ev_lat = latencies(statuses.first), latencies(events.first)
         results.update(
+            ftj_posts_total_s=round(posts_end - start, 2),
             jobs_created=len(job_lat),
             statuses_seen=len(st_lat),
+            events_seen=len(ev_lat),
             create_to_job_p50_s=round(percentile(job_lat, 50), 3),
             create_to_job_p99_s=round(percentile(job_lat, 99), 3),
             create_to_status_p50_s=round(percentile(st_lat, 50), 3),
             create_to_status_p99_s=round(percentile(st_lat, 99), 3),
+            create_to_event_p50_s=round(percentile(ev_lat, 50), 3),
+            create_to_event_p99_s=round(percentile(ev_lat, 99), 3),
             operator_total_s=round(max(jobs.first.values()) - start, 2),
+            operator_all_written_s=round(
+                max(max(w.first.values()) for w in (jobs, statuses, events)) - start, 2
+            ),
+            burst_cpu_s=cpu_burst,
         )
         results["ratio_to_bare"] = round(
             results["operator_total_s"] / results["bare_jobs_total_s"], 2
         )
-        queued = sum(1 for _ in statuses.first)
-        results["queued_with_status"] = queued
+        results["ratio_all_written_to_bare"] = round(
+            results["operator_all_written_s"] / results["bare_jobs_total_s"], 2
+        )
+        for metric in ("reconciles", "status_patches", "jobs_created"):
+            results[f"burst_operator_{metric}"] = op.metric(f"kubetune_{metric}_total")
+        for kind in ("configmaps", "secrets"):
+            items = rest.get(f"/api/v1/namespaces/bench/{kind}")["items"]
+            results[f"{kind}_created"] = sum(
+                1
+                for o in items
+                if (o["metadata"].get("labels") or {}).get(names.LABEL_MANAGED_BY) == names.MANAGER
+            )
+        events.stop = True
 
         # 3. Running jobs: status writes per job per minute while progress streams in.
         running = [f"run-{i}" for i in range(args.running)]
+        phases: dict[str, str | None] = {}
         runs = [ftj_manifest(name, queue=None) for name in running]
         for m in runs:
             m["metadata"]["namespace"] = "bench"
         statuses.modified.clear()
         asyncio.run(run_creates(runs))
         t0 = time.monotonic()
-        while time.monotonic() - t0 < seconds + 30:
+        while running and time.monotonic() - t0 < seconds + 30:
             phases = {
                 n: (
                     rest.get(f"/apis/kubetune.io/v1alpha1/namespaces/bench/finetunejobs/{n}").get(
@@ -238,9 +403,10 @@ def main() -> int:
         elapsed_min = (time.monotonic() - t0) / 60
         writes = [statuses.modified.get(n, 0) for n in running]
         results["running_phases"] = phases
-        results["status_patches_per_running_job_per_min"] = round(
-            statistics.mean(writes) / elapsed_min, 1
-        )
+        if writes:
+            results["status_patches_per_running_job_per_min"] = round(
+                statistics.mean(writes) / elapsed_min, 1
+            )
         results["progress_events_accepted"] = op.metric(
             "kubetune_progress_events_total", {"result": "accepted"}
         )
@@ -251,6 +417,17 @@ def main() -> int:
         results["operator_peak_rss_mb"] = round(int(hwm.split()[1]) / 1024, 1)
         jobs.stop = statuses.stop = True
         op.stop()
+
+        # 5. What one write of each kind costs the API server (and etcd), operator stopped.
+        if args.write_costs:
+            rest.post(
+                "/api/v1/namespaces",
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bench-cost"}},
+            )
+            requests = write_cost_requests(args.write_costs, "bench-cost", settings)
+            results["server_cost_per_write"] = measure_write_costs(
+                lambda batch: asyncio.run(run_requests(batch)), requests, pids
+            )
     finally:
         cluster.stop()
     print(json.dumps(results, indent=2))

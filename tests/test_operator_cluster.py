@@ -210,8 +210,14 @@ def test_end_to_end_succeeds_with_progress_artifacts_and_events(
     assert st["metrics"]["trainLoss"] > 0
     conds = {c["type"]: c["status"] for c in st["conditions"]}
     assert conds["Succeeded"] == "True" and conds["Running"] == "False"
-    reasons = {e["reason"] for e in events_for(k8s_cluster, ns, "e2e")}
-    assert {"Training", "Completed"} <= reasons, reasons
+    # Events go out beside the status patch, not before it: wait for them.
+    wait_for(
+        lambda: (
+            {"Training", "Completed"} <= {e["reason"] for e in events_for(k8s_cluster, ns, "e2e")}
+        ),
+        timeout=30,
+        what="Training and Completed events",
+    )
     # The Job the operator made follows the agreed shape.
     (job,) = jobs_of(k8s_cluster, ns)
     assert job["metadata"]["ownerReferences"][0]["kind"] == "FineTuneJob"
@@ -243,7 +249,11 @@ def test_bad_dataset_fails_at_once_with_the_trainers_message(
     assert st["restarts"] == 0
     (job,) = jobs_of(k8s_cluster, ns)
     assert job["status"].get("failed") == 1  # no retry
-    assert "Warning" in {e["type"] for e in events_for(k8s_cluster, ns, "bad")}
+    wait_for(
+        lambda: "Warning" in {e["type"] for e in events_for(k8s_cluster, ns, "bad")},
+        timeout=30,
+        what="a Warning event",
+    )
 
 
 def test_more_gpus_than_the_node_has_stays_pending_with_the_schedulers_message(

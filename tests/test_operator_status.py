@@ -53,7 +53,7 @@ def derive(ftj, job=None, pods=(), progress=None, problem=None, changed=(), now=
         pods=list(pods),
         progress=progress,
         problem=problem,
-        changed_fields=list(changed),
+        changed_fields=None if changed is None else list(changed),
     )
     return status.derive_status(obs, now)
 
@@ -230,6 +230,18 @@ def test_spec_change_after_start_is_a_condition_not_a_restart() -> None:
     changed = cond(st, "SpecChangedAfterStart")
     assert changed["status"] == "True" and "spec.training" in changed["message"]
     assert changed["observedGeneration"] == 1
+
+
+def test_spec_change_condition_survives_a_moment_without_the_job() -> None:
+    # Just after an operator restart the Job may not be observed yet: the change is then
+    # unknown, not undone.
+    ftj = make_ftj()
+    job = job_for(ftj, active=1, startTime=T0)
+    ftj["status"] = derive(ftj, job, [pod("Running", running=True)], changed=["training"])
+    st = derive(ftj, None, [], changed=None)
+    assert cond(st, "SpecChangedAfterStart")["status"] == "True"
+    st = derive(ftj, job, [pod("Running", running=True)], changed=[])
+    assert cond(st, "SpecChangedAfterStart")["status"] == "False"
 
 
 def test_finished_job_whose_job_was_deleted_keeps_its_outcome() -> None:

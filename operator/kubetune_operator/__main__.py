@@ -15,7 +15,12 @@ import sys
 
 import kopf
 
-from kubetune_operator.settings import OperatorSettings
+from kubetune_operator.settings import (
+    ENV_PREFIX,
+    OperatorSettings,
+    describe_error,
+    parse_env_value,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +32,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainer-image", help="default trainer image")
     p.add_argument("--trainer-command", help="trainer command line, e.g. 'kubetune-trainer'")
     p.add_argument("--s3-endpoint", help="AWS_ENDPOINT_URL for trainer pods")
+    p.add_argument("--s3-region", help="AWS_REGION for trainer pods whose Secret has none")
+    p.add_argument(
+        "--default-credentials-secret",
+        help="S3 credentials Secret of jobs without spec.output.credentialsSecretRef",
+    )
+    p.add_argument(
+        "--default-node-selector",
+        metavar="JSON",
+        help='trainer nodeSelector when a job sets none, e.g. \'{"gpu": "h100"}\'',
+    )
+    p.add_argument(
+        "--default-tolerations",
+        metavar="JSON",
+        help="trainer tolerations when a job sets none (JSON list)",
+    )
     p.add_argument("--progress-base-url", help="URL trainer pods reach this operator at")
     p.add_argument("--listen-host", help="address of the progress/metrics/health server")
     p.add_argument("--listen-port", type=int, help="its port (0: any free port)")
@@ -45,6 +65,10 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
         "trainer_image": args.trainer_image,
         "trainer_command": args.trainer_command.split() if args.trainer_command else None,
         "s3_endpoint": args.s3_endpoint,
+        "s3_region": args.s3_region,
+        "default_credentials_secret": args.default_credentials_secret,
+        "default_node_selector": _json_flag("default_node_selector", args.default_node_selector),
+        "default_tolerations": _json_flag("default_tolerations", args.default_tolerations),
         "progress_base_url": args.progress_base_url,
         "listen_host": args.listen_host,
         "listen_port": args.listen_port,
@@ -56,9 +80,31 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
     return OperatorSettings.from_env(**overrides)
 
 
+def _json_flag(field: str, raw: str | None) -> object:
+    if raw is None:
+        return None
+    flag = "--" + field.replace("_", "-")
+    return parse_env_value(flag, raw, OperatorSettings.model_fields[field].annotation)
+
+
+def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
+    """kopf's own settings that follow from ours (the startup handler sets the rest)."""
+    config = kopf.OperatorSettings()
+    # Serving listed namespaces, kopf would list and watch all namespaces and CRDs to follow
+    # them, which needs cluster-scoped RBAC (and logs "Not enough permissions" without it).
+    # The namespaces are fixed and the CRD is installed first, so read both once instead.
+    config.scanning.disabled = bool(settings.namespaces)
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    settings = settings_from_args(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError too
+        message = f"invalid settings (flags or {ENV_PREFIX}*): {describe_error(exc)}"
+        parser.exit(2, f"kubetune-operator: {message}\n")
     kopf.configure(
         verbose=args.verbose,
         log_format=kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL,
@@ -72,7 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     namespaces = settings.namespaces
     # Ctrl-C is the ordinary way to stop it.
     with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
-        kopf.run(standalone=True, clusterwide=not namespaces, namespaces=namespaces, memo=memo)
+        kopf.run(
+            standalone=True,
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            memo=memo,
+            settings=kopf_settings(settings),
+        )
     return 0
 
 

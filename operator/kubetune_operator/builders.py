@@ -19,6 +19,7 @@ from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune_operator import names
 from kubetune_operator.settings import OperatorSettings
 
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 CONFIG_MOUNT = "/etc/kubetune"
 WORK_DIR = contract.DEFAULT_WORK_DIR
 PVC_ROOT = "/mnt/pvc"  # the trainer maps pvc://claim/path to $KUBETUNE_PVC_ROOT/claim/path
@@ -76,7 +77,8 @@ def resolved_manifest(ftj: dict) -> dict[str, Any]:
 
 
 def build_config_map(ftj: dict) -> dict[str, Any]:
-    text = yaml.safe_dump(resolved_manifest(ftj), sort_keys=False)
+    # The C dumper (when libyaml is there) is ~3x faster; this runs once per FineTuneJob.
+    text = yaml.dump(resolved_manifest(ftj), Dumper=_YAML_DUMPER, sort_keys=False)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

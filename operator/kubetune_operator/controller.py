@@ -100,6 +100,9 @@ class Controller:
         self._busy: set[Key] = set()
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._workers: list[asyncio.Task] = []
+        # Events are posted beside the reconciles, not in their way (at most `workers` at once).
+        self._event_tasks: set[asyncio.Task] = set()
+        self._event_slots = asyncio.Semaphore(settings.workers)
         self._instance = socket.gethostname()
         metrics.track_phases(self.count_phase)
 
@@ -130,7 +133,7 @@ class Controller:
         for i in range(self.settings.workers):
             self._workers.append(asyncio.create_task(self._work(), name=f"reconcile-{i}"))
 
-    async def stop(self) -> None:
+    async def stop(self, events_grace_s: float = 5.0) -> None:
         for task in self._workers:
             task.cancel()
         for task in self._workers:
@@ -138,6 +141,10 @@ class Controller:
                 await task
         for timer in self._timers.values():
             timer.cancel()
+        if self._event_tasks:  # let the Events already decided on go out, briefly
+            _, late = await asyncio.wait(self._event_tasks, timeout=events_grace_s)
+            for task in late:
+                task.cancel()
 
     async def _work(self) -> None:
         while True:
@@ -282,12 +289,11 @@ class Controller:
             elif problem.phase == "Pending":
                 self.enqueue(key, self.settings.requeue_pending_s)
 
-        changed: list[str] = []
+        changed: list[str] | None = None  # unknown until the Job is seen
         if job is not None:
             await self._sync_suspend(ftj, job)
             recorded = (job["metadata"].get("annotations") or {}).get(names.ANNOTATION_SPEC_HASHES)
-            if recorded:
-                changed = builders.changed_fields(json.loads(recorded), spec)
+            changed = builders.changed_fields(json.loads(recorded), spec) if recorded else []
 
         pods = []
         if job is not None:
@@ -319,29 +325,40 @@ class Controller:
         if first:
             return first, {}
         found: dict[str, frozenset[str]] = {}
-        for secret_name in validation.referenced_secrets(spec):
+        for secret_name in validation.referenced_secrets(spec, self.settings):
             secret = await self.kube.get(core_path("secrets", namespace, secret_name))
             if secret is not None:
                 found[secret_name] = frozenset((secret.get("data") or {}).keys())
-        return validation.check_secrets(spec, found), found
+        return validation.check_secrets(spec, found, self.settings), found
 
     async def _create_children(
         self, ftj: dict, secret_keys: dict[str, frozenset[str]]
     ) -> dict | None:
         namespace, name = ftj["metadata"]["namespace"], ftj["metadata"]["name"]
         key = (namespace, name)
-        creds = (ftj["spec"]["output"].get("credentialsSecretRef") or {}).get("name")
+        creds = builders.credentials_secret(ftj["spec"], self.settings)
         keys = secret_keys.get(creds) if creds else None
         token = self.tokens.get(key) or secrets.token_urlsafe(32)
         children = builders.build_children(ftj, self.settings, token, keys)
-        (_, cm_created), (_, secret_created) = await asyncio.gather(
-            self.kube.create(children.config_map), self.kube.create(children.token_secret)
+        inputs = (
+            self.kube.create_quietly(children.config_map),
+            self.kube.create_quietly(children.token_secret),
         )
+        # (An existing ConfigMap, an earlier attempt's, is as good as a new one.)
+        if children.job["spec"].get("suspend"):
+            # A suspended Job has no pod to need its ConfigMap and Secret yet: all three
+            # at once, one round trip instead of two.
+            _, secret_created, (created, was_created) = await asyncio.gather(
+                *inputs, self.kube.create(children.job)
+            )
+        else:
+            # A running Job's pod mounts both; it must not start before they exist.
+            _, secret_created = await asyncio.gather(*inputs)
+            created, was_created = await self.kube.create(children.job)
         if secret_created:
             self.tokens[key] = token
         else:
             self.tokens.pop(key, None)  # an earlier operator's token: read it when needed
-        created, was_created = await self.kube.create(children.job)
         if was_created and created:
             self.metrics.jobs_created.inc()
             logger.info("created Job", extra={"namespace": namespace, "finetunejob": name})
@@ -392,8 +409,8 @@ class Controller:
                 return
         patch = status.merge_patch(current, desired)
         namespace, name = key
-        result = await self.kube.merge_patch(ftj_path(namespace, name, "status"), {"status": patch})
-        if result is None:
+        path = ftj_path(namespace, name, "status")
+        if not await self.kube.merge_patch_quietly(path, {"status": patch}):
             return  # deleted meanwhile
         self.metrics.status_patches.inc()
         self.last_patch[key] = loop_now
@@ -402,7 +419,9 @@ class Controller:
             desired.get("phase"),
             desired.get("reason"),
         ):
-            await self._post_event(ftj, desired)
+            task = asyncio.create_task(self._post_event(ftj, desired))
+            self._event_tasks.add(task)
+            task.add_done_callback(self._event_tasks.discard)
 
     async def _post_event(self, ftj: dict, desired: dict) -> None:
         phase, reason = desired.get("phase"), desired.get("reason") or desired.get("phase")
@@ -431,7 +450,8 @@ class Controller:
             "count": 1,
         }
         try:
-            await self.kube.create(event)
+            async with self._event_slots:
+                await self.kube.create_quietly(event)
         except Exception:  # an event is a courtesy: never fail a reconcile on it
             logger.warning("could not post event", exc_info=True)
 

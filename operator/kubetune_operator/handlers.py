@@ -22,6 +22,25 @@ from kubetune_operator.settings import OperatorSettings
 
 logger = logging.getLogger("kubetune.operator")
 CHILD_LABELS = {names.LABEL_MANAGED_BY: names.MANAGER}
+CHILD_SELECTOR = ",".join(f"{k}={v}" for k, v in CHILD_LABELS.items())
+
+
+class NoDiffBase(kopf.DiffBaseStorage):
+    """Keeps no 'essence' of objects: we have no on.create/on.update handlers.
+
+    kopf deep-copies every watched object on every event to detect field changes for such
+    handlers; ours only record the latest body (the reconciler compares states itself),
+    so that copy is pure overhead, a large one in a burst.
+    """
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
 
 
 class _State:
@@ -42,6 +61,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.peering.standalone = True
     settings.watching.server_timeout = 600
     settings.networking.error_backoffs = [1, 2, 5, 10]
+    settings.persistence.diffbase_storage = NoDiffBase()
+    # Only our own Jobs and pods: filtered by the API server, not after the fact here
+    # (a cluster's pods would otherwise all stream through this process).
+    settings.watching.label_selectors["batch", "v1", "jobs"] = CHILD_SELECTOR
+    settings.watching.label_selectors["", "v1", "pods"] = CHILD_SELECTOR
 
     metrics = OperatorMetrics()
     kube = await Kube.connect(pool_size=op_settings.api_threads)

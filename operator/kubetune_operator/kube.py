@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.request
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from kubernetes.aio import client as aio_client
 from kubernetes.aio import config as aio_config
@@ -67,6 +69,15 @@ def path_for(manifest: dict[str, Any]) -> str:
     return core_path({"ConfigMap": "configmaps", "Secret": "secrets", "Event": "events"}[kind], ns)
 
 
+def proxy_for(url: str) -> str | None:
+    """The proxy HTTPS_PROXY/HTTP_PROXY name for `url`, unless NO_PROXY exempts its host."""
+    parts = urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return proxy
+
+
 class Kube:
     """JSON over the official asyncio client's authenticated session."""
 
@@ -88,6 +99,10 @@ class Kube:
         else:
             aio_config.load_incluster_config(client_configuration=configuration)
         configuration.connection_pool_maxsize = pool_size
+        # With trust_env, aiohttp reads ~/.netrc and the proxy variables in a worker thread
+        # on every request (two thread hops each); resolve the proxy once here instead.
+        configuration.client_session_kwargs = {"trust_env": False}
+        configuration.proxy = configuration.proxy or proxy_for(configuration.host)
         return cls(aio_client.ApiClient(configuration))
 
     async def close(self) -> None:
@@ -102,8 +117,13 @@ class Kube:
         content_type: str = "application/json",
         query: dict[str, str] | None = None,
         ok: tuple[int, ...] = (),
+        want_body: bool = True,
     ) -> Response:
-        """One request; statuses in `ok` (e.g. 404, 409) are returned instead of raised."""
+        """One request; statuses in `ok` (e.g. 404, 409) are returned instead of raised.
+
+        `want_body=False` skips decoding a successful response (a created Secret or Event
+        comes back whole, and nobody reads it).
+        """
         method_, url, headers, body_, _ = await self._api.param_serialize(
             method=method,
             resource_path=path,
@@ -116,6 +136,8 @@ class Kube:
         raw = await response.read()
         if not (200 <= response.status < 300) and response.status not in ok:
             raise KubeError(response.status, method, path, raw.decode(errors="replace"))
+        if not want_body:
+            return Response(response.status, None)
         try:
             data = json.loads(raw) if raw else None
         except ValueError:
@@ -143,12 +165,31 @@ class Kube:
         response = await self.request("POST", path_for(manifest), manifest, ok=(409,))
         return (response.body, True) if response.ok else (None, False)
 
+    async def create_quietly(self, manifest: dict[str, Any]) -> bool:
+        """Create without reading the result back: True if created, False if it existed."""
+        response = await self.request(
+            "POST", path_for(manifest), manifest, ok=(409,), want_body=False
+        )
+        return response.ok
+
     async def merge_patch(self, path: str, patch: dict[str, Any]) -> dict[str, Any] | None:
         """Patched object, or None when it is gone."""
         response = await self.request(
             "PATCH", path, patch, content_type="application/merge-patch+json", ok=(404,)
         )
         return response.body if response.ok else None
+
+    async def merge_patch_quietly(self, path: str, patch: dict[str, Any]) -> bool:
+        """Patch without reading the result back: False when the object is gone."""
+        response = await self.request(
+            "PATCH",
+            path,
+            patch,
+            content_type="application/merge-patch+json",
+            ok=(404,),
+            want_body=False,
+        )
+        return response.ok
 
     async def delete(self, path: str, propagation: str = "Background") -> bool:
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}

@@ -51,7 +51,9 @@ class Observed:
     pods: list[dict[str, Any]] = field(default_factory=list)
     progress: dict[str, Any] | None = None  # merged ProgressEvent fields, latest wins
     problem: Problem | None = None
-    changed_fields: list[str] = field(default_factory=list)
+    # Spec fields changed since the Job was created; None when unknown (no Job observed yet,
+    # e.g. just after an operator restart), which keeps the earlier condition as it was.
+    changed_fields: list[str] | None = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -292,11 +294,20 @@ def _conditions(
         cond("Succeeded", phase == "Succeeded"),
         cond("Failed", phase == "Failed"),
     ]
-    had_changed = any(
-        c.get("type") == "SpecChangedAfterStart"
-        for c in (obs.ftj.get("status") or {}).get("conditions") or []
+    previous_change = next(
+        (
+            c
+            for c in (obs.ftj.get("status") or {}).get("conditions") or []
+            if c.get("type") == "SpecChangedAfterStart"
+        ),
+        None,
     )
-    if obs.changed_fields or had_changed:
+    if obs.changed_fields is None:
+        if previous_change is not None:
+            desired.append(
+                {k: previous_change.get(k) for k in ("type", "status", "reason", "message")}
+            )
+    elif obs.changed_fields or previous_change is not None:
         fields = ", ".join(f"spec.{f}" for f in obs.changed_fields)
         desired.append(
             cond(
