@@ -65,7 +65,7 @@ def test_job_runs_the_trainer_with_the_agreed_failure_policy_and_limits() -> Non
         "onExitCodes": {
             "containerName": "trainer",
             "operator": "In",
-            "values": [contract.EXIT_BAD_INPUT],
+            "values": [contract.EXIT_BAD_INPUT, contract.EXIT_EVAL_THRESHOLDS],
         },
     }
     assert rules[1]["action"] == "Ignore"

@@ -12,6 +12,11 @@ from kubetune.api.v1alpha1 import Artifacts, Metrics
 # Exit code for bad input (dataset, model, settings). The operator's podFailurePolicy fails
 # the Job at once on it instead of retrying: retrying cannot fix the input.
 EXIT_BAD_INPUT = 3
+# Evaluation missed a threshold with spec.evaluation.failOnThresholds: artifacts are
+# published (manifest says evalPassed false); a retry would train the same model again.
+EXIT_EVAL_THRESHOLDS = 4
+# Exit codes after which the operator fails the Job at once instead of retrying.
+NON_RETRYABLE_EXIT_CODES = (EXIT_BAD_INPUT, EXIT_EVAL_THRESHOLDS)
 # Anything else non-zero is an ordinary failure, retried up to spec.backoffLimit.
 EXIT_FAILURE = 1
 

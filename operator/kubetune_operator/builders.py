@@ -335,12 +335,12 @@ def build_job(
         "podFailurePolicy": {
             "rules": [
                 {
-                    # Bad input: retrying cannot help, fail the Job at once.
+                    # Bad input or missed evaluation gates: retrying cannot help.
                     "action": "FailJob",
                     "onExitCodes": {
                         "containerName": names.TRAINER_CONTAINER,
                         "operator": "In",
-                        "values": [contract.EXIT_BAD_INPUT],
+                        "values": list(contract.NON_RETRYABLE_EXIT_CODES),
                     },
                 },
                 {

@@ -116,6 +116,9 @@ def _pod_failure(pod: dict, memory: str | None) -> tuple[str, str] | None:
     if code == contract.EXIT_BAD_INPUT:
         text = (result.message if result else None) or _first_line(term.get("message"))
         return "BadInput", text or "the trainer rejected its input (exit code 3)"
+    if code == contract.EXIT_EVAL_THRESHOLDS:
+        text = _first_line(term.get("message"))
+        return "EvalThresholdsMissed", text or "the evaluation missed a threshold"
     if term.get("reason") == "OOMKilled" or code == 137 and term.get("reason") == "OOMKilled":
         limit = f" (memory limit {memory})" if memory else ""
         return (
@@ -196,7 +199,10 @@ def job_outcome(ftj: dict, job: dict, pods: list[dict]) -> Outcome:
         result = parse_result((_terminated(pod) or {}).get("message")) if pod else None
         if pod_failure:
             reason, message = pod_failure
-            if job_reason == "BackoffLimitExceeded" and reason != "BadInput":
+            if job_reason == "BackoffLimitExceeded" and reason not in (
+                "BadInput",
+                "EvalThresholdsMissed",
+            ):
                 tries = (job.get("status") or {}).get("failed") or 1
                 message = f"the trainer failed {tries} time(s), giving up: {message}"
             return Outcome("Failed", reason, message, result)

@@ -21,6 +21,7 @@ from kubetune.api.contract import (
     ENV_JOB_CONFIG,
     ENV_WORK_DIR,
     EXIT_BAD_INPUT,
+    EXIT_EVAL_THRESHOLDS,
     EXIT_FAILURE,
 )
 from kubetune_trainer.errors import BadInputError, one_line, write_termination_message
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - every failure must end in a termination message
         from kubetune_trainer.pipeline import EvaluationGateError
 
-        if isinstance(error, EvaluationGateError):
+        gate_missed = isinstance(error, EvaluationGateError)
+        if gate_missed:
             message = str(error)  # artifacts are published; the misses are the whole story
         else:
             traceback.print_exc(file=sys.stderr)
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         write_termination_message(message)
         reporter.emit(make_event("failed", message=message))
         reporter.close()
-        return EXIT_FAILURE
+        return EXIT_EVAL_THRESHOLDS if gate_missed else EXIT_FAILURE
     write_termination_message(result.model_dump_json(exclude_none=True))
     reporter.emit(
         make_event(

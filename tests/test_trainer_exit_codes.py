@@ -1,0 +1,46 @@
+"""The trainer's exit codes, which the operator's podFailurePolicy acts on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from kubetune.api.contract import EXIT_EVAL_THRESHOLDS, NON_RETRYABLE_EXIT_CODES
+
+
+@pytest.mark.slow
+def test_missed_gate_exits_with_its_own_non_retryable_code(tiny_job, tmp_path):
+    out = tmp_path / "out"
+    manifest = tiny_job(
+        out.as_uri(),
+        training={"maxSteps": 2},
+        evaluation={
+            "maxSamples": 2,
+            "maxNewTokens": 4,
+            "thresholds": {"maxEvalLoss": 0.001},
+            "failOnThresholds": True,
+        },
+    )
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(manifest))
+    termination_log = tmp_path / "termination-log"
+    env = {**os.environ, "KUBETUNE_TERMINATION_LOG": str(termination_log)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kubetune_trainer", "--config", str(config),
+         "--work-dir", str(tmp_path / "work")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == EXIT_EVAL_THRESHOLDS, proc.stderr[-2000:]
+    assert EXIT_EVAL_THRESHOLDS in NON_RETRYABLE_EXIT_CODES
+    message = termination_log.read_text()
+    assert message.startswith("evaluation thresholds missed") and "maxEvalLoss" in message
+    assert "\n" not in message.strip()
+    # Artifacts are published even so, and the manifest records the miss.
+    (manifest_path,) = out.glob("*/tiny/manifest.json")
+    published = json.loads(manifest_path.read_text())
+    assert published["evalPassed"] is False
