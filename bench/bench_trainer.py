@@ -32,9 +32,8 @@ from pathlib import Path
 SEED = 11
 LEARNING_RATE = 3e-3
 # Baseline: 8 padded examples per step, as in TRL's examples. Ours: one packed row of 512
-# tokens per step (about 6 of these examples). Longer rows hold more examples per step but
-# cost more on CPU: SDPA computes attention densely over the whole row, masked-out blocks
-# between packed examples included (see docs/benchmarks.md).
+# tokens per step (about 6 of these examples), so that both take a similar number of
+# optimizer steps per epoch (48 and 63): fewer, larger steps lose eval loss at one epoch.
 BASELINE_BATCH = 8
 OURS_BATCH = 1
 OURS_SEQ = 512
@@ -98,7 +97,7 @@ def lora_settings() -> dict:
     return {"r": 16, "alpha": 32, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]}
 
 
-def run_ours(workdir: Path, epochs: float) -> dict:
+def run_ours(workdir: Path, epochs: float, attention: str | None = None) -> dict:
     from kubetune.api.v1alpha1 import FineTuneJob
     from kubetune_trainer.data import load_training_data
     from kubetune_trainer.modeling import build_model
@@ -131,6 +130,8 @@ def run_ours(workdir: Path, epochs: float) -> dict:
     )
     data = load_training_data(job.spec.dataset, seed=SEED, cache_dir=workdir / "cache")
     built = build_model(job.spec, workdir / "model")
+    if attention:  # ablation: another attention implementation for the packed rows
+        built.model.set_attn_implementation(attention)
     outcome = train_model(built, data, job.spec.training, output_dir=workdir / "ours-ckpt")
     return {
         "seconds": outcome.seconds,
@@ -188,7 +189,7 @@ def run_baseline(workdir: Path, epochs: float) -> dict:
     }
 
 
-def measure(variant: str, workdir: Path, epochs: float) -> dict:
+def measure(variant: str, workdir: Path, epochs: float, attention: str | None) -> dict:
     import torch
 
     # One thread: CPU time then measures the work done, which other processes on a shared
@@ -196,7 +197,10 @@ def measure(variant: str, workdir: Path, epochs: float) -> dict:
     torch.set_num_threads(1)
     train_rows = converted_rows(workdir / "train.jsonl")
     validation_rows = converted_rows(workdir / "validation.jsonl")
-    run = run_ours(workdir, epochs) if variant == "ours" else run_baseline(workdir, epochs)
+    if variant == "ours":
+        run = run_ours(workdir, epochs, attention)
+    else:
+        run = run_baseline(workdir, epochs)
     lengths = [useful_tokens(run["tokenizer"], [row]) for row in train_rows]
     # Packing truncates rows longer than a packed row; none may be, or ours would be
     # credited with tokens it never trained on.
@@ -225,11 +229,17 @@ def main() -> int:
         help="row lengths: log-normal like real instruction data (default), or 40-100 tokens",
     )
     parser.add_argument("--repeats", type=int, default=2, help="runs per variant (default 2)")
+    parser.add_argument(
+        "--ours-attention",
+        choices=["sdpa", "eager", "kubetune_varlen_sdpa"],
+        help="ablation: train kubetune's packed rows with this attention implementation "
+        "instead of the one kubetune picks",
+    )
     parser.add_argument("--variant", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:  # child process: one variant, JSON on the last stdout line
-        print(json.dumps(measure(args.variant, args.workdir, args.epochs)))
+        print(json.dumps(measure(args.variant, args.workdir, args.epochs, args.ours_attention)))
         return 0
 
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp:
@@ -240,7 +250,8 @@ def main() -> int:
             for variant in ("baseline", "ours"):
                 done = subprocess.run(
                     [sys.executable, __file__, "--variant", variant, "--workdir", str(workdir)]
-                    + ["--epochs", str(args.epochs)],
+                    + ["--epochs", str(args.epochs)]
+                    + (["--ours-attention", args.ours_attention] if args.ours_attention else []),
                     capture_output=True,
                     text=True,
                     check=False,
@@ -260,7 +271,12 @@ def main() -> int:
         print(f"{key:22}{results['baseline'][key]:>14}{results['ours'][key]:>14}")
     speedup = results["ours"]["tokens_per_second"] / results["baseline"]["tokens_per_second"]
     print(f"throughput ratio (kubetune / baseline): {speedup:.2f}x")
-    summary = {"rows": args.rows, "lengths": args.lengths, "epochs": args.epochs}
+    summary = {
+        "rows": args.rows,
+        "lengths": args.lengths,
+        "epochs": args.epochs,
+        "ours_attention": args.ours_attention or "default",
+    }
     print(json.dumps({**summary, **results, "ratio": round(speedup, 3)}))
     return 0
 

@@ -2,8 +2,9 @@
 
 Packing uses TRL's best-fit-decreasing strategy, which is padding-free: examples are packed
 into rows of `maxSeqLength` tokens, each keeps its own position ids, and attention does not
-cross example boundaries (transformers derives a block-diagonal mask from the position ids).
-No compute is spent on pad tokens.
+cross example boundaries. No compute is spent on pad tokens. The model built for packing
+attends per example (`modeling.packed_attention`: FlashAttention's varlen kernel on GPUs that
+have it, causal SDPA per example on CPU), so no compute is spent between examples either.
 """
 
 from __future__ import annotations
