@@ -20,6 +20,7 @@ from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune_trainer.data import TrainingData
+from kubetune_trainer.evaluate.report import plot_loss_curves
 from kubetune_trainer.storage import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -97,32 +98,6 @@ def save_merged_model(
     tokenizer.save_pretrained(target)
 
 
-def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | None:
-    """Train and eval loss against the step; None when nothing was logged."""
-    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
-    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
-    if not train and not evals:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display in a pod
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        axes.plot(*zip(*train, strict=True), label="train loss")
-    if evals:
-        axes.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return path
-
-
 @dataclass
 class RunSummary:
     """Everything publish needs to know about the run, besides the files themselves."""
@@ -190,7 +165,7 @@ def manifest_document(summary: RunSummary, files: dict[str, dict[str, Any]]) -> 
 def write_run_documents(summary: RunSummary, staging: Path) -> None:
     """metrics.json and loss_curve.png into `staging`."""
     (staging / METRICS).write_text(json.dumps(metrics_document(summary), indent=2))
-    plot_loss_curve(summary.log_history, staging / LOSS_CURVE)
+    plot_loss_curves(summary.log_history, staging / LOSS_CURVE)
 
 
 def upload_run(
