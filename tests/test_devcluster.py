@@ -43,20 +43,31 @@ def test_build_pod_env_resolves_every_source() -> None:
             {"name": "NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
             {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
-            {"name": "OPT", "valueFrom": {"secretKeyRef": {"name": "none", "key": "k",
-                                                           "optional": True}}},
+            {
+                "name": "OPT",
+                "valueFrom": {"secretKeyRef": {"name": "none", "key": "k", "optional": True}},
+            },
         ],
     }
     secrets = {"s": {"data": {"token": base64.b64encode(b"hunter2").decode()}}}
     configmaps = {"cm": {"data": {"k": "from-cm"}}}
     env = podspec.build_pod_env(POD, container, secrets, configmaps, base={"PATH": "/bin"})
-    assert env == {"PATH": "/bin", "CM_k": "from-cm", "PLAIN": "v-from-cm",
-                   "SECRET": "hunter2", "NAME": "p", "UID": "u-1", "APP": "x"}
+    assert env == {
+        "PATH": "/bin",
+        "CM_k": "from-cm",
+        "PLAIN": "v-from-cm",
+        "SECRET": "hunter2",
+        "NAME": "p",
+        "UID": "u-1",
+        "APP": "x",
+    }
 
 
 def test_missing_secret_is_a_config_error() -> None:
-    container = {"name": "c", "env": [
-        {"name": "X", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k"}}}]}
+    container = {
+        "name": "c",
+        "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k"}}}],
+    }
     with pytest.raises(podspec.ContainerConfigError, match="absent"):
         podspec.build_pod_env(POD, container, {}, {})
 
@@ -80,8 +91,9 @@ def test_exit_status_and_termination_message() -> None:
 def test_pod_phase_follows_restart_policy() -> None:
     ok, failed = podspec.terminated_state(0, "", ""), podspec.terminated_state(1, "", "")
     running = podspec.running_state("t")
-    assert podspec.pod_phase("Never", [podspec.waiting_state("ContainerCreating")], False) \
-        == "Pending"
+    assert (
+        podspec.pod_phase("Never", [podspec.waiting_state("ContainerCreating")], False) == "Pending"
+    )
     assert podspec.pod_phase("Never", [running, ok], False) == "Running"
     assert podspec.pod_phase("Never", [ok, ok], False) == "Succeeded"
     assert podspec.pod_phase("Never", [ok, failed], False) == "Failed"
@@ -93,19 +105,39 @@ def test_pod_phase_follows_restart_policy() -> None:
 # ---- helpers for cluster tests -----------------------------------------------------------
 
 
-def job_manifest(name: str, namespace: str, script: str, *, backoff_limit: int = 0,
-                 extra_container: dict[str, Any] | None = None) -> str:
-    container = {"name": "main", "image": "unused:latest", "command": ["/bin/sh", "-c", script],
-                 **(extra_container or {})}
+def job_manifest(
+    name: str,
+    namespace: str,
+    script: str,
+    *,
+    backoff_limit: int = 0,
+    extra_container: dict[str, Any] | None = None,
+) -> str:
+    container = {
+        "name": "main",
+        "image": "unused:latest",
+        "command": ["/bin/sh", "-c", script],
+        **(extra_container or {}),
+    }
     import yaml
 
-    return yaml.safe_dump({
-        "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {"backoffLimit": backoff_limit, "template": {"spec": {
-            "restartPolicy": "Never", "terminationGracePeriodSeconds": 5,
-            "containers": [container]}}},
-    })
+    return yaml.safe_dump(
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "backoffLimit": backoff_limit,
+                "template": {
+                    "spec": {
+                        "restartPolicy": "Never",
+                        "terminationGracePeriodSeconds": 5,
+                        "containers": [container],
+                    }
+                },
+            },
+        }
+    )
 
 
 def job_condition(cluster: DevCluster, namespace: str, name: str) -> str | None:
@@ -117,8 +149,9 @@ def job_condition(cluster: DevCluster, namespace: str, name: str) -> str | None:
 
 
 def job_pods(cluster: DevCluster, namespace: str, name: str) -> list[dict[str, Any]]:
-    return cluster.rest().get(f"/api/v1/namespaces/{namespace}/pods",
-                              labelSelector=f"job-name={name}")["items"]
+    return cluster.rest().get(
+        f"/api/v1/namespaces/{namespace}/pods", labelSelector=f"job-name={name}"
+    )["items"]
 
 
 def pod_condition(pod: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -133,17 +166,29 @@ def pid_alive(pid: int, start_time: int | None) -> bool:
 
 
 @pytest.mark.cluster
-def test_job_runs_to_completion_on_local_node(k8s_cluster: DevCluster, k8s_namespace: str,
-                                              tmp_path: Path) -> None:
+def test_job_runs_to_completion_on_local_node(
+    k8s_cluster: DevCluster, k8s_namespace: str, tmp_path: Path
+) -> None:
     manifest = tmp_path / "job.yaml"
-    manifest.write_text(job_manifest(
-        "hello", k8s_namespace, 'echo "hello from $POD_NAME"; echo "to stderr" >&2',
-        extra_container={"env": [{"name": "POD_NAME", "valueFrom": {
-            "fieldRef": {"fieldPath": "metadata.name"}}}]}))
+    manifest.write_text(
+        job_manifest(
+            "hello",
+            k8s_namespace,
+            'echo "hello from $POD_NAME"; echo "to stderr" >&2',
+            extra_container={
+                "env": [
+                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+                ]
+            },
+        )
+    )
     k8s_cluster.kubectl("apply", "-f", str(manifest))
 
-    wait_for(lambda: job_condition(k8s_cluster, k8s_namespace, "hello") == "Complete",
-             timeout=60, what="job Complete")
+    wait_for(
+        lambda: job_condition(k8s_cluster, k8s_namespace, "hello") == "Complete",
+        timeout=60,
+        what="job Complete",
+    )
     [pod] = job_pods(k8s_cluster, k8s_namespace, "hello")
     name = pod["metadata"]["name"]
     assert pod["spec"]["nodeName"] == k8s_cluster.node.name  # bound by the real scheduler
@@ -155,21 +200,33 @@ def test_job_runs_to_completion_on_local_node(k8s_cluster: DevCluster, k8s_names
     logs = k8s_cluster.read_pod_logs(k8s_namespace, name)
     assert f"hello from {name}" in logs and "to stderr" in logs
     # The API server reaches the node's log endpoint too.
-    assert f"hello from {name}" in k8s_cluster.kubectl(
-        "logs", "-n", k8s_namespace, name).stdout
+    assert f"hello from {name}" in k8s_cluster.kubectl("logs", "-n", k8s_namespace, name).stdout
 
 
 @pytest.mark.cluster
 def test_pod_asking_for_more_gpus_than_the_node_has_stays_pending(
-        k8s_cluster: DevCluster, k8s_namespace: str) -> None:
+    k8s_cluster: DevCluster, k8s_namespace: str
+) -> None:
     gpus = str(k8s_cluster.node.gpus + 1)
     api = k8s_cluster.rest()
-    api.post(f"/api/v1/namespaces/{k8s_namespace}/pods", {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "greedy"},
-        "spec": {"containers": [{
-            "name": "main", "image": "unused", "command": ["true"],
-            "resources": {"limits": {"nvidia.com/gpu": gpus}}}]},
-    })
+    api.post(
+        f"/api/v1/namespaces/{k8s_namespace}/pods",
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "greedy"},
+            "spec": {
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": "unused",
+                        "command": ["true"],
+                        "resources": {"limits": {"nvidia.com/gpu": gpus}},
+                    }
+                ]
+            },
+        },
+    )
 
     def unschedulable() -> dict[str, Any] | None:
         pod = api.get(f"/api/v1/namespaces/{k8s_namespace}/pods/greedy")
@@ -185,14 +242,19 @@ def test_pod_asking_for_more_gpus_than_the_node_has_stays_pending(
 
 @pytest.mark.cluster
 def test_failing_container_reports_exit_code_and_message_and_job_retries(
-        k8s_cluster: DevCluster, k8s_namespace: str) -> None:
+    k8s_cluster: DevCluster, k8s_namespace: str
+) -> None:
     script = 'echo "attempt failed"; printf "out of cheese" > /dev/termination-log; exit 3'
-    k8s_cluster.kubectl("apply", "-f", "-", input=job_manifest(
-        "flaky", k8s_namespace, script, backoff_limit=1))
+    k8s_cluster.kubectl(
+        "apply", "-f", "-", input=job_manifest("flaky", k8s_namespace, script, backoff_limit=1)
+    )
 
     # The Job controller waits ~10 s before the retry.
-    wait_for(lambda: job_condition(k8s_cluster, k8s_namespace, "flaky") == "Failed",
-             timeout=90, what="job Failed after its retry")
+    wait_for(
+        lambda: job_condition(k8s_cluster, k8s_namespace, "flaky") == "Failed",
+        timeout=90,
+        what="job Failed after its retry",
+    )
     job = k8s_cluster.rest().get(f"/apis/batch/v1/namespaces/{k8s_namespace}/jobs/flaky")
     assert job["status"]["failed"] == 2
     pods = job_pods(k8s_cluster, k8s_namespace, "flaky")
@@ -204,15 +266,19 @@ def test_failing_container_reports_exit_code_and_message_and_job_retries(
         assert terminated["reason"] == "Error"
         assert terminated["message"] == "out of cheese"
         assert terminated["startedAt"] and terminated["finishedAt"]
-        assert "attempt failed" in k8s_cluster.read_pod_logs(
-            k8s_namespace, pod["metadata"]["name"])
+        assert "attempt failed" in k8s_cluster.read_pod_logs(k8s_namespace, pod["metadata"]["name"])
 
 
 @pytest.mark.cluster
 def test_deleting_a_job_garbage_collects_its_pods_and_stops_their_processes(
-        k8s_cluster: DevCluster, k8s_namespace: str) -> None:
-    k8s_cluster.kubectl("apply", "-f", "-", input=job_manifest(
-        "sleeper", k8s_namespace, "echo started; exec sleep 600"))
+    k8s_cluster: DevCluster, k8s_namespace: str
+) -> None:
+    k8s_cluster.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input=job_manifest("sleeper", k8s_namespace, "echo started; exec sleep 600"),
+    )
 
     def running_pod() -> dict[str, Any] | None:
         pods = job_pods(k8s_cluster, k8s_namespace, "sleeper")
@@ -222,13 +288,16 @@ def test_deleting_a_job_garbage_collects_its_pods_and_stops_their_processes(
     name = pod["metadata"]["name"]
     assert pod_condition(pod, "Ready")["status"] == "True"
     assert pod["status"]["containerStatuses"][0]["state"]["running"]["startedAt"]
-    [pid] = wait_for(lambda: k8s_cluster.pod_pids(k8s_namespace, name), timeout=10,
-                     what="container pid")
+    [pid] = wait_for(
+        lambda: k8s_cluster.pod_pids(k8s_namespace, name), timeout=10, what="container pid"
+    )
     start_time = process_start_time(pid)
     assert pid_alive(pid, start_time)
 
-    k8s_cluster.rest().delete(f"/apis/batch/v1/namespaces/{k8s_namespace}/jobs/sleeper",
-                              {"propagationPolicy": "Background"})
+    k8s_cluster.rest().delete(
+        f"/apis/batch/v1/namespaces/{k8s_namespace}/jobs/sleeper",
+        {"propagationPolicy": "Background"},
+    )
 
     def pod_gone() -> bool:
         try:
@@ -243,15 +312,28 @@ def test_deleting_a_job_garbage_collects_its_pods_and_stops_their_processes(
 
 @pytest.mark.cluster
 def test_volumes_and_env_are_where_the_container_expects_them(
-        k8s_cluster: DevCluster, k8s_namespace: str) -> None:
+    k8s_cluster: DevCluster, k8s_namespace: str
+) -> None:
     api = k8s_cluster.rest()
     ns = k8s_namespace
-    api.post(f"/api/v1/namespaces/{ns}/configmaps", {
-        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings"},
-        "data": {"model.yaml": "name: tiny\n", "other": "ignored"}})
-    api.post(f"/api/v1/namespaces/{ns}/secrets", {
-        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"},
-        "stringData": {"access-key": "AKIA-test", "secret-key": "s3cr3t"}})
+    api.post(
+        f"/api/v1/namespaces/{ns}/configmaps",
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "settings"},
+            "data": {"model.yaml": "name: tiny\n", "other": "ignored"},
+        },
+    )
+    api.post(
+        f"/api/v1/namespaces/{ns}/secrets",
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "creds"},
+            "stringData": {"access-key": "AKIA-test", "secret-key": "s3cr3t"},
+        },
+    )
     config_dir = f"/etc/kubetune-test-{ns}/config"
     script = textwrap.dedent(f"""\
         cat {config_dir}/model.yaml
@@ -261,39 +343,62 @@ def test_volumes_and_env_are_where_the_container_expects_them(
         echo "fast=$(df -P /fast | tail -1 | cut -d' ' -f1)"
         ls {config_dir}
         """)
-    api.post(f"/api/v1/namespaces/{ns}/pods", {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "reader"},
-        "spec": {
-            "restartPolicy": "Never",
-            "containers": [{
-                "name": "main", "image": "unused", "command": ["/bin/sh", "-c", script],
-                "env": [
-                    {"name": "ACCESS_KEY", "valueFrom": {"secretKeyRef": {
-                        "name": "creds", "key": "access-key"}}},
-                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {
-                        "fieldPath": "metadata.name"}}},
-                    {"name": "POD_NS", "valueFrom": {"fieldRef": {
-                        "fieldPath": "metadata.namespace"}}},
-                    {"name": "POD_UID", "valueFrom": {"fieldRef": {
-                        "fieldPath": "metadata.uid"}}},
+    api.post(
+        f"/api/v1/namespaces/{ns}/pods",
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "reader"},
+            "spec": {
+                "restartPolicy": "Never",
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": "unused",
+                        "command": ["/bin/sh", "-c", script],
+                        "env": [
+                            {
+                                "name": "ACCESS_KEY",
+                                "valueFrom": {
+                                    "secretKeyRef": {"name": "creds", "key": "access-key"}
+                                },
+                            },
+                            {
+                                "name": "POD_NAME",
+                                "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+                            },
+                            {
+                                "name": "POD_NS",
+                                "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+                            },
+                            {
+                                "name": "POD_UID",
+                                "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}},
+                            },
+                        ],
+                        "volumeMounts": [
+                            {"name": "settings", "mountPath": config_dir, "readOnly": True},
+                            {"name": "creds", "mountPath": "/var/run/creds", "readOnly": True},
+                            {"name": "scratch", "mountPath": "/scratch"},
+                            {"name": "fast", "mountPath": "/fast"},
+                        ],
+                    }
                 ],
-                "volumeMounts": [
-                    {"name": "settings", "mountPath": config_dir, "readOnly": True},
-                    {"name": "creds", "mountPath": "/var/run/creds", "readOnly": True},
-                    {"name": "scratch", "mountPath": "/scratch"},
-                    {"name": "fast", "mountPath": "/fast"},
+                "volumes": [
+                    {
+                        "name": "settings",
+                        "configMap": {
+                            "name": "settings",
+                            "items": [{"key": "model.yaml", "path": "model.yaml"}],
+                        },
+                    },
+                    {"name": "creds", "secret": {"secretName": "creds"}},
+                    {"name": "scratch", "emptyDir": {}},
+                    {"name": "fast", "emptyDir": {"medium": "Memory"}},
                 ],
-            }],
-            "volumes": [
-                {"name": "settings", "configMap": {"name": "settings",
-                                                   "items": [{"key": "model.yaml",
-                                                              "path": "model.yaml"}]}},
-                {"name": "creds", "secret": {"secretName": "creds"}},
-                {"name": "scratch", "emptyDir": {}},
-                {"name": "fast", "emptyDir": {"medium": "Memory"}},
-            ],
+            },
         },
-    })
+    )
 
     def finished() -> dict[str, Any] | None:
         pod = api.get(f"/api/v1/namespaces/{ns}/pods/reader")
@@ -323,14 +428,27 @@ def test_stopping_the_harness_leaves_no_process_or_port_behind() -> None:
         try:
             assert cluster.ready_seconds < 30
             api = cluster.rest()
-            wait_for(lambda: api.get("/api/v1/namespaces/default/serviceaccounts/default"),
-                     timeout=30, what="default ServiceAccount")
-            api.post("/api/v1/namespaces/default/pods", {
-                "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "long"},
-                "spec": {"containers": [{"name": "main", "image": "unused",
-                                         "command": ["sleep", "600"]}]}})
-            [pod_pid] = wait_for(lambda: cluster.pod_pids("default", "long"), timeout=60,
-                                 what="pod process")
+            wait_for(
+                lambda: api.get("/api/v1/namespaces/default/serviceaccounts/default"),
+                timeout=30,
+                what="default ServiceAccount",
+            )
+            api.post(
+                "/api/v1/namespaces/default/pods",
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": "long"},
+                    "spec": {
+                        "containers": [
+                            {"name": "main", "image": "unused", "command": ["sleep", "600"]}
+                        ]
+                    },
+                },
+            )
+            [pod_pid] = wait_for(
+                lambda: cluster.pod_pids("default", "long"), timeout=60, what="pod process"
+            )
             pod_start = process_start_time(pod_pid)
             records = list(cluster.processes)
             assert len(records) == 5 and all(map(cluster_alive, records))

@@ -6,5 +6,12 @@ from kubetune.devcluster.binaries import K8S_VERSION, find_binaries, missing_bin
 from kubetune.devcluster.controlplane import DevCluster, NodeConfig, stop_cluster
 from kubetune.devcluster.processes import wait_for
 
-__all__ = ["K8S_VERSION", "DevCluster", "NodeConfig", "find_binaries", "missing_binaries",
-           "stop_cluster", "wait_for"]
+__all__ = [
+    "K8S_VERSION",
+    "DevCluster",
+    "NodeConfig",
+    "find_binaries",
+    "missing_binaries",
+    "stop_cluster",
+    "wait_for",
+]

@@ -22,8 +22,7 @@ from kubetune.devcluster.controlplane import (
 
 
 def default_state_dir() -> Path:
-    return Path(os.environ.get("KUBETUNE_DEV_DIR")
-                or Path.home() / ".cache" / "kubetune" / "dev")
+    return Path(os.environ.get("KUBETUNE_DEV_DIR") or Path.home() / ".cache" / "kubetune" / "dev")
 
 
 def up(args: argparse.Namespace) -> int:
@@ -37,15 +36,19 @@ def up(args: argparse.Namespace) -> int:
         cluster.stop()
     missing = missing_binaries()
     if missing:
-        print(f"missing binaries: {', '.join(missing)}; run `bash hack/k8s-binaries.sh`",
-              file=sys.stderr)
+        print(
+            f"missing binaries: {', '.join(missing)}; run `bash hack/k8s-binaries.sh`",
+            file=sys.stderr,
+        )
         return 1
     # Every `up` is a fresh cluster: new certificates would not match old etcd data.
     shutil.rmtree(state_dir, ignore_errors=True)
     node = NodeConfig(name=args.node_name, cpu=args.cpu, memory=args.memory, gpus=args.gpus)
     cluster = DevCluster.start(state_dir, node=node, detached=True)
-    print(f"cluster ready in {cluster.ready_seconds}s at {cluster.server} "
-          f"(node {node.name}: {node.cpu} CPU, {node.memory}, {node.gpus} nvidia.com/gpu)")
+    print(
+        f"cluster ready in {cluster.ready_seconds}s at {cluster.server} "
+        f"(node {node.name}: {node.cpu} CPU, {node.memory}, {node.gpus} nvidia.com/gpu)"
+    )
     print(f"logs:  {state_dir / 'logs'}")
     print(f"export KUBECONFIG={cluster.kubeconfig}")
     print(f"export PATH={cluster.bin_dir}:$PATH   # kubectl and helm {cluster.bin_dir.name}")
@@ -78,8 +81,11 @@ def status(args: argparse.Namespace) -> int:
 
 def add_dev_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     dev = subparsers.add_parser("dev", help="a local Kubernetes cluster for demos and tests")
-    dev.add_argument("--state-dir", default=str(default_state_dir()),
-                     help="where the cluster keeps its state (default %(default)s)")
+    dev.add_argument(
+        "--state-dir",
+        default=str(default_state_dir()),
+        help="where the cluster keeps its state (default %(default)s)",
+    )
     commands = dev.add_subparsers(dest="dev_command", required=True)
     start = commands.add_parser("up", help="start the cluster in the background")
     start.add_argument("--node-name", default="kubetune-local")

@@ -97,9 +97,7 @@ class DevCluster:
         state_dir = Path(state_dir).resolve()
         state_dir.mkdir(parents=True, exist_ok=True)
         if (state_dir / STATE_FILE).exists():
-            raise RuntimeError(
-                f"{state_dir} already holds a cluster (state.json); stop it first"
-            )
+            raise RuntimeError(f"{state_dir} already holds a cluster (state.json); stop it first")
         for sub in ("pki", "logs", "etcd", "kubeconfigs", "node"):
             (state_dir / sub).mkdir(exist_ok=True)
         ports = {
@@ -129,8 +127,9 @@ class DevCluster:
             raise
         return cluster
 
-    def _start_all(self, binaries: dict[str, Path], *, detached: bool,
-                   ready_timeout: float) -> None:
+    def _start_all(
+        self, binaries: dict[str, Path], *, detached: bool, ready_timeout: float
+    ) -> None:
         started = time.monotonic()
         deadline = started + ready_timeout
         paths = self._write_pki()
@@ -139,102 +138,133 @@ class DevCluster:
         def remaining() -> float:
             return max(1.0, deadline - time.monotonic())
 
-        self._spawn("etcd", [
-            str(binaries["etcd"]),
-            "--name=default",
-            f"--data-dir={self.state_dir / 'etcd'}",
-            f"--listen-client-urls=http://127.0.0.1:{self.ports['etcd_client']}",
-            f"--advertise-client-urls=http://127.0.0.1:{self.ports['etcd_client']}",
-            f"--listen-peer-urls=http://127.0.0.1:{self.ports['etcd_peer']}",
-            f"--initial-advertise-peer-urls=http://127.0.0.1:{self.ports['etcd_peer']}",
-            f"--initial-cluster=default=http://127.0.0.1:{self.ports['etcd_peer']}",
-            # A throwaway store: durability buys nothing and fsync costs seconds.
-            "--unsafe-no-fsync",
-            "--log-level=warn",
-        ], detached=detached)
-        wait_for(lambda: _http_ok(f"http://127.0.0.1:{self.ports['etcd_client']}/health"),
-                 timeout=remaining(), what="etcd /health", interval=0.1)
+        self._spawn(
+            "etcd",
+            [
+                str(binaries["etcd"]),
+                "--name=default",
+                f"--data-dir={self.state_dir / 'etcd'}",
+                f"--listen-client-urls=http://127.0.0.1:{self.ports['etcd_client']}",
+                f"--advertise-client-urls=http://127.0.0.1:{self.ports['etcd_client']}",
+                f"--listen-peer-urls=http://127.0.0.1:{self.ports['etcd_peer']}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{self.ports['etcd_peer']}",
+                f"--initial-cluster=default=http://127.0.0.1:{self.ports['etcd_peer']}",
+                # A throwaway store: durability buys nothing and fsync costs seconds.
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+            detached=detached,
+        )
+        wait_for(
+            lambda: _http_ok(f"http://127.0.0.1:{self.ports['etcd_client']}/health"),
+            timeout=remaining(),
+            what="etcd /health",
+            interval=0.1,
+        )
 
         pki_dir = self.state_dir / "pki"
-        self._spawn("kube-apiserver", [
-            str(binaries["kube-apiserver"]),
-            f"--etcd-servers=http://127.0.0.1:{self.ports['etcd_client']}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            f"--secure-port={self.ports['apiserver']}",
-            f"--cert-dir={pki_dir}",
-            f"--tls-cert-file={paths['apiserver.crt']}",
-            f"--tls-private-key-file={paths['apiserver.key']}",
-            f"--client-ca-file={paths['ca.crt']}",
-            f"--kubelet-client-certificate={paths['apiserver-kubelet-client.crt']}",
-            f"--kubelet-client-key={paths['apiserver-kubelet-client.key']}",
-            f"--kubelet-certificate-authority={paths['ca.crt']}",
-            f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
-            f"--service-account-key-file={paths['sa.pub']}",
-            f"--service-account-signing-key-file={paths['sa.key']}",
-            "--authorization-mode=Node,RBAC",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--allow-privileged=true",
-            # The node's only address is 127.0.0.1 (its name does not resolve).
-            "--kubelet-preferred-address-types=InternalIP",
-            "--profiling=false",
-            "--v=1",
-        ], detached=detached)
-        wait_for(self._apiserver_ready, timeout=remaining(), what="kube-apiserver /readyz",
-                 interval=0.2)
+        self._spawn(
+            "kube-apiserver",
+            [
+                str(binaries["kube-apiserver"]),
+                f"--etcd-servers=http://127.0.0.1:{self.ports['etcd_client']}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.ports['apiserver']}",
+                f"--cert-dir={pki_dir}",
+                f"--tls-cert-file={paths['apiserver.crt']}",
+                f"--tls-private-key-file={paths['apiserver.key']}",
+                f"--client-ca-file={paths['ca.crt']}",
+                f"--kubelet-client-certificate={paths['apiserver-kubelet-client.crt']}",
+                f"--kubelet-client-key={paths['apiserver-kubelet-client.key']}",
+                f"--kubelet-certificate-authority={paths['ca.crt']}",
+                f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
+                f"--service-account-key-file={paths['sa.pub']}",
+                f"--service-account-signing-key-file={paths['sa.key']}",
+                "--authorization-mode=Node,RBAC",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--allow-privileged=true",
+                # The node's only address is 127.0.0.1 (its name does not resolve).
+                "--kubelet-preferred-address-types=InternalIP",
+                "--profiling=false",
+                "--v=1",
+            ],
+            detached=detached,
+        )
+        wait_for(
+            self._apiserver_ready, timeout=remaining(), what="kube-apiserver /readyz", interval=0.2
+        )
 
-        self._spawn("kube-controller-manager", [
-            str(binaries["kube-controller-manager"]),
-            f"--kubeconfig={paths['controller-manager.kubeconfig']}",
-            f"--authentication-kubeconfig={paths['controller-manager.kubeconfig']}",
-            f"--authorization-kubeconfig={paths['controller-manager.kubeconfig']}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={self.ports['controller_manager']}",
-            f"--cert-dir={pki_dir / 'controller-manager'}",
-            "--controllers=*",
-            # Each controller as its own service account, bound by the built-in
-            # system:controller:* roles (the controller manager's user alone may not
-            # create pods), as kubeadm runs it.
-            "--use-service-account-credentials=true",
-            "--leader-elect=false",
-            f"--root-ca-file={paths['ca.crt']}",
-            f"--service-account-private-key-file={paths['sa.key']}",
-            f"--cluster-signing-cert-file={paths['ca.crt']}",
-            f"--cluster-signing-key-file={paths['ca.key']}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--profiling=false",
-            "--v=1",
-        ], detached=detached)
-        self._spawn("kube-scheduler", [
-            str(binaries["kube-scheduler"]),
-            f"--kubeconfig={paths['scheduler.kubeconfig']}",
-            f"--authentication-kubeconfig={paths['scheduler.kubeconfig']}",
-            f"--authorization-kubeconfig={paths['scheduler.kubeconfig']}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={self.ports['scheduler']}",
-            f"--cert-dir={pki_dir / 'scheduler'}",
-            "--leader-elect=false",
-            "--profiling=false",
-            "--v=1",
-        ], detached=detached)
-        self._spawn("localnode", self.node_agent_argv(paths), detached=detached,
-                    env=node_agent_env())
+        self._spawn(
+            "kube-controller-manager",
+            [
+                str(binaries["kube-controller-manager"]),
+                f"--kubeconfig={paths['controller-manager.kubeconfig']}",
+                f"--authentication-kubeconfig={paths['controller-manager.kubeconfig']}",
+                f"--authorization-kubeconfig={paths['controller-manager.kubeconfig']}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={self.ports['controller_manager']}",
+                f"--cert-dir={pki_dir / 'controller-manager'}",
+                "--controllers=*",
+                # Each controller as its own service account, bound by the built-in
+                # system:controller:* roles (the controller manager's user alone may not
+                # create pods), as kubeadm runs it.
+                "--use-service-account-credentials=true",
+                "--leader-elect=false",
+                f"--root-ca-file={paths['ca.crt']}",
+                f"--service-account-private-key-file={paths['sa.key']}",
+                f"--cluster-signing-cert-file={paths['ca.crt']}",
+                f"--cluster-signing-key-file={paths['ca.key']}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--profiling=false",
+                "--v=1",
+            ],
+            detached=detached,
+        )
+        self._spawn(
+            "kube-scheduler",
+            [
+                str(binaries["kube-scheduler"]),
+                f"--kubeconfig={paths['scheduler.kubeconfig']}",
+                f"--authentication-kubeconfig={paths['scheduler.kubeconfig']}",
+                f"--authorization-kubeconfig={paths['scheduler.kubeconfig']}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={self.ports['scheduler']}",
+                f"--cert-dir={pki_dir / 'scheduler'}",
+                "--leader-elect=false",
+                "--profiling=false",
+                "--v=1",
+            ],
+            detached=detached,
+        )
+        self._spawn(
+            "localnode", self.node_agent_argv(paths), detached=detached, env=node_agent_env()
+        )
 
         api = self.rest()
-        wait_for(lambda: api.get("/api/v1/namespaces/default/serviceaccounts/default"),
-                 timeout=remaining(), what="the default ServiceAccount (controller manager)")
-        wait_for(lambda: _node_ready(api.get(f"/api/v1/nodes/{self.node.name}")),
-                 timeout=remaining(),
-                 what=f"node {self.node.name} Ready and untainted (local node agent)")
-        wait_for(lambda: _http_ok(f"https://127.0.0.1:{self.ports['scheduler']}/healthz",
-                                  insecure=True),
-                 timeout=remaining(), what="kube-scheduler /healthz")
+        wait_for(
+            lambda: api.get("/api/v1/namespaces/default/serviceaccounts/default"),
+            timeout=remaining(),
+            what="the default ServiceAccount (controller manager)",
+        )
+        wait_for(
+            lambda: _node_ready(api.get(f"/api/v1/nodes/{self.node.name}")),
+            timeout=remaining(),
+            what=f"node {self.node.name} Ready and untainted (local node agent)",
+        )
+        wait_for(
+            lambda: _http_ok(f"https://127.0.0.1:{self.ports['scheduler']}/healthz", insecure=True),
+            timeout=remaining(),
+            what="kube-scheduler /healthz",
+        )
         self.ready_seconds = round(time.monotonic() - started, 1)
         self._save_state()
 
     def node_agent_argv(self, paths: dict[str, Path]) -> list[str]:
         argv = [
-            sys.executable, "-m", "kubetune.devcluster.localnode",
+            sys.executable,
+            "-m",
+            "kubetune.devcluster.localnode",
             f"--kubeconfig={self.kubeconfig}",
             f"--node-name={self.node.name}",
             f"--state-dir={self.state_dir / 'node'}",
@@ -250,11 +280,16 @@ class DevCluster:
         argv += [f"--label={k}={v}" for k, v in self.node.labels.items()]
         return argv
 
-    def _spawn(self, name: str, argv: list[str], *, detached: bool,
-               env: dict[str, str] | None = None) -> None:
+    def _spawn(
+        self, name: str, argv: list[str], *, detached: bool, env: dict[str, str] | None = None
+    ) -> None:
         proc, record = start_process(
-            name, argv, self.state_dir / "logs" / f"{name}.log",
-            env=env, cwd=self.state_dir, die_with_parent=not detached,
+            name,
+            argv,
+            self.state_dir / "logs" / f"{name}.log",
+            env=env,
+            cwd=self.state_dir,
+            die_with_parent=not detached,
         )
         self.processes.append(record)
         self._popen[proc.pid] = proc
@@ -266,21 +301,36 @@ class DevCluster:
         paths: dict[str, Path] = {}
         paths["ca.crt"], paths["ca.key"] = pki.write_pair(ca, pki_dir, "ca")
         serving = pki.issue_cert(
-            ca, "kube-apiserver",
-            dns_names=("localhost", "kubernetes", "kubernetes.default",
-                       "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"),
-            ip_addresses=("127.0.0.1", "10.0.0.1"), server=True,
+            ca,
+            "kube-apiserver",
+            dns_names=(
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ),
+            ip_addresses=("127.0.0.1", "10.0.0.1"),
+            server=True,
         )
         paths["apiserver.crt"], paths["apiserver.key"] = pki.write_pair(
-            serving, pki_dir, "apiserver")
+            serving, pki_dir, "apiserver"
+        )
         kubelet_client = pki.issue_cert(
-            ca, "kube-apiserver-kubelet-client", organizations=("system:masters",), client=True)
+            ca, "kube-apiserver-kubelet-client", organizations=("system:masters",), client=True
+        )
         paths["apiserver-kubelet-client.crt"], paths["apiserver-kubelet-client.key"] = (
-            pki.write_pair(kubelet_client, pki_dir, "apiserver-kubelet-client"))
+            pki.write_pair(kubelet_client, pki_dir, "apiserver-kubelet-client")
+        )
         # The node agent's own serving certificate (kubectl logs goes through it).
         node_serving = pki.issue_cert(
-            ca, f"system:node:{self.node.name}", organizations=("system:nodes",),
-            dns_names=("localhost", self.node.name), ip_addresses=("127.0.0.1",), server=True)
+            ca,
+            f"system:node:{self.node.name}",
+            organizations=("system:nodes",),
+            dns_names=("localhost", self.node.name),
+            ip_addresses=("127.0.0.1",),
+            server=True,
+        )
         paths["node.crt"], paths["node.key"] = pki.write_pair(node_serving, pki_dir, "node")
         sa_private, sa_public = pki.new_service_account_key()
         paths["sa.key"], paths["sa.pub"] = pki_dir / "sa.key", pki_dir / "sa.pub"
@@ -292,16 +342,21 @@ class DevCluster:
             # O=system:masters: the admin is authorized for everything.
             "admin": ("kubetune-admin", ("system:masters",), self.kubeconfig),
             # The built-in RBAC roles bind these user names.
-            "controller-manager": ("system:kube-controller-manager", (),
-                                   pki_dir / "controller-manager.kubeconfig"),
+            "controller-manager": (
+                "system:kube-controller-manager",
+                (),
+                pki_dir / "controller-manager.kubeconfig",
+            ),
             "scheduler": ("system:kube-scheduler", (), pki_dir / "scheduler.kubeconfig"),
         }
         for user, (common_name, orgs, path) in users.items():
             pair = pki.issue_cert(ca, common_name, organizations=orgs, client=True)
             if user == "admin":  # also as files, for plain HTTPS health checks
                 pki.write_pair(pair, pki_dir, "admin")
-            write_kubeconfig(path, render_kubeconfig(
-                self.server, ca.cert_pem, pair.cert_pem, pair.key_pem, user=user))
+            write_kubeconfig(
+                path,
+                render_kubeconfig(self.server, ca.cert_pem, pair.cert_pem, pair.key_pem, user=user),
+            )
             paths[path.name] = path
         return paths
 
@@ -314,8 +369,9 @@ class DevCluster:
         return ctx
 
     def _apiserver_ready(self) -> bool:
-        with urllib.request.urlopen(f"{self.server}/readyz", context=self._ssl_context(),
-                                    timeout=5) as response:
+        with urllib.request.urlopen(
+            f"{self.server}/readyz", context=self._ssl_context(), timeout=5
+        ) as response:
             return response.status == 200
 
     def api_client(self) -> Any:
@@ -335,29 +391,39 @@ class DevCluster:
 
     def env(self) -> dict[str, str]:
         """Environment for a subprocess that should talk to this cluster."""
-        return {**os.environ, "KUBECONFIG": str(self.kubeconfig),
-                "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+        return {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
-                timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         """Run the built kubectl against this cluster; raises on failure when `check`."""
         kubectl = find_binary("kubectl") or self.bin_dir / "kubectl"
         result = subprocess.run(
             [str(kubectl), f"--kubeconfig={self.kubeconfig}", *args],
-            input=input, capture_output=True, text=True, timeout=timeout,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and result.returncode != 0:
             raise RuntimeError(
-                f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
+                f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}"
+            )
         return result
 
-    def read_pod_logs(self, namespace: str, pod: str, container: str | None = None,
-                      *, previous: bool = False) -> str:
+    def read_pod_logs(
+        self, namespace: str, pod: str, container: str | None = None, *, previous: bool = False
+    ) -> str:
         """What a pod's container printed (stdout and stderr), read from the node."""
         from kubetune.devcluster.localnode import read_container_log
 
-        return read_container_log(self.state_dir / "node", namespace, pod, container,
-                                  previous=previous)
+        return read_container_log(
+            self.state_dir / "node", namespace, pod, container, previous=previous
+        )
 
     def pod_pids(self, namespace: str, pod: str) -> list[int]:
         """Host PIDs of the pod's running containers (as the node agent records them)."""
@@ -375,6 +441,7 @@ class DevCluster:
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop every process, last started first (the node agent first kills its pods)."""
+
         def reap(pid: int) -> None:
             proc = self._popen.get(pid)
             if proc is not None:
@@ -390,8 +457,9 @@ class DevCluster:
         # A multi-threaded process shows as a zombie a moment before its last thread has
         # closed its sockets: wait for the listening ports to go too.
         with contextlib.suppress(TimeoutError):
-            wait_for(lambda: not self.ports_in_use(), timeout=5, interval=0.05,
-                     what="ports released")
+            wait_for(
+                lambda: not self.ports_in_use(), timeout=5, interval=0.05, what="ports released"
+            )
         (self.state_dir / STATE_FILE).unlink(missing_ok=True)
         _unregister_cleanup(self)
 

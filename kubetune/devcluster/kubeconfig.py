@@ -14,24 +14,33 @@ def _b64(data: bytes) -> str:
 
 
 def render_kubeconfig(
-    server: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, *, user: str,
+    server: str,
+    ca_pem: bytes,
+    cert_pem: bytes,
+    key_pem: bytes,
+    *,
+    user: str,
     cluster: str = "kubetune-dev",
 ) -> dict[str, Any]:
     """A kubeconfig with one cluster, one user (client certificate) and one context."""
     return {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{
-            "name": cluster,
-            "cluster": {"server": server, "certificate-authority-data": _b64(ca_pem)},
-        }],
-        "users": [{
-            "name": user,
-            "user": {
-                "client-certificate-data": _b64(cert_pem),
-                "client-key-data": _b64(key_pem),
-            },
-        }],
+        "clusters": [
+            {
+                "name": cluster,
+                "cluster": {"server": server, "certificate-authority-data": _b64(ca_pem)},
+            }
+        ],
+        "users": [
+            {
+                "name": user,
+                "user": {
+                    "client-certificate-data": _b64(cert_pem),
+                    "client-key-data": _b64(key_pem),
+                },
+            }
+        ],
         "contexts": [{"name": cluster, "context": {"cluster": cluster, "user": user}}],
         "current-context": cluster,
     }

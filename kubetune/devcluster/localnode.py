@@ -88,8 +88,14 @@ def _container_runs(container_dir: Path) -> list[int]:
     return sorted(int(p.name.split(".")[0]) for p in container_dir.glob("*.log"))
 
 
-def container_log_path(node_state_dir: Path, namespace: str, pod: str,
-                       container: str | None = None, *, previous: bool = False) -> Path:
+def container_log_path(
+    node_state_dir: Path,
+    namespace: str,
+    pod: str,
+    container: str | None = None,
+    *,
+    previous: bool = False,
+) -> Path:
     pod_dir = _latest_pod_dir(node_state_dir, namespace, pod)
     if container is None:
         meta = json.loads((pod_dir / "pod.json").read_text())
@@ -99,12 +105,19 @@ def container_log_path(node_state_dir: Path, namespace: str, pod: str,
     if not runs or (previous and len(runs) < 2):
         raise FileNotFoundError(
             f"no {'previous ' if previous else ''}log for container {container!r} of "
-            f"pod {namespace}/{pod}")
+            f"pod {namespace}/{pod}"
+        )
     return container_dir / f"{runs[-2] if previous else runs[-1]}.log"
 
 
-def read_container_log(node_state_dir: Path, namespace: str, pod: str,
-                       container: str | None = None, *, previous: bool = False) -> str:
+def read_container_log(
+    node_state_dir: Path,
+    namespace: str,
+    pod: str,
+    container: str | None = None,
+    *,
+    previous: bool = False,
+) -> str:
     """What the container printed (stdout and stderr interleaved); the first container
     when `container` is None; the run before the last with `previous`."""
     path = container_log_path(node_state_dir, namespace, pod, container, previous=previous)
@@ -114,8 +127,7 @@ def read_container_log(node_state_dir: Path, namespace: str, pod: str,
 def read_container_pids(node_state_dir: Path, namespace: str, pod: str) -> list[int]:
     """Host PIDs of the pod's containers that run now."""
     pids = []
-    for pid_file in (_latest_pod_dir(node_state_dir, namespace, pod) / "containers").glob(
-            "*/pid"):
+    for pid_file in (_latest_pod_dir(node_state_dir, namespace, pod) / "containers").glob("*/pid"):
         try:
             record = json.loads(pid_file.read_text())
         except (OSError, ValueError):
@@ -250,8 +262,9 @@ class ContainerRun:
     proc: subprocess.Popen | None = None
     pid_record: dict[str, int] | None = None
     started_at: str | None = None
-    state: dict[str, Any] = field(default_factory=lambda: podspec.waiting_state(
-        "ContainerCreating"))
+    state: dict[str, Any] = field(
+        default_factory=lambda: podspec.waiting_state("ContainerCreating")
+    )
     last_state: dict[str, Any] = field(default_factory=dict)
     restart_at: float | None = None  # monotonic time of a scheduled restart
     done: bool = False  # terminated and not to be restarted
@@ -373,9 +386,15 @@ class PodWorker(threading.Thread):
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "work").mkdir(exist_ok=True)
         containers = spec.get("containers") or []
-        (self.dir / "pod.json").write_text(json.dumps({
-            "uid": self.uid, "containers": [c["name"] for c in containers],
-            "initContainers": [c["name"] for c in spec.get("initContainers") or []]}))
+        (self.dir / "pod.json").write_text(
+            json.dumps(
+                {
+                    "uid": self.uid,
+                    "containers": [c["name"] for c in containers],
+                    "initContainers": [c["name"] for c in spec.get("initContainers") or []],
+                }
+            )
+        )
         self.init_runs = [self._new_run(c) for c in spec.get("initContainers") or []]
         self.runs = [self._new_run(c) for c in containers]
         self._report_status()
@@ -408,11 +427,11 @@ class PodWorker(threading.Thread):
                 return True
             except ContainerConfigError as exc:
                 reason = "CreateContainerConfigError"
-                for r in ([run] if run else [*self.init_runs, *self.runs]):
+                for r in [run] if run else [*self.init_runs, *self.runs]:
                     r.state = podspec.waiting_state(reason, str(exc))
                 self._report_status()
                 log.info("pod %s/%s: %s", self.namespace, self.pod_name, exc)
-                self.wake.wait(min(10.0, 0.5 * 2 ** attempt))
+                self.wake.wait(min(10.0, 0.5 * 2**attempt))
                 self.wake.clear()
                 attempt += 1
         return False
@@ -436,9 +455,12 @@ class PodWorker(threading.Thread):
             else:
                 target = volume_root / name
             files = podspec.volume_files(
-                volume, pod, secrets, configmaps,
-                lambda audience, seconds: self.agent.service_account_token(
-                    pod, audience, seconds))
+                volume,
+                pod,
+                secrets,
+                configmaps,
+                lambda audience, seconds: self.agent.service_account_token(pod, audience, seconds),
+            )
             target.mkdir(parents=True, exist_ok=True)
             for rel_path, content in (files or {}).items():
                 file_path = target / rel_path
@@ -484,8 +506,14 @@ class PodWorker(threading.Thread):
     def _start(self, run: ContainerRun) -> None:
         pod, container = self.pod, run.spec
         secrets, configmaps = self.agent.fetch_referenced(pod)
-        env = podspec.build_pod_env(pod, container, secrets, configmaps, base=self._env_base,
-                                    node_allocatable=self.agent.allocatable)
+        env = podspec.build_pod_env(
+            pod,
+            container,
+            secrets,
+            configmaps,
+            base=self._env_base,
+            node_allocatable=self.agent.allocatable,
+        )
         argv = podspec.container_argv(container, env)
         wanted_gpus = podspec.gpu_request(container)
         if wanted_gpus and not run.gpus:
@@ -502,32 +530,38 @@ class PodWorker(threading.Thread):
         log_path = run.directory / f"{n}.log"
         message_path = run.directory / f"{n}.termination-log"
         message_path.write_bytes(b"")
-        mounts.append(podspec.Mount(
-            message_path,
-            container.get("terminationMessagePath") or podspec.DEFAULT_TERMINATION_MESSAGE_PATH,
-            False))
+        mounts.append(
+            podspec.Mount(
+                message_path,
+                container.get("terminationMessagePath") or podspec.DEFAULT_TERMINATION_MESSAGE_PATH,
+                False,
+            )
+        )
         if not run.mount_targets:
-            run.mount_targets = self.agent.mount_points.acquire(
-                mounts, f"{self.uid}/{run.name}")
+            run.mount_targets = self.agent.mount_points.acquire(mounts, f"{self.uid}/{run.name}")
         workdir = container.get("workingDir") or str(self.dir / "work")
         with open(log_path, "ab") as log_file:
             run.proc = subprocess.Popen(
                 podspec.mount_namespace_argv(mounts, workdir, argv),
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                env=env, cwd=self.dir / "work", start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.dir / "work",
+                start_new_session=True,
                 # The container dies with the agent (this thread lives as long as it runs).
                 preexec_fn=_die_with_parent(signal.SIGKILL),
             )
         run.runs += 1
         run.started_at = now_rfc3339()
-        run.pid_record = {"pid": run.proc.pid,
-                          "start_time": process_start_time(run.proc.pid) or -1}
+        run.pid_record = {"pid": run.proc.pid, "start_time": process_start_time(run.proc.pid) or -1}
         (run.directory / "pid").write_text(json.dumps(run.pid_record))
         run.state = podspec.running_state(run.started_at)
         run.restart_at = None
         threading.Thread(target=self._wait_process, args=(run.proc,), daemon=True).start()
-        log.info("pod %s/%s: started %s (pid %d)", self.namespace, self.pod_name, run.name,
-                 run.proc.pid)
+        log.info(
+            "pod %s/%s: started %s (pid %d)", self.namespace, self.pod_name, run.name, run.proc.pid
+        )
 
     def _wait_process(self, proc: subprocess.Popen) -> None:
         proc.wait()
@@ -542,11 +576,14 @@ class PodWorker(threading.Thread):
         message_file = run.directory / f"{n}.termination-log"
         log_path = run.directory / f"{n}.log"
         message = podspec.termination_message(
-            run.spec, _read_head(message_file, podspec.MAX_TERMINATION_MESSAGE_BYTES),
-            _read_tail(log_path, 64 * 1024), exit_code)
+            run.spec,
+            _read_head(message_file, podspec.MAX_TERMINATION_MESSAGE_BYTES),
+            _read_tail(log_path, 64 * 1024),
+            exit_code,
+        )
         run.state = podspec.terminated_state(
-            exit_code, run.started_at, now_rfc3339(), message,
-            f"local://{run.proc.pid}")
+            exit_code, run.started_at, now_rfc3339(), message, f"local://{run.proc.pid}"
+        )
         run.proc = None
         (run.directory / "pid").unlink(missing_ok=True)
         log.info("pod %s/%s: %s exited %d", self.namespace, self.pod_name, run.name, exit_code)
@@ -616,9 +653,11 @@ class PodWorker(threading.Thread):
                 self.agent.gpus.release(run.gpus)
                 run.gpus = []
             if run.state.get("waiting", {}).get("reason") == "ContainerCreating" and (
-                    self.deletion_requested()):
+                self.deletion_requested()
+            ):
                 run.state = podspec.terminated_state(
-                    137, None, now_rfc3339(), "pod deleted before the container started")
+                    137, None, now_rfc3339(), "pod deleted before the container started"
+                )
         for directory in self._memory_dirs:
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -632,12 +671,19 @@ class PodWorker(threading.Thread):
     def _condition(self, kind: str, ok: bool, reason: str | None) -> dict[str, Any]:
         status = "True" if ok else "False"
         previous = self._conditions.get(kind)
-        since = previous["lastTransitionTime"] if previous and previous["status"] == status \
+        since = (
+            previous["lastTransitionTime"]
+            if previous and previous["status"] == status
             else now_rfc3339()
+        )
         # reason None (JSON null) removes an earlier reason: status patches merge.
-        entry: dict[str, Any] = {"type": kind, "status": status, "lastProbeTime": None,
-                                 "lastTransitionTime": since,
-                                 "reason": None if ok else reason}
+        entry: dict[str, Any] = {
+            "type": kind,
+            "status": status,
+            "lastProbeTime": None,
+            "lastTransitionTime": since,
+            "reason": None if ok else reason,
+        }
         self._conditions[kind] = entry
         return entry
 
@@ -654,8 +700,11 @@ class PodWorker(threading.Thread):
             "startTime": self.start_time,
             "qosClass": self.pod.get("status", {}).get("qosClass"),
             "conditions": [
-                self._condition("PodReadyToStartContainers", bool(self._volume_dirs) or
-                                not self.pod["spec"].get("volumes"), None),
+                self._condition(
+                    "PodReadyToStartContainers",
+                    bool(self._volume_dirs) or not self.pod["spec"].get("volumes"),
+                    None,
+                ),
                 self._condition("Initialized", self.initialized, "ContainersNotInitialized"),
                 self._condition("ContainersReady", all_running and not terminal, not_ready),
                 self._condition("Ready", all_running and not terminal, not_ready),
@@ -721,8 +770,12 @@ class LocalNodeAgent:
         self.workers_lock = threading.Lock()
         self.mount_points = MountPoints()
         self.gpus = GpuAllocator(node.gpus)
-        self.allocatable = {"cpu": node.cpu, "memory": node.memory, "pods": str(node.pods),
-                            podspec.GPU_RESOURCE: str(node.gpus)}
+        self.allocatable = {
+            "cpu": node.cpu,
+            "memory": node.memory,
+            "pods": str(node.pods),
+            podspec.GPU_RESOURCE: str(node.gpus),
+        }
 
     # -- node registration and heartbeat -----------------------------------------------------
 
@@ -731,12 +784,16 @@ class LocalNodeAgent:
             "kubernetes.io/hostname": self.node.name,
             "kubernetes.io/os": "linux",
             "kubernetes.io/arch": {"x86_64": "amd64", "aarch64": "arm64"}.get(
-                platform.machine(), platform.machine()),
+                platform.machine(), platform.machine()
+            ),
             "kubetune.dev/local-node": "true",
             **self.node.labels,
         }
-        body = {"apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": self.node.name, "labels": labels}}
+        body = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": self.node.name, "labels": labels},
+        }
         try:
             self.api.post("/api/v1/nodes", body)
         except ApiError as exc:
@@ -750,8 +807,14 @@ class LocalNodeAgent:
         capacity = {**self.allocatable, "ephemeral-storage": "100Gi"}
 
         def condition(kind: str, status: str, reason: str, message: str) -> dict[str, Any]:
-            return {"type": kind, "status": status, "reason": reason, "message": message,
-                    "lastHeartbeatTime": now, "lastTransitionTime": now}
+            return {
+                "type": kind,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastHeartbeatTime": now,
+                "lastTransitionTime": now,
+            }
 
         status = {
             "capacity": capacity,
@@ -765,32 +828,53 @@ class LocalNodeAgent:
             "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
             "daemonEndpoints": {"kubeletEndpoint": {"Port": self.node.kubelet_port}},
             "nodeInfo": {
-                "machineID": "", "systemUUID": "", "bootID": "",
-                "kernelVersion": platform.release(), "osImage": "kubetune local node",
+                "machineID": "",
+                "systemUUID": "",
+                "bootID": "",
+                "kernelVersion": platform.release(),
+                "osImage": "kubetune local node",
                 "containerRuntimeVersion": "kubetune-local://0.1.0",
-                "kubeletVersion": KUBELET_VERSION, "kubeProxyVersion": "",
-                "operatingSystem": "linux", "architecture": "amd64",
+                "kubeletVersion": KUBELET_VERSION,
+                "kubeProxyVersion": "",
+                "operatingSystem": "linux",
+                "architecture": "amd64",
             },
         }
         self.api.patch(f"/api/v1/nodes/{self.node.name}/status", {"status": status})
 
     def renew_lease(self) -> None:
         path = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases"
-        spec = {"holderIdentity": self.node.name,
-                "leaseDurationSeconds": LEASE_DURATION_SECONDS, "renewTime": now_micro()}
+        spec = {
+            "holderIdentity": self.node.name,
+            "leaseDurationSeconds": LEASE_DURATION_SECONDS,
+            "renewTime": now_micro(),
+        }
         try:
             self.api.patch(f"{path}/{self.node.name}", {"spec": spec}, MERGE)
         except ApiError as exc:
             if exc.status != 404:
                 raise
             node = self.api.get(f"/api/v1/nodes/{self.node.name}")
-            self.api.post(path, {
-                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": {"name": self.node.name, "namespace": "kube-node-lease",
-                             "ownerReferences": [{"apiVersion": "v1", "kind": "Node",
-                                                  "name": self.node.name,
-                                                  "uid": node["metadata"]["uid"]}]},
-                "spec": spec})
+            self.api.post(
+                path,
+                {
+                    "apiVersion": "coordination.k8s.io/v1",
+                    "kind": "Lease",
+                    "metadata": {
+                        "name": self.node.name,
+                        "namespace": "kube-node-lease",
+                        "ownerReferences": [
+                            {
+                                "apiVersion": "v1",
+                                "kind": "Node",
+                                "name": self.node.name,
+                                "uid": node["metadata"]["uid"],
+                            }
+                        ],
+                    },
+                    "spec": spec,
+                },
+            )
 
     def heartbeat_loop(self) -> None:
         last_status = time.monotonic()
@@ -810,8 +894,10 @@ class LocalNodeAgent:
         secret_names, configmap_names = podspec.referenced_objects(pod)
         namespace = pod["metadata"]["namespace"]
         found: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
-        for names, resource, into in ((secret_names, "secrets", found[0]),
-                                      (configmap_names, "configmaps", found[1])):
+        for names, resource, into in (
+            (secret_names, "secrets", found[0]),
+            (configmap_names, "configmaps", found[1]),
+        ):
             for name in names:
                 try:
                     into[name] = self.api.get(f"/api/v1/namespaces/{namespace}/{resource}/{name}")
@@ -827,14 +913,20 @@ class LocalNodeAgent:
         account = pod["spec"].get("serviceAccountName") or "default"
         spec: dict[str, Any] = {
             "expirationSeconds": max(600, int(seconds)),
-            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": meta["name"],
-                               "uid": meta["uid"]}}
+            "boundObjectRef": {
+                "kind": "Pod",
+                "apiVersion": "v1",
+                "name": meta["name"],
+                "uid": meta["uid"],
+            },
+        }
         if audience:
             spec["audiences"] = [audience]
         try:
             response = self.api.post(
                 f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{account}/token",
-                {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec})
+                {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec},
+            )
         except (ApiError, OSError) as exc:
             raise ContainerConfigError(f"service account token for {account}: {exc}") from exc
         return response["status"]["token"]
@@ -842,23 +934,29 @@ class LocalNodeAgent:
     def base_env(self, pod: Pod) -> dict[str, str]:
         """What every container starts from: the host's PATH and locale, and the
         in-cluster API address (this API server, so in-cluster config works)."""
-        env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER")
-               if key in os.environ}
-        env.update({
-            "HOSTNAME": pod["metadata"]["name"],
-            "KUBERNETES_SERVICE_HOST": self.server.hostname or "127.0.0.1",
-            "KUBERNETES_SERVICE_PORT": str(self.server.port or 443),
-            "KUBERNETES_SERVICE_PORT_HTTPS": str(self.server.port or 443),
-        })
+        env = {
+            key: os.environ[key]
+            for key in ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER")
+            if key in os.environ
+        }
+        env.update(
+            {
+                "HOSTNAME": pod["metadata"]["name"],
+                "KUBERNETES_SERVICE_HOST": self.server.hostname or "127.0.0.1",
+                "KUBERNETES_SERVICE_PORT": str(self.server.port or 443),
+                "KUBERNETES_SERVICE_PORT_HTTPS": str(self.server.port or 443),
+            }
+        )
         return env
 
-    def patch_pod_status(self, namespace: str, name: str, uid: str,
-                         status: dict[str, Any]) -> bool:
+    def patch_pod_status(self, namespace: str, name: str, uid: str, status: dict[str, Any]) -> bool:
         """True when the status is stored (or the pod is gone: nothing left to report)."""
         # metadata.uid makes the patch a precondition: never a same-named successor.
         try:
-            self.api.patch(f"/api/v1/namespaces/{namespace}/pods/{name}/status",
-                           {"metadata": {"uid": uid}, "status": status})
+            self.api.patch(
+                f"/api/v1/namespaces/{namespace}/pods/{name}/status",
+                {"metadata": {"uid": uid}, "status": status},
+            )
             return True
         except ApiError as exc:
             if exc.status not in (404, 409):
@@ -874,8 +972,13 @@ class LocalNodeAgent:
         try:
             self.api.delete(
                 f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
-                {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
-                 "preconditions": {"uid": meta["uid"]}})
+                {
+                    "apiVersion": "v1",
+                    "kind": "DeleteOptions",
+                    "gracePeriodSeconds": 0,
+                    "preconditions": {"uid": meta["uid"]},
+                },
+            )
             return True
         except ApiError as exc:
             return exc.status in (404, 409)
@@ -920,8 +1023,12 @@ class LocalNodeAgent:
                     for item in listing["items"]:
                         self.handle("MODIFIED", item)
                 for event in self.api.watch(
-                        "/api/v1/pods", fieldSelector=selector, resourceVersion=resource_version,
-                        timeoutSeconds=60, allowWatchBookmarks="true"):
+                    "/api/v1/pods",
+                    fieldSelector=selector,
+                    resourceVersion=resource_version,
+                    timeoutSeconds=60,
+                    allowWatchBookmarks="true",
+                ):
                     obj = event["object"]
                     if event["type"] == "ERROR":
                         resource_version = None  # 410 Gone and friends: list again
@@ -957,8 +1064,9 @@ class LocalNodeAgent:
 # ---- the kubelet endpoint `kubectl logs` goes through --------------------------------------
 
 
-def serve_container_logs(agent: LocalNodeAgent, port: int, cert: Path, key: Path,
-                         client_ca: Path) -> ThreadingHTTPServer:
+def serve_container_logs(
+    agent: LocalNodeAgent, port: int, cert: Path, key: Path, client_ca: Path
+) -> ThreadingHTTPServer:
     """GET /containerLogs/<ns>/<pod>/<container>[?previous=&tailLines=&limitBytes=&follow=]
     over TLS with client certificates (the API server's kubelet client certificate)."""
     node_dir = agent.state_dir
@@ -978,15 +1086,17 @@ def serve_container_logs(agent: LocalNodeAgent, port: int, cert: Path, key: Path
             _, namespace, pod, container = parts
             previous = query.get("previous", ["false"])[0] == "true"
             try:
-                path = container_log_path(node_dir, namespace, pod, container,
-                                          previous=previous)
+                path = container_log_path(node_dir, namespace, pod, container, previous=previous)
             except (FileNotFoundError, KeyError, ValueError) as exc:
                 return self._reply(404, str(exc).encode())
             data = path.read_bytes()
             if "tailLines" in query:
                 lines = data.splitlines(keepends=True)
-                data = b"".join(lines[-int(query["tailLines"][0]):]) if int(
-                    query["tailLines"][0]) else b""
+                data = (
+                    b"".join(lines[-int(query["tailLines"][0]) :])
+                    if int(query["tailLines"][0])
+                    else b""
+                )
             if "limitBytes" in query:
                 data = data[: int(query["limitBytes"][0])]
             follow = query.get("follow", ["false"])[0] == "true"
@@ -1036,7 +1146,8 @@ def serve_container_logs(agent: LocalNodeAgent, port: int, cert: Path, key: Path
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m kubetune.devcluster.localnode",
-        description="Run the pods bound to a node as local processes (test/demo only).")
+        description="Run the pods bound to a node as local processes (test/demo only).",
+    )
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("--node-name", default="kubetune-local")
     parser.add_argument("--state-dir", required=True, type=Path)
@@ -1044,10 +1155,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory", default="32Gi")
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--pods", type=int, default=110)
-    parser.add_argument("--label", action="append", default=[],
-                        help="extra node label KEY=VALUE (repeatable)")
-    parser.add_argument("--kubelet-port", type=int, default=0,
-                        help="serve /containerLogs here (for kubectl logs); 0: do not")
+    parser.add_argument(
+        "--label", action="append", default=[], help="extra node label KEY=VALUE (repeatable)"
+    )
+    parser.add_argument(
+        "--kubelet-port",
+        type=int,
+        default=0,
+        help="serve /containerLogs here (for kubectl logs); 0: do not",
+    )
     parser.add_argument("--serving-cert", type=Path)
     parser.add_argument("--serving-key", type=Path)
     parser.add_argument("--client-ca", type=Path)
@@ -1056,13 +1172,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(threadName)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(threadName)s %(message)s"
+    )
     api = KubeRest(Path(args.kubeconfig))
     node = NodeSpec(
-        name=args.node_name, cpu=args.cpu, memory=args.memory, gpus=args.gpus,
-        pods=args.pods, labels=dict(label.split("=", 1) for label in args.label),
-        kubelet_port=args.kubelet_port)
+        name=args.node_name,
+        cpu=args.cpu,
+        memory=args.memory,
+        gpus=args.gpus,
+        pods=args.pods,
+        labels=dict(label.split("=", 1) for label in args.label),
+        kubelet_port=args.kubelet_port,
+    )
     args.state_dir.mkdir(parents=True, exist_ok=True)
     agent = LocalNodeAgent(api, node, args.state_dir)
 
@@ -1074,8 +1196,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     if args.kubelet_port and args.serving_cert and args.serving_key and args.client_ca:
-        serve_container_logs(agent, args.kubelet_port, args.serving_cert, args.serving_key,
-                             args.client_ca)
+        serve_container_logs(
+            agent, args.kubelet_port, args.serving_cert, args.serving_key, args.client_ca
+        )
     agent.run()
     return 0
 

@@ -72,16 +72,26 @@ def field_ref_value(pod: Pod, field_path: str) -> str:
 
 
 def _quantity_number(quantity: str) -> float:
-    suffixes = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
-                "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    suffixes = {
+        "m": 1e-3,
+        "k": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+    }
     match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(quantity))
     if not match:
         raise ContainerConfigError(f"bad quantity {quantity!r}")
     return float(match.group(1)) * suffixes.get(match.group(2), 1)
 
 
-def resource_field_value(container: Container, ref: dict[str, Any], node_allocatable:
-                         Mapping[str, str]) -> str:
+def resource_field_value(
+    container: Container, ref: dict[str, Any], node_allocatable: Mapping[str, str]
+) -> str:
     """`resourceFieldRef`: the container's limit (or request), else the node's capacity,
     divided by the divisor and rounded up, as kubelet does."""
     kind, _, name = ref["resource"].partition(".")
@@ -108,8 +118,9 @@ def _configmap_data(configmap: Mapping[str, Any]) -> dict[str, bytes]:
     return data
 
 
-def _lookup(kind: str, objects: Mapping[str, Mapping[str, Any]], name: str, key: str | None,
-            optional: bool) -> bytes | dict[str, bytes] | None:
+def _lookup(
+    kind: str, objects: Mapping[str, Mapping[str, Any]], name: str, key: str | None, optional: bool
+) -> bytes | dict[str, bytes] | None:
     obj = objects.get(name)
     if obj is None:
         if optional:
@@ -162,13 +173,15 @@ def build_pod_env(
             value = _lookup("secret", secrets, ref["name"], ref["key"], bool(ref.get("optional")))
         elif "configMapKeyRef" in source:
             ref = source["configMapKeyRef"]
-            value = _lookup("configmap", configmaps, ref["name"], ref["key"],
-                            bool(ref.get("optional")))
+            value = _lookup(
+                "configmap", configmaps, ref["name"], ref["key"], bool(ref.get("optional"))
+            )
         elif "fieldRef" in source:
             value = field_ref_value(pod, source["fieldRef"]["fieldPath"])
         elif "resourceFieldRef" in source:
-            value = resource_field_value(container, source["resourceFieldRef"],
-                                         node_allocatable or {})
+            value = resource_field_value(
+                container, source["resourceFieldRef"], node_allocatable or {}
+            )
         else:
             raise ContainerConfigError(f"env {name}: unsupported valueFrom {sorted(source)}")
         if value is None:  # optional and absent: kubelet leaves the variable unset
@@ -184,7 +197,8 @@ def container_argv(container: Container, env: Mapping[str, str]) -> list[str]:
     if not command:
         raise ContainerConfigError(
             f"container {container['name']!r} has no command: the local node runs "
-            "commands on the host and cannot use the image's entrypoint")
+            "commands on the host and cannot use the image's entrypoint"
+        )
     return [expand_vars(part, env) for part in [*command, *(container.get("args") or [])]]
 
 
@@ -227,8 +241,13 @@ class VolumeFile:
     mode: int
 
 
-def _key_files(data: Mapping[str, bytes], items: list[dict[str, Any]] | None,
-               default_mode: int, what: str, optional: bool) -> dict[str, VolumeFile]:
+def _key_files(
+    data: Mapping[str, bytes],
+    items: list[dict[str, Any]] | None,
+    default_mode: int,
+    what: str,
+    optional: bool,
+) -> dict[str, VolumeFile]:
     if items:
         files = {}
         for item in items:
@@ -241,14 +260,24 @@ def _key_files(data: Mapping[str, bytes], items: list[dict[str, Any]] | None,
     return {key: VolumeFile(value, default_mode) for key, value in data.items()}
 
 
-def _object_files(kind: str, objects: Mapping[str, Mapping[str, Any]], name: str,
-                  source: dict[str, Any], default_mode: int) -> dict[str, VolumeFile]:
+def _object_files(
+    kind: str,
+    objects: Mapping[str, Mapping[str, Any]],
+    name: str,
+    source: dict[str, Any],
+    default_mode: int,
+) -> dict[str, VolumeFile]:
     optional = bool(source.get("optional"))
     data = _lookup(kind, objects, name, None, optional)
     if data is None:
         return {}
-    return _key_files(data, source.get("items"), source.get("defaultMode", default_mode),  # type: ignore[arg-type]
-                      f'{kind} "{name}"', optional)
+    return _key_files(
+        data,
+        source.get("items"),
+        source.get("defaultMode", default_mode),  # type: ignore[arg-type]
+        f'{kind} "{name}"',
+        optional,
+    )
 
 
 def _downward_files(pod: Pod, source: dict[str, Any], default_mode: int) -> dict[str, VolumeFile]:
@@ -288,8 +317,7 @@ def volume_files(
         for source in projected.get("sources") or []:
             if "configMap" in source:
                 src = source["configMap"]
-                files.update(_object_files("configmap", configmaps, src["name"], src,
-                                           default_mode))
+                files.update(_object_files("configmap", configmaps, src["name"], src, default_mode))
             elif "secret" in source:
                 src = source["secret"]
                 files.update(_object_files("secret", secrets, src["name"], src, default_mode))
@@ -307,7 +335,8 @@ def volume_files(
     kinds = sorted(k for k in volume if k != "name")
     raise ContainerConfigError(
         f"volume {volume['name']!r}: {', '.join(kinds)} volumes are not supported on the "
-        "local node (emptyDir, hostPath, configMap, secret, downwardAPI and projected are)")
+        "local node (emptyDir, hostPath, configMap, secret, downwardAPI and projected are)"
+    )
 
 
 @dataclass(frozen=True)
@@ -317,8 +346,9 @@ class Mount:
     read_only: bool
 
 
-def container_mounts(container: Container, volume_dirs: Mapping[str, Path],
-                     env: Mapping[str, str]) -> list[Mount]:
+def container_mounts(
+    container: Container, volume_dirs: Mapping[str, Path], env: Mapping[str, str]
+) -> list[Mount]:
     """Bind mounts for the container's volumeMounts, parents before children."""
     mounts = []
     for volume_mount in container.get("volumeMounts") or []:
@@ -327,7 +357,8 @@ def container_mounts(container: Container, volume_dirs: Mapping[str, Path],
             raise ContainerConfigError(f"volumeMount {name!r} names no volume of the pod")
         source = volume_dirs[name]
         sub_path = volume_mount.get("subPath") or expand_vars(
-            volume_mount.get("subPathExpr", ""), env)
+            volume_mount.get("subPathExpr", ""), env
+        )
         if sub_path:
             if sub_path.startswith("/") or ".." in Path(sub_path).parts:
                 raise ContainerConfigError(f"invalid subPath {sub_path!r}")
@@ -342,7 +373,7 @@ def mount_namespace_argv(mounts: list[Mount], workdir: str, argv: list[str]) -> 
     caller gets is the container's main process."""
     lines = [
         "set -e",
-        'bind() {',
+        "bind() {",
         '  if [ -d "$1" ]; then mkdir -p "$2"; '
         'elif [ ! -e "$2" ]; then mkdir -p "$(dirname "$2")"; : > "$2"; fi',
         '  mount --bind "$1" "$2"',
@@ -353,14 +384,27 @@ def mount_namespace_argv(mounts: list[Mount], workdir: str, argv: list[str]) -> 
         mode = "ro" if mount.read_only else "rw"
         lines.append(f"bind {shlex.quote(str(mount.source))} {shlex.quote(mount.target)} {mode}")
     lines += [f"cd {shlex.quote(workdir)}", 'exec "$@"']
-    return ["unshare", "--mount", "--propagation", "private", "--",
-            "/bin/sh", "-c", "\n".join(lines), "kubetune-container", *argv]
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "/bin/sh",
+        "-c",
+        "\n".join(lines),
+        "kubetune-container",
+        *argv,
+    ]
 
 
 def gpu_request(container: Container) -> int:
     resources = container.get("resources") or {}
-    value = (resources.get("limits") or {}).get(GPU_RESOURCE) or (
-        resources.get("requests") or {}).get(GPU_RESOURCE) or 0
+    value = (
+        (resources.get("limits") or {}).get(GPU_RESOURCE)
+        or (resources.get("requests") or {}).get(GPU_RESOURCE)
+        or 0
+    )
     return int(value)
 
 
@@ -372,8 +416,9 @@ def exit_code_from_returncode(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def termination_message(container: Container, message_file: bytes, log_tail: bytes,
-                        exit_code: int) -> str:
+def termination_message(
+    container: Container, message_file: bytes, log_tail: bytes, exit_code: int
+) -> str:
     """The container's termination message: its message file, or with
     FallbackToLogsOnError and an empty file after a failure, the end of its log."""
     message = message_file[:MAX_TERMINATION_MESSAGE_BYTES]
@@ -395,8 +440,13 @@ def running_state(started_at: str) -> dict[str, Any]:
     return {"running": {"startedAt": started_at}}
 
 
-def terminated_state(exit_code: int, started_at: str | None, finished_at: str,
-                     message: str = "", container_id: str | None = None) -> dict[str, Any]:
+def terminated_state(
+    exit_code: int,
+    started_at: str | None,
+    finished_at: str,
+    message: str = "",
+    container_id: str | None = None,
+) -> dict[str, Any]:
     terminated: dict[str, Any] = {
         "exitCode": exit_code,
         "reason": "Completed" if exit_code == 0 else "Error",
@@ -422,11 +472,13 @@ def restart_backoff(restart_count: int) -> float:
     return float(min(60, 2 ** max(0, restart_count)))
 
 
-def pod_phase(restart_policy: str, states: list[dict[str, Any]],
-              restart_pending: bool) -> str:
+def pod_phase(restart_policy: str, states: list[dict[str, Any]], restart_pending: bool) -> str:
     """The phase for the main containers' current states."""
-    if any("waiting" in s for s in states) and not restart_pending and not any(
-            "running" in s or "terminated" in s for s in states):
+    if (
+        any("waiting" in s for s in states)
+        and not restart_pending
+        and not any("running" in s or "terminated" in s for s in states)
+    ):
         return "Pending"
     if restart_pending or any("running" in s or "waiting" in s for s in states):
         return "Running"

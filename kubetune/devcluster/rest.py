@@ -37,8 +37,9 @@ class KubeRest:
 
     def __init__(self, kubeconfig: Path, timeout: float = 30.0) -> None:
         config = yaml.safe_load(Path(kubeconfig).read_text())
-        context = next(c["context"] for c in config["contexts"]
-                       if c["name"] == config["current-context"])
+        context = next(
+            c["context"] for c in config["contexts"] if c["name"] == config["current-context"]
+        )
         cluster = next(c["cluster"] for c in config["clusters"] if c["name"] == context["cluster"])
         user = next(u["user"] for u in config["users"] if u["name"] == context["user"])
         self.server = cluster["server"]
@@ -46,7 +47,8 @@ class KubeRest:
         self.host, self.port = url.hostname or "127.0.0.1", url.port or 443
         self.timeout = timeout
         self.ssl = ssl.create_default_context(
-            cadata=base64.b64decode(cluster["certificate-authority-data"]).decode())
+            cadata=base64.b64decode(cluster["certificate-authority-data"]).decode()
+        )
         # ssl wants the client certificate as files.
         with tempfile.NamedTemporaryFile("wb", suffix=".pem") as pem:
             pem.write(base64.b64decode(user["client-certificate-data"]))
@@ -56,12 +58,20 @@ class KubeRest:
             self.ssl.load_cert_chain(pem.name)
 
     def _connection(self, timeout: float | None) -> http.client.HTTPSConnection:
-        return http.client.HTTPSConnection(self.host, self.port, context=self.ssl,
-                                           timeout=timeout or self.timeout)
+        return http.client.HTTPSConnection(
+            self.host, self.port, context=self.ssl, timeout=timeout or self.timeout
+        )
 
-    def request(self, method: str, path: str, body: Any = None, *,
-                content_type: str = "application/json", query: dict[str, Any] | None = None,
-                timeout: float | None = None) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        content_type: str = "application/json",
+        query: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         if query:
             path = f"{path}?{urllib.parse.urlencode(query)}"
         data = None if body is None else json.dumps(body).encode()
@@ -97,12 +107,16 @@ class KubeRest:
         server_timeout = float(query.get("timeoutSeconds", 300))
         conn = self._connection(server_timeout + 30)
         try:
-            conn.request("GET", f"{path}?{urllib.parse.urlencode(query)}",
-                         headers={"Accept": "application/json"})
+            conn.request(
+                "GET",
+                f"{path}?{urllib.parse.urlencode(query)}",
+                headers={"Accept": "application/json"},
+            )
             response = conn.getresponse()
             if response.status >= 400:
-                raise ApiError(response.status, response.reason,
-                               response.read().decode(errors="replace"))
+                raise ApiError(
+                    response.status, response.reason, response.read().decode(errors="replace")
+                )
             while True:
                 line = response.readline()
                 if not line:
