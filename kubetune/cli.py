@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     ("kubetune_trainer.local_run", "run a FineTuneJob on this machine"),
     ("kubetune.usercli", "submit, list, watch, logs, report, cancel"),
     ("kubetune.devcluster.cli", "local control plane for tests and the demo"),
+    ("kubetune.demo", "the full local demo"),
     ("kubetune.api.cli", "CRD generation"),
 ]
 

@@ -47,7 +47,9 @@ def test_kubetune_run_writes_artifacts_and_prints_them(tiny_job, tmp_path, capsy
     printed = capsys.readouterr().out
     assert str(run.as_uri()) in printed.replace("\n", "")
     assert "adapter/adapter_model.safetensors" in printed and "manifest.json" in printed
-    assert "Evaluation" in printed and "eval loss" in printed
+    # The evaluation summary is report.json's base-vs-tuned table, as `kubetune report` shows.
+    assert "Evaluation" in printed and "Eval loss" in printed
+    assert "Token F1" in printed and "ROUGE-L" in printed and "Thresholds:" in printed
 
 
 def test_kubetune_run_bad_manifest_is_one_line_and_exit_3(tmp_path, capsys):

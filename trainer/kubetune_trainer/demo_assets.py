@@ -3,6 +3,13 @@
 Used by the quickstart, the tests and the benchmark, so that a full fine-tuning run needs no
 model hub: `python -m kubetune_trainer.demo_assets DIR` writes `DIR/model/` and
 `DIR/train.jsonl`.
+
+A purely random base barely learns in a short LoRA run: its frozen output layer is noise, so
+no adapter can make it confident. `write_tiny_model(..., pretrain_steps=N)` first gives it a
+brief real pre-training on generic text about the same people, cities and jobs (prose and
+unrelated JSON records, never the instruction format), like a real base model knows the
+language but not the task. The quickstart and `kubetune demo` use it; the tests use the
+random model, which is faster to make.
 """
 
 from __future__ import annotations
@@ -41,6 +48,11 @@ _FILLERS = [
     "while learning to play the violin in the evenings",
     "and volunteers at the library every weekend",
 ]
+
+
+# Enough generic pre-training for the quickstart's LoRA to learn the answer format: ~10 s on
+# two CPU cores.
+DEMO_PRETRAIN_STEPS = 200
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,69 @@ def write_demo_dataset(
     return path
 
 
+def generic_document(rng: random.Random) -> str:
+    """A few sentences and JSON records about random people: pre-training text."""
+
+    def prose() -> str:
+        name, city, job = rng.choice(_NAMES), rng.choice(_CITIES), rng.choice(_JOBS)
+        extras = "".join(f" {e}" for e in rng.choices(_FILLERS, k=rng.randint(0, 2)))
+        return rng.choice(
+            [
+                f"{name} is a {job} who lives in {city}{extras}. Ask {name} about {city}.",
+                f"In {city}, {name} works as a {job}{extras}. {name} likes {city}.",
+                f"The {job} {name} moved to {city}{extras}. {name} is still a {job} there.",
+                f"Every {job} in {city} knows {name}.",
+            ]
+        )
+
+    def record() -> str:
+        fields = [("name", rng.choice(_NAMES)), ("city", rng.choice(_CITIES))]
+        fields.append(("job", rng.choice(_JOBS)))
+        rng.shuffle(fields)
+        return json.dumps(dict(fields[: rng.randint(1, 3)]))
+
+    return " ".join(prose() if rng.random() < 0.6 else record() for _ in range(rng.randint(2, 6)))
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """The brief pre-training of `write_tiny_model(pretrain_steps=...)`."""
+
+    batch_size: int = 16
+    max_length: int = 128
+    learning_rate: float = 3e-3
+
+
+def pretrain(model, tokenizer, steps: int, *, seed: int, settings: PretrainSettings | None = None):
+    """Train every weight of `model` on `steps` batches of generic text (plain AdamW loop)."""
+    import torch
+
+    settings = settings or PretrainSettings()
+    rng = random.Random(seed + 2)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
+    model.train()
+    for _ in range(steps):
+        texts = [
+            tokenizer.bos_token + generic_document(rng) + tokenizer.eos_token
+            for _ in range(settings.batch_size)
+        ]
+        batch = tokenizer(
+            texts,
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=settings.max_length,
+            add_special_tokens=False,
+        )
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return model
+
+
 def _tokenizer_corpus(seed: int) -> Iterator[str]:
     # The tokenizer learns merges from the same kind of text it will see, plus the chat markers
     # and the alpaca prompt wording, so sequences stay short.
@@ -132,8 +207,10 @@ def write_tiny_model(
     seed: int = 0,
     chat_template: bool = True,
     shape: TinyModelShape | None = None,
+    pretrain_steps: int = 0,
 ) -> Path:
-    """Save a random `LlamaForCausalLM` and its tokenizer (safetensors) under `directory`."""
+    """Save a random `LlamaForCausalLM` and its tokenizer (safetensors) under `directory`;
+    with `pretrain_steps`, pre-trained that many batches on generic text first."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -161,6 +238,8 @@ def write_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    if pretrain_steps:
+        pretrain(model, tokenizer, pretrain_steps, seed=seed)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -174,8 +253,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", type=Path)
     parser.add_argument("--rows", type=int, default=256, help="dataset rows (default 256)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=DEMO_PRETRAIN_STEPS,
+        help="batches of generic pre-training of the base model (default %(default)s; 0: random)",
+    )
     args = parser.parse_args(argv)
-    model_dir = write_tiny_model(args.directory / "model", seed=args.seed)
+    model_dir = write_tiny_model(
+        args.directory / "model", seed=args.seed, pretrain_steps=args.pretrain_steps
+    )
     data_path = write_demo_dataset(args.directory / "train.jsonl", args.rows, args.seed)
     print(f"model:   {model_dir}")
     print(f"dataset: {data_path} ({args.rows} rows)")

@@ -55,9 +55,15 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def print_summary(console: Any, location: str, manifest: dict[str, Any]) -> None:
-    """Where the artifacts went (a table of files) and the evaluation summary."""
+def print_summary(
+    console: Any, location: str, manifest: dict[str, Any], report: dict[str, Any] | None
+) -> None:
+    """Where the artifacts went (a table of files) and the evaluation summary: the same
+    base-vs-tuned table `kubetune report` prints, from the run's report.json."""
+    from rich.markdown import Markdown
     from rich.table import Table
+
+    from kubetune.report import render_gate_summary, render_report_table
 
     files = Table(title=f"Artifacts in {location}", title_justify="left")
     files.add_column("file")
@@ -68,32 +74,27 @@ def print_summary(console: Any, location: str, manifest: dict[str, Any]) -> None
     files.add_row("manifest.json", "", "")
     console.print(files)
 
+    if report is not None:
+        console.print("[bold]Evaluation[/]: base model vs tuned, on held-out examples")
+        console.print(Markdown(render_report_table(report)))
+        console.print(render_gate_summary(report))
     metrics = manifest.get("metrics", {})
-    pairs = [
-        ("eval loss", "baseEvalLoss", "evalLoss"),
-        ("exact match", "baseExactMatch", "exactMatch"),
-        ("format compliance", "baseFormatCompliance", "formatCompliance"),
-    ]
-    if any(base in metrics or tuned in metrics for _, base, tuned in pairs):
-        evaluation = Table(title="Evaluation", title_justify="left")
-        evaluation.add_column("metric")
-        evaluation.add_column("base", justify="right")
-        evaluation.add_column("tuned", justify="right")
-        for label, base, tuned in pairs:
-            if base in metrics or tuned in metrics:
-                evaluation.add_row(label, _fmt(metrics.get(base)), _fmt(metrics.get(tuned)))
-        console.print(evaluation)
-    passed = manifest.get("evalPassed")
-    if passed is not None:
-        verdict = "[green]passed[/]" if passed else "[red]missed[/]"
-        console.print(f"Evaluation thresholds: {verdict}")
-        for miss in manifest.get("evalMissed", []):
-            console.print(f"  - {miss}")
     console.print(
         f"train loss {_fmt(metrics.get('trainLoss'))}, "
         f"{metrics.get('tokensTrained', 0):,} tokens trained in "
         f"{metrics.get('durationSeconds', 0):.1f} s"
     )
+
+
+def read_report(store: Any, prefix: str, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's report.json (next to the report.md the manifest names), if evaluated."""
+    from kubetune.usercli import report_json_uri
+
+    report = (manifest.get("artifacts") or {}).get("report")
+    if not report:
+        return None
+    key = prefix + report_json_uri(report)
+    return json.loads(store.read_text(key)) if store.exists(key) else None
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -137,7 +138,7 @@ def run_command(args: argparse.Namespace) -> int:
     store = open_store(job.spec.output.uri)
     prefix = run_prefix(LOCAL_NAMESPACE, job.metadata.name)
     manifest = json.loads(store.read_text(prefix + MANIFEST))
-    print_summary(console, store.uri_for(prefix), manifest)
+    print_summary(console, store.uri_for(prefix), manifest, read_report(store, prefix, manifest))
     if failure:
         error_line(failure)
         return EXIT_FAILURE

@@ -1,0 +1,644 @@
+"""`kubetune demo`: the whole system on this machine, from an empty start to an evaluated model.
+
+    kubetune demo            # about 2 minutes once the Kubernetes binaries are built
+
+What it does, in order, and undoes at the end (also on Ctrl-C, SIGTERM or failure):
+
+1. starts the local control plane and the local node (kubetune.devcluster), and an S3 API
+   (moto's server) on a free loopback port;
+2. writes a tiny model and the instruction data set (kubetune_trainer.demo_assets) and uploads
+   them to the S3 locations examples/quickstart-cluster.yaml names;
+3. installs the FineTuneJob CRD, creates the S3 credentials Secret the manifest references and
+   starts the operator, whose trainer pods run the project's `kubetune-trainer` as processes
+   on the local node and report progress to it over loopback;
+4. `kubetune submit`s the manifest and shows its live progress until it finishes;
+5. lists the artifacts in S3 and prints the evaluation summary from report.json.
+
+Needs the trainer extra and the dev dependencies (moto): `uv sync --extra trainer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markdown import Markdown
+from rich.table import Table
+
+from kubetune.api import v1alpha1 as api
+from kubetune.api.crd import CRD_PATH
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MANIFEST = REPO_ROOT / "examples" / "quickstart-cluster.yaml"
+FTJ_API = f"/apis/{api.GROUP}/{api.VERSION}"
+CRD_NAME = f"{api.PLURAL}.{api.GROUP}"
+# The fixed, fake credentials of the throwaway S3 server (it accepts any).
+S3_ACCESS_KEY = "kubetune-demo"
+S3_SECRET_KEY = "kubetune-demo-secret"
+S3_REGION = "us-east-1"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What `kubetune demo` runs; the defaults are the README's demo."""
+
+    manifest: Path = DEFAULT_MANIFEST
+    namespace: str = "default"
+    timeout_s: float = 600.0  # submit to Succeeded/Failed
+    poll_s: float = 1.0  # status polls while watching
+    keep: bool = False  # leave everything running until Ctrl-C
+    keep_files: bool = False  # keep the work directory (logs, state) afterwards
+    # Generic pre-training of the tiny base, so that it knows the words and JSON before the
+    # fine-tuning (a random base barely learns in a short LoRA run). None: demo_assets' default.
+    pretrain_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    key: str  # a prefix when it ends with '/'
+
+
+@dataclass
+class DemoResult:
+    """What the demo saw; the S3 listing and the report were read before teardown."""
+
+    phase: str | None = None
+    status: dict[str, Any] = field(default_factory=dict)
+    artifact_keys: dict[str, int] = field(default_factory=dict)  # key under the run -> size
+    report: dict[str, Any] | None = None
+    work_dir: Path | None = None
+    seconds: float = 0.0
+
+
+class DemoError(Exception):
+    """A one-line reason the demo cannot go on."""
+
+
+class Interrupted(Exception):
+    """SIGTERM/SIGHUP while the demo runs: unwinds like Ctrl-C, so teardown happens."""
+
+
+# --- pure helpers ---------------------------------------------------------------------
+
+
+def parse_s3(uri: str, field_name: str) -> S3Location:
+    if not uri.startswith("s3://"):
+        raise DemoError(f"{field_name}: the demo needs an s3:// URI, got {uri}")
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not bucket:
+        raise DemoError(f"{field_name}: no bucket in {uri}")
+    return S3Location(bucket, key)
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Where the demo puts its inputs and finds its outputs, all read from the manifest."""
+
+    name: str
+    model: S3Location  # a prefix: the model's files go under it
+    dataset: S3Location  # one JSON-lines file
+    output: S3Location
+    secret_name: str
+    buckets: tuple[str, ...]
+
+
+def plan_from_manifest(manifest: dict[str, Any], namespace: str) -> DemoPlan:
+    """The S3 layout and Secret of a FineTuneJob manifest (validated against the API)."""
+    job = api.FineTuneJob.model_validate(manifest)
+    spec = job.spec
+    model = parse_s3(spec.model.uri, "spec.model.uri")
+    if model.key and not model.key.endswith("/"):
+        model = S3Location(model.bucket, model.key + "/")
+    dataset = parse_s3(spec.dataset.uri, "spec.dataset.uri")
+    output = parse_s3(spec.output.uri, "spec.output.uri")
+    ref = spec.output.credentialsSecretRef
+    if ref is None:
+        raise DemoError("spec.output.credentialsSecretRef: the demo creates this Secret; set it")
+    prefix = output.key if not output.key or output.key.endswith("/") else output.key + "/"
+    run = S3Location(output.bucket, f"{prefix}{namespace}/{job.metadata.name}/")
+    buckets = tuple(dict.fromkeys((model.bucket, dataset.bucket, output.bucket)))
+    return DemoPlan(job.metadata.name, model, dataset, run, ref.name, buckets)
+
+
+def model_uploads(model_dir: Path, prefix: S3Location) -> list[tuple[Path, str]]:
+    """(local file, key) for every file of a saved model, under the model prefix."""
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file())
+    return [(p, prefix.key + p.relative_to(model_dir).as_posix()) for p in files]
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def artifact_table(run_uri: str, keys: dict[str, int]) -> Table:
+    """The run's files; checkpoints folded into one line each (they are many and alike)."""
+    table = Table(title=f"Artifacts in {run_uri}", title_justify="left")
+    table.add_column("file")
+    table.add_column("size", justify="right")
+    checkpoints: dict[str, list[int]] = {}
+    for key, size in sorted(keys.items()):
+        parts = key.split("/")
+        if parts[0] == "checkpoints" and len(parts) > 2:
+            checkpoints.setdefault("/".join(parts[:2]) + "/", []).append(size)
+            continue
+        table.add_row(key, human_size(size))
+    for folder, sizes in sorted(checkpoints.items()):
+        table.add_row(f"{folder} ({len(sizes)} files)", human_size(sum(sizes)), style="dim")
+    return table
+
+
+def first_sample(report: dict[str, Any]) -> str | None:
+    """One held-out example as text: the input, the reference, base and tuned output."""
+    samples = report.get("samples") or []
+    if not samples:
+        return None
+    sample = samples[0]
+    prompt = sample.get("prompt", "").strip().splitlines()
+    # The last prompt line before the response marker is the example's own input.
+    shown = next((line for line in reversed(prompt) if line and not line.startswith("#")), "")
+    return "\n".join(
+        [
+            f"input:      {shown}",
+            f"reference:  {sample.get('reference', '').strip()}",
+            f"base model: {one_line(sample.get('base', ''))}",
+            f"tuned:      {one_line(sample.get('tuned', ''))}",
+        ]
+    )
+
+
+def one_line(text: str, width: int = 66) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def progress_line(status: dict[str, Any]) -> str:
+    """`Running  17/34 (50%)  loss 0.4123`: one line of a job's status."""
+    progress = status.get("progress") or {}
+    parts = [status.get("phase") or "Pending"]
+    if progress.get("summary"):
+        parts.append(str(progress["summary"]))
+    elif status.get("reason"):
+        parts.append(str(status["reason"]))
+    loss = progress.get("loss")
+    if isinstance(loss, int | float):
+        parts.append(f"loss {loss:.4f}")
+    return "  ".join(parts)
+
+
+# --- the running pieces ---------------------------------------------------------------
+
+
+def job_seconds(status: dict[str, Any]) -> float | None:
+    """Seconds from the job's startTime to its completionTime, when both are set."""
+    from datetime import datetime
+
+    start, end = status.get("startTime"), status.get("completionTime")
+    if not start or not end:
+        return None
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
+def trainer_command() -> list[str]:
+    """This environment's trainer: the console script next to the interpreter."""
+    script = Path(sys.executable).with_name("kubetune-trainer")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "kubetune_trainer"]
+
+
+class S3Endpoint:
+    """moto's S3 server on a free loopback port (a thread of this process)."""
+
+    def __init__(self) -> None:
+        try:
+            from moto.server import ThreadedMotoServer
+        except ModuleNotFoundError:
+            raise DemoError(
+                "moto is not installed: run `uv sync --extra trainer` (it installs the dev "
+                "dependencies too)"
+            ) from None
+        # Its web server logs every request at INFO: hundreds of lines in the middle of the demo.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.url = f"http://{host}:{port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.url,
+            "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+            "AWS_REGION": S3_REGION,
+        }
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.url,
+            region_name=S3_REGION,
+            aws_access_key_id=S3_ACCESS_KEY,
+            aws_secret_access_key=S3_SECRET_KEY,
+        )
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+def list_keys(s3: Any, location: S3Location) -> dict[str, int]:
+    """Key (relative to the prefix) -> size of every object under a prefix."""
+    pages = s3.get_paginator("list_objects_v2").paginate(
+        Bucket=location.bucket, Prefix=location.key
+    )
+    return {
+        obj["Key"][len(location.key) :]: obj["Size"]
+        for page in pages
+        for obj in page.get("Contents", [])
+    }
+
+
+def prepare_inputs(
+    plan: DemoPlan, s3: Any, work_dir: Path, pretrain_steps: int | None
+) -> tuple[int, float]:
+    """Write the tiny model and the data set, upload them; returns (files, seconds)."""
+    try:
+        from kubetune_trainer.demo_assets import (
+            DEMO_PRETRAIN_STEPS,
+            write_demo_dataset,
+            write_tiny_model,
+        )
+    except ModuleNotFoundError:
+        raise DemoError(
+            "the trainer extra is not installed: run `uv sync --extra trainer`"
+        ) from None
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Writing model shards" bars
+    started = time.monotonic()
+    steps = DEMO_PRETRAIN_STEPS if pretrain_steps is None else pretrain_steps
+    model_dir = write_tiny_model(work_dir / "assets" / "model", pretrain_steps=steps)
+    data = write_demo_dataset(work_dir / "assets" / "train.jsonl")
+    for bucket in plan.buckets:
+        s3.create_bucket(Bucket=bucket)
+    uploads = [*model_uploads(model_dir, plan.model), (data, plan.dataset.key)]
+    for path, key in uploads[:-1]:
+        s3.upload_file(str(path), plan.model.bucket, key)
+    s3.upload_file(str(data), plan.dataset.bucket, plan.dataset.key)
+    return len(uploads), time.monotonic() - started
+
+
+def install_crd(cluster: Any) -> None:
+    from kubetune.devcluster.processes import wait_for
+
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_PATH))
+    api_client = cluster.rest()
+
+    def served() -> bool:
+        crd = api_client.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}")
+        conds = {c["type"]: c["status"] for c in crd.get("status", {}).get("conditions", [])}
+        # Discovery can lag the Established condition: also wait until the resource is served.
+        return conds.get("Established") == "True" and bool(
+            api_client.get(f"{FTJ_API}/{api.PLURAL}") is not None
+        )
+
+    wait_for(served, timeout=60, what="the FineTuneJob CRD served")
+
+
+def create_secret(cluster: Any, namespace: str, name: str, data: dict[str, str]) -> None:
+    cluster.rest().post(
+        f"/api/v1/namespaces/{namespace}/secrets",
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data},
+    )
+
+
+class OperatorRun:
+    """`python -m kubetune_operator` as a child process, logging to a file."""
+
+    def __init__(self, cluster: Any, log_path: Path, s3_region: str) -> None:
+        from kubetune.devcluster.processes import free_port, start_process
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        argv = [
+            sys.executable, "-m", "kubetune_operator",
+            # Trainer pods are processes on this host: they reach it on loopback.
+            "--listen-host", "127.0.0.1",
+            "--listen-port", str(self.port),
+            "--progress-base-url", self.url,
+            "--trainer-command", " ".join(trainer_command()),
+            "--trainer-image", "kubetune/trainer:local",  # the local node ignores images
+            "--s3-region", s3_region,
+            "--patch-interval", "1",
+            "--log-format", "text",
+        ]  # fmt: skip
+        # Dies with this process even if it is SIGKILLed.
+        self.proc, self.record = start_process(
+            "operator", argv, log_path, env=cluster.env(), die_with_parent=True
+        )
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        from kubetune.devcluster.processes import wait_for
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise DemoError(f"the operator exited; see {self.log_path}:\n{self.tail()}")
+            with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as response:
+                return response.status == 200
+
+        try:
+            wait_for(ready, timeout=timeout, what="operator /readyz")
+        except TimeoutError as exc:
+            raise DemoError(f"{exc}; see {self.log_path}") from None
+
+    def tail(self, lines: int = 20) -> str:
+        text = self.log_path.read_text() if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        from kubetune.devcluster.processes import stop_processes
+
+        stop_processes([self.record], timeout=15, reap=lambda _pid: self.proc.poll())
+
+
+@contextlib.contextmanager
+def signals_unwind() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise `Interrupted` in the main thread, so `finally` tears down."""
+
+    def raise_interrupted(signum: int, _frame: object) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, raise_interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def watch(
+    cluster: Any, namespace: str, name: str, console: Console, settings: DemoSettings
+) -> dict[str, Any]:
+    """Live progress like `kubetune watch`, until a terminal phase or the timeout."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    rest = cluster.rest()
+    path = f"{FTJ_API}/namespaces/{namespace}/{api.PLURAL}/{name}"
+    deadline = time.monotonic() + settings.timeout_s
+    columns = (
+        TextColumn("[bold]{task.fields[phase]}"),
+        BarColumn(),
+        TextColumn("{task.fields[summary]}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+    )
+    last_line = ""
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(name, total=None, phase="Pending", summary="", loss="-")
+        while True:
+            status = (rest.get(path) or {}).get("status") or {}
+            progress = status.get("progress") or {}
+            loss = progress.get("loss")
+            bar.update(
+                task,
+                total=progress.get("totalSteps"),
+                completed=progress.get("step") or 0,
+                phase=status.get("phase") or "Pending",
+                summary=progress.get("summary") or status.get("reason") or "",
+                loss=f"{loss:.4f}" if isinstance(loss, int | float) else "-",
+            )
+            # Phase and stage changes as lines too: they stay readable in a log file.
+            line = f"{status.get('phase') or 'Pending'} {status.get('reason') or ''}".strip()
+            if line != last_line:
+                bar.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/]  {progress_line(status)}")
+                last_line = line
+            if status.get("phase") in api.TERMINAL_PHASES:
+                return status
+            if time.monotonic() > deadline:
+                raise DemoError(
+                    f"{name} did not finish within {settings.timeout_s:.0f} s: "
+                    f"{progress_line(status)}"
+                )
+            time.sleep(settings.poll_s)
+
+
+def trainer_log_tail(cluster: Any, namespace: str, status: dict[str, Any], lines: int = 15) -> str:
+    job = status.get("jobName")
+    if not job:
+        return ""
+    pods = cluster.rest().get(
+        f"/api/v1/namespaces/{namespace}/pods?labelSelector=batch.kubernetes.io/job-name%3D{job}"
+    )["items"]
+    if not pods:
+        return ""
+    pod = sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"])[-1]["metadata"]["name"]
+    text = cluster.read_pod_logs(namespace, pod, "trainer")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# --- the demo -------------------------------------------------------------------------
+
+
+def run_demo(
+    settings: DemoSettings,
+    console: Console,
+    *,
+    before_teardown: Callable[[dict[str, Any]], None] | None = None,
+) -> DemoResult:
+    """Run the whole demo and tear it down; `before_teardown(context)` sees the running
+    system (keys: cluster, s3, plan, operator) after the summary, e.g. for tests."""
+    from kubetune.cli import main as kubetune_cli
+    from kubetune.devcluster.binaries import missing_binaries
+    from kubetune.devcluster.controlplane import DevCluster, NodeConfig
+    from kubetune.report import render_gate_summary, render_report_table
+    from kubetune.usercli import CliError, load_manifests
+
+    started = time.monotonic()
+    try:
+        # The same checks and one-line messages as `kubetune submit`.
+        manifest = load_manifests(Path(settings.manifest))[0]
+    except CliError as exc:
+        raise DemoError(str(exc)) from None
+    plan = plan_from_manifest(manifest, settings.namespace)
+    missing = missing_binaries()
+    if missing:
+        raise DemoError(
+            f"missing Kubernetes binaries ({', '.join(missing)}): run `bash hack/k8s-binaries.sh`"
+        )
+    result = DemoResult(work_dir=Path(tempfile.mkdtemp(prefix="kubetune-demo-")))
+    work_dir = result.work_dir
+    cluster = s3_endpoint = operator = None
+
+    def step(text: str) -> None:
+        console.print(f"\n[bold]==> {text}[/]  [dim]({time.monotonic() - started:.0f} s)[/]")
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        with signals_unwind():
+            step("S3 endpoint, tiny model and data")
+            s3_endpoint = S3Endpoint()
+            s3 = s3_endpoint.client()
+            console.print(f"S3 API at {s3_endpoint.url}")
+            # The inputs are made while the control plane starts: both take a while.
+            inputs = pool.submit(prepare_inputs, plan, s3, work_dir, settings.pretrain_steps)
+
+            step("local control plane and local node")
+            cluster = DevCluster.start(
+                work_dir / "cluster", node=NodeConfig(gpus=0), ready_timeout=120
+            )
+            console.print(
+                f"Kubernetes API at {cluster.server} (ready in {cluster.ready_seconds} s)"
+            )
+            install_crd(cluster)
+            create_secret(cluster, settings.namespace, plan.secret_name, s3_endpoint.env)
+            console.print(f"CRD {CRD_NAME} installed")
+            console.print(f"Secret {settings.namespace}/{plan.secret_name}: S3 endpoint and keys")
+
+            step("operator")
+            operator = OperatorRun(cluster, work_dir / "operator.log", S3_REGION)
+            operator.wait_ready()
+            console.print(f"operator ready at {operator.url} (log {operator.log_path})")
+
+            files, seconds = inputs.result()
+            console.print(
+                f"uploaded {files} files to s3://{plan.model.bucket}/{plan.model.key} and "
+                f"s3://{plan.dataset.bucket}/{plan.dataset.key} (made in {seconds:.0f} s)"
+            )
+
+            step(f"kubetune submit {display_path(settings.manifest)}")
+            argv = ["--kubeconfig", str(cluster.kubeconfig), "-n", settings.namespace]
+            if kubetune_cli(["submit", str(settings.manifest), *argv]) != 0:
+                raise DemoError("kubetune submit failed (see above)")
+
+            step(f"kubetune watch {plan.name}")
+            status = watch(cluster, settings.namespace, plan.name, console, settings)
+            result.status, result.phase = status, status.get("phase")
+            console.print(f"{plan.name}: {result.phase}: {status.get('message') or ''}")
+            if result.phase != "Succeeded":
+                tail = trainer_log_tail(cluster, settings.namespace, status)
+                if tail:
+                    console.print("[bold]last lines of the trainer's log:[/]")
+                    console.print(tail, markup=False, highlight=False)
+
+            run_uri = f"s3://{plan.output.bucket}/{plan.output.key}"
+            result.artifact_keys = list_keys(s3, plan.output)
+            step("artifacts")
+            console.print(artifact_table(run_uri, result.artifact_keys))
+
+            report_key = next((k for k in result.artifact_keys if k.endswith("report.json")), None)
+            if report_key:
+                body = s3.get_object(Bucket=plan.output.bucket, Key=plan.output.key + report_key)
+                result.report = json.loads(body["Body"].read())
+                step("evaluation: base model vs fine-tuned, on held-out examples")
+                console.print(Markdown(render_report_table(result.report)))
+                console.print(render_gate_summary(result.report))
+                sample = first_sample(result.report)
+                if sample:
+                    console.print("\n[bold]one held-out example[/]")
+                    console.print(sample, markup=False, highlight=False)
+            took = job_seconds(status)
+            if took is not None:
+                tokens = (status.get("metrics") or {}).get("tokensTrained") or 0
+                console.print(f"\nthe job took {took:.0f} s ({tokens:,} tokens trained)")
+
+            if before_teardown is not None:
+                before_teardown({"cluster": cluster, "s3": s3, "plan": plan, "operator": operator})
+            if settings.keep:
+                keep_running(console, cluster, s3_endpoint, plan)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        result.seconds = time.monotonic() - started
+        console.print(f"\n[bold]==> tearing down[/]  [dim]({result.seconds:.0f} s)[/]")
+        if operator is not None:
+            operator.stop()
+        if cluster is not None:
+            cluster.stop()  # the node agent first: it stops the trainer's processes
+        if s3_endpoint is not None:
+            s3_endpoint.stop()
+        if settings.keep_files:
+            console.print(f"logs and state kept in {work_dir}")
+        else:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    return result
+
+
+def keep_running(console: Console, cluster: Any, s3_endpoint: S3Endpoint, plan: DemoPlan) -> None:
+    env = {"KUBECONFIG": str(cluster.kubeconfig), **s3_endpoint.env}
+    console.print("\n[bold]Everything keeps running until Ctrl-C.[/] In another shell:")
+    for key, value in env.items():
+        console.print(f"  export {key}={value}", markup=False)
+    console.print(f"  export PATH={cluster.bin_dir}:$PATH", markup=False)
+    console.print(f"  kubetune list; kubetune report {plan.name}; kubectl get pods", markup=False)
+    threading.Event().wait()  # until Ctrl-C / SIGTERM
+
+
+def display_path(path: Path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    console = Console()
+    settings = DemoSettings(
+        manifest=args.manifest,
+        timeout_s=args.timeout,
+        keep=args.keep,
+        keep_files=args.keep_files,
+    )
+    try:
+        result = run_demo(settings, console)
+    except DemoError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 1
+    except (KeyboardInterrupt, Interrupted):
+        console.print("interrupted; everything the demo started is stopped")
+        return 130
+    console.print(f"demo finished in {result.seconds:.0f} s: {result.phase}")
+    return 0 if result.phase == "Succeeded" else 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="the full local demo: control plane, S3, operator, a fine-tuning job",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    parser.add_argument(
+        "--manifest",
+        type=Path,
+        default=DEFAULT_MANIFEST,
+        help="FineTuneJob with s3:// URIs and a credentialsSecretRef (default %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=DemoSettings.timeout_s, help="seconds for the job"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep everything running until Ctrl-C")
+    parser.add_argument(
+        "--keep-files", action="store_true", help="keep logs and state in the work directory"
+    )
+    parser.set_defaults(func=demo_command)
