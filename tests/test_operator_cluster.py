@@ -221,7 +221,7 @@ def test_end_to_end_succeeds_with_progress_artifacts_and_events(
     # The Job the operator made follows the agreed shape.
     (job,) = jobs_of(k8s_cluster, ns)
     assert job["metadata"]["ownerReferences"][0]["kind"] == "FineTuneJob"
-    assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [3]
+    assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [3, 4]
     assert operator.metric("kubetune_progress_events_total", {"result": "accepted"}) > 0
 
     # The user CLI sees the same: list, watch (returns at once: finished), logs, report.

@@ -94,6 +94,10 @@ class Controller:
         self.written: dict[Key, dict] = {}  # the status last written, per FineTuneJob
         self.last_patch: dict[Key, float] = {}
         self.tokens: dict[Key, str] = {}
+        # FineTuneJobs whose deletion was seen. Only these get their Job deleted at once: a
+        # FineTuneJob merely not seen yet (e.g. a Job event that arrives before the first
+        # FineTuneJob list after a restart) must never cost a running trainer its Job.
+        self.deleted: set[Key] = set()
         self.failures: dict[Key, int] = {}
         self._queue: asyncio.Queue[Key] = asyncio.Queue()
         self._dirty: set[Key] = set()
@@ -178,8 +182,10 @@ class Controller:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         if event_type == "DELETED":
             self.ftjs.pop(key, None)
+            self.deleted.add(key)
             self.enqueue(key)
             return
+        self.deleted.discard(key)
         old = self.ftjs.get(key)
         if old and old["metadata"].get("uid") != body["metadata"].get("uid"):
             self._forget(key)  # deleted and created again under the same name
@@ -255,7 +261,9 @@ class Controller:
     async def reconcile(self, key: Key) -> None:
         ftj = self.ftjs.get(key)
         if ftj is None:
-            await self._cleanup(key)
+            if key in self.deleted:
+                self.deleted.discard(key)
+                await self._cleanup(key)
             return
         if ftj["metadata"].get("deletionTimestamp"):
             return
