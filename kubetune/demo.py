@@ -405,33 +405,20 @@ def watch(
     cluster: Any, namespace: str, name: str, console: Console, settings: DemoSettings
 ) -> dict[str, Any]:
     """Live progress like `kubetune watch`, until a terminal phase or the timeout."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress, TimeElapsedColumn
+
+    from kubetune.usercli import progress_columns, progress_fields
 
     rest = cluster.rest()
     path = f"{FTJ_API}/namespaces/{namespace}/{api.PLURAL}/{name}"
     deadline = time.monotonic() + settings.timeout_s
-    columns = (
-        TextColumn("[bold]{task.fields[phase]}"),
-        BarColumn(),
-        TextColumn("{task.fields[summary]}"),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-    )
+    columns = progress_columns(TimeElapsedColumn())
     last_line = ""
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(name, total=None, phase="Pending", summary="", loss="-")
         while True:
             status = (rest.get(path) or {}).get("status") or {}
-            progress = status.get("progress") or {}
-            loss = progress.get("loss")
-            bar.update(
-                task,
-                total=progress.get("totalSteps"),
-                completed=progress.get("step") or 0,
-                phase=status.get("phase") or "Pending",
-                summary=progress.get("summary") or status.get("reason") or "",
-                loss=f"{loss:.4f}" if isinstance(loss, int | float) else "-",
-            )
+            bar.update(task, **progress_fields(status))
             # Phase and stage changes as lines too: they stay readable in a log file.
             line = f"{status.get('phase') or 'Pending'} {status.get('reason') or ''}".strip()
             if line != last_line:

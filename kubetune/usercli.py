@@ -189,33 +189,44 @@ def cmd_list(args: argparse.Namespace) -> int:
     return run_with_kube(args, body)
 
 
+def progress_columns(time_column: Any) -> tuple:
+    """The columns of a FineTuneJob's live progress bar (`watch`, `kubetune demo`)."""
+    from rich.progress import BarColumn, TextColumn
+
+    return (
+        TextColumn("[bold]{task.fields[phase]}"),
+        BarColumn(),
+        TextColumn("{task.fields[summary]}"),
+        TextColumn("loss {task.fields[loss]}"),
+        time_column,
+    )
+
+
+def progress_fields(status: dict) -> dict[str, Any]:
+    """`Progress.update` arguments for a progress bar from `progress_columns`."""
+    progress = status.get("progress") or {}
+    loss = progress.get("loss")
+    return {
+        "total": progress.get("totalSteps"),
+        "completed": progress.get("step") or 0,
+        "phase": status.get("phase") or "Pending",
+        "summary": progress.get("summary") or status.get("reason") or "",
+        "loss": f"{loss:.4f}" if isinstance(loss, int | float) else "-",
+    }
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress, TimeRemainingColumn
 
     async def body(kube: Any, ns: str) -> int:
         console = Console()
-        columns = (
-            TextColumn("[bold]{task.fields[phase]}"),
-            BarColumn(),
-            TextColumn("{task.fields[summary]}"),
-            TextColumn("loss {task.fields[loss]}"),
-            TimeRemainingColumn(),
-        )
+        columns = progress_columns(TimeRemainingColumn())
         with Progress(*columns, console=console, transient=False) as bar:
             task = bar.add_task(args.name, total=None, phase="...", summary="", loss="-")
             while True:
                 st = (await get_ftj(kube, ns, args.name)).get("status") or {}
-                progress = st.get("progress") or {}
-                loss = progress.get("loss")
-                bar.update(
-                    task,
-                    total=progress.get("totalSteps"),
-                    completed=progress.get("step") or 0,
-                    phase=st.get("phase") or "Pending",
-                    summary=progress.get("summary") or st.get("reason") or "",
-                    loss=f"{loss:.4f}" if isinstance(loss, int | float) else "-",
-                )
+                bar.update(task, **progress_fields(st))
                 if st.get("phase") in TERMINAL:
                     break
                 await asyncio.sleep(args.interval)
