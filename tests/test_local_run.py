@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import yaml
 
 from kubetune.api.contract import EXIT_BAD_INPUT
 from kubetune_trainer import local_run
+from tests.fixtures.tiny_model import trainer_pod_files
 
 
 def kubetune_run(argv: list[str]) -> int:
@@ -68,17 +68,10 @@ def test_trainer_bad_dataset_row_exits_3_before_training(tiny_job, tmp_path):
     data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
     manifest = tiny_job((tmp_path / "out").as_uri())
     manifest["spec"]["dataset"]["uri"] = data.as_uri()
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(manifest))
-    termination_log = tmp_path / "termination-log"
-    env = {
-        **os.environ,
-        "KUBETUNE_TERMINATION_LOG": str(termination_log),
-        "KUBETUNE_WORK_DIR": str(tmp_path / "work"),
-    }
+    termination_log, env = trainer_pod_files(manifest, tmp_path)
 
     done = subprocess.run(
-        [sys.executable, "-m", "kubetune_trainer", "--config", str(config)],
+        [sys.executable, "-m", "kubetune_trainer"],
         capture_output=True,
         text=True,
         env=env,

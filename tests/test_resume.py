@@ -4,7 +4,6 @@ and ends at the same total step count as an uninterrupted run."""
 from __future__ import annotations
 
 import json
-import os
 import queue
 import shutil
 import signal
@@ -15,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from kubetune_trainer.checkpoints import COMPLETE_MARKER
+from tests.fixtures.tiny_model import trainer_pod_files
 
 
 class EventStream:
@@ -68,15 +67,7 @@ def test_killed_trainer_resumes_with_same_total_steps(tiny_job, tmp_path):
         out.as_uri(),
         training={"epochs": 3, "checkpointEverySteps": 3, "checkpointsToKeep": 2},
     )
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(manifest))
-    termination_log = tmp_path / "termination-log"
-    env = {
-        **os.environ,
-        "KUBETUNE_JOB_CONFIG": str(config),
-        "KUBETUNE_WORK_DIR": str(tmp_path / "work"),
-        "KUBETUNE_TERMINATION_LOG": str(termination_log),
-    }
+    termination_log, env = trainer_pod_files(manifest, tmp_path)
 
     first, first_events = _start(env, tmp_path / "first.stderr")
     try:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-import yaml
 
 from kubetune.api.contract import EXIT_EVAL_THRESHOLDS, NON_RETRYABLE_EXIT_CODES
+from tests.fixtures.tiny_model import trainer_pod_files
 
 
 @pytest.mark.slow
@@ -26,15 +25,14 @@ def test_missed_gate_exits_with_its_own_non_retryable_code(tiny_job, tmp_path):
             "failOnThresholds": True,
         },
     )
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(manifest))
-    termination_log = tmp_path / "termination-log"
-    env = {**os.environ, "KUBETUNE_TERMINATION_LOG": str(termination_log)}
+    termination_log, env = trainer_pod_files(manifest, tmp_path)
     proc = subprocess.run(
-        [sys.executable, "-m", "kubetune_trainer", "--config", str(config),
-         "--work-dir", str(tmp_path / "work")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [sys.executable, "-m", "kubetune_trainer"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == EXIT_EVAL_THRESHOLDS, proc.stderr[-2000:]
     assert EXIT_EVAL_THRESHOLDS in NON_RETRYABLE_EXIT_CODES
     message = termination_log.read_text()
