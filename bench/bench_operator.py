@@ -146,7 +146,7 @@ async def send_all(kube, requests: list[Request], concurrency: int) -> list[floa
 
 
 def post_request(manifest: dict) -> Request:
-    from kubetune_operator.kube import ftj_path, path_for
+    from kubetune.kube import ftj_path, path_for
 
     if manifest["kind"] == "FineTuneJob":
         path = ftj_path(manifest["metadata"]["namespace"])
@@ -163,8 +163,8 @@ async def create_all(kube, manifests: list[dict], concurrency: int) -> dict[str,
 
 def write_cost_requests(n: int, namespace: str, settings) -> dict[str, list[Request]]:  # noqa: ANN001
     """n of each write the operator's burst makes, by kind, for the per-write cost."""
+    from kubetune.kube import ftj_path
     from kubetune_operator import builders
-    from kubetune_operator.kube import ftj_path
 
     ftjs, children = [], []
     for i in range(n):
@@ -245,9 +245,9 @@ def main() -> int:
     if args.fake_trainer is not None:
         return fake_trainer(args.fake_trainer)
 
-    from kubetune.devcluster.controlplane import DevCluster
+    from kubetune.kube import Kube
+    from kubetune_devcluster.controlplane import DevCluster
     from kubetune_operator import builders, names
-    from kubetune_operator.kube import Kube
     from kubetune_operator.settings import OperatorSettings
     from tests.fixtures.operator import OperatorProcess, install_crd
 

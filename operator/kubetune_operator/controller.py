@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 
 from kubetune.api import v1alpha1 as api
 from kubetune.api.contract import ProgressEvent
+from kubetune.kube import Kube, core_path, ftj_path, job_path
 from kubetune_operator import builders, names, status, validation
-from kubetune_operator.kube import Kube, core_path, ftj_path, job_path
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.settings import OperatorSettings
 

@@ -14,9 +14,9 @@ from typing import Any
 import kopf
 
 from kubetune.api import v1alpha1 as api
+from kubetune.kube import Kube
 from kubetune_operator import names, server
 from kubetune_operator.controller import Controller
-from kubetune_operator.kube import Kube
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.settings import OperatorSettings
 

@@ -21,9 +21,9 @@ import pytest
 import yaml
 
 from kubetune.api import crd
-from kubetune.devcluster.binaries import K8S_VERSION, find_binary, search_dirs
+from kubetune_devcluster.binaries import K8S_VERSION, find_binary, search_dirs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "kubetune"
 RELEASE = "kt"
 RELEASE_NAMESPACE = "kubetune-system"
@@ -701,8 +701,8 @@ def test_operator_runs_under_the_charts_rbac(
     """The operator, authenticated as the chart's ServiceAccount, makes every call of a job's
     life (Secret check, children, status, Event, pod watch, suspend, delete) without one
     refusal; namespaced, it needs nothing cluster-scoped and ignores other namespaces."""
-    from kubetune.devcluster.processes import wait_for
-    from kubetune.devcluster.rest import MERGE
+    from kubetune_devcluster.processes import wait_for
+    from kubetune_devcluster.rest import MERGE
     from tests.fixtures.operator import OperatorProcess
 
     team, other = installed["ns"]["team"], installed["ns"]["other"]

@@ -4,7 +4,7 @@ kube-controller-manager, kube-scheduler, plus the local node agent.
 This is a test and demo device in the spirit of controller-runtime's envtest (which
 runs only etcd and the API server): the controller manager runs the Job controller,
 the garbage collector and the namespace controller, the scheduler binds pods, and the
-local node (kubetune.devcluster.localnode) runs bound pods as host processes.
+local node (kubetune_devcluster.localnode) runs bound pods as host processes.
 
     cluster = DevCluster.start(state_dir)     # blocks until ready, < 30 s
     cluster.kubectl("get", "nodes")
@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubetune.devcluster import pki
-from kubetune.devcluster.binaries import K8S_VERSION, find_binary, require_binaries
-from kubetune.devcluster.kubeconfig import render_kubeconfig, write_kubeconfig
-from kubetune.devcluster.processes import (
+from kubetune_devcluster import pki
+from kubetune_devcluster.binaries import K8S_VERSION, find_binary, require_binaries
+from kubetune_devcluster.kubeconfig import render_kubeconfig, write_kubeconfig
+from kubetune_devcluster.processes import (
     ProcessRecord,
     free_port,
     is_alive,
@@ -44,7 +44,7 @@ from kubetune.devcluster.processes import (
     stop_processes,
     wait_for,
 )
-from kubetune.devcluster.rest import KubeRest
+from kubetune_devcluster.rest import KubeRest
 
 SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -264,7 +264,7 @@ class DevCluster:
         argv = [
             sys.executable,
             "-m",
-            "kubetune.devcluster.localnode",
+            "kubetune_devcluster.localnode",
             f"--kubeconfig={self.kubeconfig}",
             f"--node-name={self.node.name}",
             f"--state-dir={self.state_dir / 'node'}",
@@ -419,7 +419,7 @@ class DevCluster:
         self, namespace: str, pod: str, container: str | None = None, *, previous: bool = False
     ) -> str:
         """What a pod's container printed (stdout and stderr), read from the node."""
-        from kubetune.devcluster.localnode import read_container_log
+        from kubetune_devcluster.localnode import read_container_log
 
         return read_container_log(
             self.state_dir / "node", namespace, pod, container, previous=previous
@@ -427,7 +427,7 @@ class DevCluster:
 
     def pod_pids(self, namespace: str, pod: str) -> list[int]:
         """Host PIDs of the pod's running containers (as the node agent records them)."""
-        from kubetune.devcluster.localnode import read_container_pids
+        from kubetune_devcluster.localnode import read_container_pids
 
         return read_container_pids(self.state_dir / "node", namespace, pod)
 

@@ -7,7 +7,7 @@ import json
 from kubetune.api import contract
 from kubetune_operator import builders, status, validation
 from kubetune_operator.settings import OperatorSettings
-from tests.test_operator_builders import make_ftj
+from tests.operator.test_builders import make_ftj
 
 T0, T1, T2 = "2026-01-01T00:00:00Z", "2026-01-01T00:01:00Z", "2026-01-01T00:02:00Z"
 SETTINGS = OperatorSettings(progress_base_url="http://op:8080")

@@ -1,7 +1,7 @@
 """The local node: a Node object plus an agent that runs the pods bound to it as host
 processes. A test and demo device standing in for a kubelet; see docs/local-node.md.
 
-    python -m kubetune.devcluster.localnode --kubeconfig KUBECONFIG --state-dir DIR
+    python -m kubetune_devcluster.localnode --kubeconfig KUBECONFIG --state-dir DIR
 
 The agent registers the Node (CPU, memory, nvidia.com/gpu), keeps it Ready with a Lease
 heartbeat, watches pods with spec.nodeName=<node>, and runs each pod in a worker thread:
@@ -44,10 +44,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from kubetune.devcluster import podspec
-from kubetune.devcluster.podspec import ContainerConfigError, Pod
-from kubetune.devcluster.processes import _die_with_parent, process_start_time
-from kubetune.devcluster.rest import MERGE, ApiError, KubeRest
+from kubetune_devcluster import podspec
+from kubetune_devcluster.podspec import ContainerConfigError, Pod
+from kubetune_devcluster.processes import _die_with_parent, process_start_time
+from kubetune_devcluster.rest import MERGE, ApiError, KubeRest
 
 log = logging.getLogger("kubetune.localnode")
 
@@ -1145,7 +1145,7 @@ def serve_container_logs(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m kubetune.devcluster.localnode",
+        prog="python -m kubetune_devcluster.localnode",
         description="Run the pods bound to a node as local processes (test/demo only).",
     )
     parser.add_argument("--kubeconfig", required=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune import usercli
+from kubetune_cli import cluster as usercli
 
 GOOD = """
 apiVersion: kubetune.io/v1alpha1

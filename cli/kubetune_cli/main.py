@@ -13,11 +13,11 @@ import sys
 # (module, what it provides). Each module has `register(subparsers)` adding its commands,
 # each command setting `func(args) -> int` as its default.
 COMMAND_MODULES = [
-    ("kubetune_trainer.local_run", "run a FineTuneJob on this machine"),
-    ("kubetune.usercli", "submit, list, watch, logs, report, cancel"),
-    ("kubetune.devcluster.cli", "local control plane for tests and the demo"),
-    ("kubetune.demo", "the full local demo"),
-    ("kubetune.api.cli", "CRD generation"),
+    ("kubetune_cli.run", "run a FineTuneJob on this machine"),
+    ("kubetune_cli.cluster", "submit, list, watch, logs, report, cancel"),
+    ("kubetune_devcluster.cli", "local control plane for tests and the demo"),
+    ("kubetune_devcluster.demo", "the full local demo"),
+    ("kubetune_cli.crd", "CRD generation"),
 ]
 
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from kubetune.devcluster import podspec
-from kubetune.devcluster.controlplane import DevCluster, NodeConfig
-from kubetune.devcluster.processes import process_start_time, wait_for
-from kubetune.devcluster.rest import ApiError
+from kubetune_devcluster import podspec
+from kubetune_devcluster.controlplane import DevCluster, NodeConfig
+from kubetune_devcluster.processes import process_start_time, wait_for
+from kubetune_devcluster.rest import ApiError
 from tests.fixtures.cluster import cluster_or_skip
 
 # ---- pure functions (no cluster) ---------------------------------------------------------
@@ -461,6 +461,6 @@ def test_stopping_the_harness_leaves_no_process_or_port_behind() -> None:
 
 
 def cluster_alive(record: Any) -> bool:
-    from kubetune.devcluster.processes import is_alive
+    from kubetune_devcluster.processes import is_alive
 
     return is_alive(record)

@@ -116,7 +116,7 @@ def current_namespace(kubeconfig: str | None) -> str:
 
 
 def run_with_kube(args: argparse.Namespace, body: Callable[[Any, str], Awaitable[int]]) -> int:
-    from kubetune_operator.kube import Kube, KubeError
+    from kubetune.kube import Kube, KubeError
 
     async def main() -> int:
         kube = await Kube.connect(args.kubeconfig, pool_size=4)
@@ -133,7 +133,7 @@ def run_with_kube(args: argparse.Namespace, body: Callable[[Any, str], Awaitable
 
 
 async def get_ftj(kube: Any, ns: str, name: str) -> dict[str, Any]:
-    from kubetune_operator.kube import ftj_path
+    from kubetune.kube import ftj_path
 
     obj = await kube.get(ftj_path(ns, name))
     if obj is None:
@@ -152,7 +152,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 1
 
     async def body(kube: Any, ns: str) -> int:
-        from kubetune_operator.kube import ftj_path
+        from kubetune.kube import ftj_path
 
         for manifest in manifests:
             target = manifest["metadata"].get("namespace") or ns
@@ -172,7 +172,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     async def body(kube: Any, ns: str) -> int:
-        from kubetune_operator.kube import ftj_path
+        from kubetune.kube import ftj_path
 
         path = (
             f"/apis/{api.GROUP}/{api.VERSION}/{api.PLURAL}" if args.all_namespaces else ftj_path(ns)
@@ -240,7 +240,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     async def body(kube: Any, ns: str) -> int:
-        from kubetune_operator.kube import core_path
+        from kubetune.kube import core_path
 
         st = (await get_ftj(kube, ns, args.name)).get("status") or {}
         job = st.get("jobName")
@@ -310,7 +310,7 @@ def show_report(uri: str, *, markdown: bool, raw_json: bool) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     async def body(kube: Any, ns: str) -> int:
-        from kubetune_operator.kube import ftj_path
+        from kubetune.kube import ftj_path
 
         await get_ftj(kube, ns, args.name)
         if args.suspend:

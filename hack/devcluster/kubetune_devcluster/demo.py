@@ -4,7 +4,7 @@
 
 What it does, in order, and undoes at the end (also on Ctrl-C, SIGTERM or failure):
 
-1. starts the local control plane and the local node (kubetune.devcluster), and an S3 API
+1. starts the local control plane and the local node (kubetune_devcluster), and an S3 API
    (moto's server) on a free loopback port;
 2. writes a tiny model and the instruction data set (kubetune_trainer.demo_assets) and uploads
    them to the S3 locations examples/quickstart-cluster.yaml names;
@@ -43,7 +43,7 @@ from rich.table import Table
 from kubetune.api import v1alpha1 as api
 from kubetune.api.crd import CRD_PATH
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_MANIFEST = REPO_ROOT / "examples" / "quickstart-cluster.yaml"
 FTJ_API = f"/apis/{api.GROUP}/{api.VERSION}"
 CRD_NAME = f"{api.PLURAL}.{api.GROUP}"
@@ -310,7 +310,7 @@ def prepare_inputs(
 
 
 def install_crd(cluster: Any) -> None:
-    from kubetune.devcluster.processes import wait_for
+    from kubetune_devcluster.processes import wait_for
 
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_PATH))
     api_client = cluster.rest()
@@ -337,7 +337,7 @@ class OperatorRun:
     """`python -m kubetune_operator` as a child process, logging to a file."""
 
     def __init__(self, cluster: Any, log_path: Path, s3_region: str) -> None:
-        from kubetune.devcluster.processes import free_port, start_process
+        from kubetune_devcluster.processes import free_port, start_process
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -360,7 +360,7 @@ class OperatorRun:
         )
 
     def wait_ready(self, timeout: float = 90) -> None:
-        from kubetune.devcluster.processes import wait_for
+        from kubetune_devcluster.processes import wait_for
 
         def ready() -> bool:
             if self.proc.poll() is not None:
@@ -378,7 +378,7 @@ class OperatorRun:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self) -> None:
-        from kubetune.devcluster.processes import stop_processes
+        from kubetune_devcluster.processes import stop_processes
 
         stop_processes([self.record], timeout=15, reap=lambda _pid: self.proc.poll())
 
@@ -407,7 +407,7 @@ def watch(
     """Live progress like `kubetune watch`, until a terminal phase or the timeout."""
     from rich.progress import Progress, TimeElapsedColumn
 
-    from kubetune.usercli import progress_columns, progress_fields
+    from kubetune_cli.cluster import progress_columns, progress_fields
 
     rest = cluster.rest()
     path = f"{FTJ_API}/namespaces/{namespace}/{api.PLURAL}/{name}"
@@ -459,11 +459,11 @@ def run_demo(
 ) -> DemoResult:
     """Run the whole demo and tear it down; `before_teardown(context)` sees the running
     system (keys: cluster, s3, plan, operator) after the summary, e.g. for tests."""
-    from kubetune.cli import main as kubetune_cli
-    from kubetune.devcluster.binaries import missing_binaries
-    from kubetune.devcluster.controlplane import DevCluster, NodeConfig
     from kubetune.report import render_gate_summary, render_report_table
-    from kubetune.usercli import CliError, load_manifests
+    from kubetune_cli.cluster import CliError, load_manifests
+    from kubetune_cli.main import main as kubetune_cli
+    from kubetune_devcluster.binaries import missing_binaries
+    from kubetune_devcluster.controlplane import DevCluster, NodeConfig
 
     started = time.monotonic()
     try:

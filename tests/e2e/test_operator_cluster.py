@@ -1,7 +1,7 @@
 """The operator on the real control plane: a subprocess operator, the real trainer run as
 pods on the local node, S3 = the moto server. Polls conditions; never sleeps to sync.
 
-    .venv/bin/pytest -q -m cluster tests/test_operator_cluster.py
+    .venv/bin/pytest -q -m cluster tests/e2e/test_operator_cluster.py
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune.devcluster.controlplane import DevCluster
-from kubetune.devcluster.processes import wait_for
-from kubetune.devcluster.rest import MERGE, ApiError
+from kubetune_devcluster.controlplane import DevCluster
+from kubetune_devcluster.processes import wait_for
+from kubetune_devcluster.rest import MERGE, ApiError
 from kubetune_trainer.demo_assets import write_demo_dataset, write_tiny_model
 from tests.fixtures.operator import OperatorProcess, get_or_none, install_crd
 from tests.fixtures.s3 import S3Server
@@ -167,7 +167,7 @@ def kubetune(
 ) -> subprocess.CompletedProcess[str]:
     """The user CLI as a user runs it: a process with the cluster's kubeconfig."""
     return subprocess.run(
-        [sys.executable, "-m", "kubetune.cli", *args],
+        [sys.executable, "-m", "kubetune_cli.main", *args],
         env={**cluster.env(), **(env or {})},
         capture_output=True,
         text=True,

@@ -1,7 +1,7 @@
 """`kubetune dev up | down | status`: a local cluster for demos and manual testing.
 
 Wire into the main CLI with `add_dev_commands(subparsers)`; each subcommand sets
-`args.func`, which returns the exit code. Standalone: `python -m kubetune.devcluster.cli`.
+`args.func`, which returns the exit code. Standalone: `python -m kubetune_devcluster.cli`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from kubetune.devcluster.binaries import missing_binaries
-from kubetune.devcluster.controlplane import (
+from kubetune_devcluster.binaries import missing_binaries
+from kubetune_devcluster.controlplane import (
     STATE_FILE,
     DevCluster,
     NodeConfig,
@@ -99,7 +99,7 @@ def add_dev_commands(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Hook for the `kubetune` command (kubetune.cli)."""
+    """Hook for the `kubetune` command (kubetune_cli.main)."""
     add_dev_commands(subparsers)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEALTH_LUA = ROOT / "helm" / "kubetune" / "files" / "argocd-health.lua"
 HEALTH_KEY = "resource.customizations.health.kubetune.io_FineTuneJob"
 LUA_RUNTIMES = ["lupa.lua51", "lupa.lua54"]

@@ -88,7 +88,7 @@ def print_summary(
 
 def read_report(store: Any, prefix: str, manifest: dict[str, Any]) -> dict[str, Any] | None:
     """The run's report.json (next to the report.md the manifest names), if evaluated."""
-    from kubetune.usercli import report_json_uri
+    from kubetune_cli.cluster import report_json_uri
 
     report = (manifest.get("artifacts") or {}).get("report")
     if not report:

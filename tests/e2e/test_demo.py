@@ -1,7 +1,7 @@
 """`kubetune demo` end to end on the real local control plane: S3 server, operator, trainer pod,
 live progress, artifacts in S3, the evaluation summary, and nothing left running afterwards.
 
-    .venv/bin/pytest -q -m cluster tests/test_demo.py
+    .venv/bin/pytest -q -m cluster tests/e2e/test_demo.py
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import pytest
 import yaml
 from rich.console import Console
 
-from kubetune import demo
-from kubetune.devcluster.processes import is_alive, listening_ports
+from kubetune_devcluster import demo
+from kubetune_devcluster.processes import is_alive, listening_ports
 from tests.fixtures.cluster import cluster_or_skip
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def test_local_and_cluster_quickstarts_train_the_same_job() -> None:

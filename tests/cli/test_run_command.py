@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from kubetune.api.contract import EXIT_BAD_INPUT
-from kubetune_trainer import local_run
+from kubetune_cli import run as local_run
 from tests.fixtures.tiny_model import trainer_pod_files
 
 
