@@ -21,6 +21,8 @@ import yaml
 from pydantic import ValidationError
 
 from kubetune.api import v1alpha1 as api
+from kubetune.api.errors import describe_validation_error
+from kubetune.api.uris import UriError, parse_uri
 
 TERMINAL = set(api.TERMINAL_PHASES)
 
@@ -48,9 +50,7 @@ def load_manifests(path: Path) -> list[dict[str, Any]]:
         try:
             api.FineTuneJob.model_validate(doc)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
-            raise CliError(f"{where}: {field}: {err['msg']}") from None
+            raise CliError(describe_validation_error(exc, where)) from None
         out.append(doc)
     return out
 
@@ -96,10 +96,11 @@ def report_json_uri(report_uri: str) -> str:
 
 
 def split_s3(uri: str) -> tuple[str, str]:
-    if not uri.startswith("s3://"):
-        raise CliError(f"{uri}: only s3:// reports can be fetched")
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    return bucket, key
+    try:
+        parsed = parse_uri(uri, schemes=("s3",))
+    except UriError:
+        raise CliError(f"{uri}: only s3:// reports can be fetched") from None
+    return parsed.bucket, parsed.key
 
 
 # --- cluster access -------------------------------------------------------------------
@@ -215,58 +216,114 @@ def progress_fields(status: dict) -> dict[str, Any]:
     }
 
 
+def progress_line(status: dict[str, Any]) -> str:
+    """`Running  17/34 (50%)  loss 0.4123`: one line of a job's status."""
+    progress = status.get("progress") or {}
+    parts = [status.get("phase") or "Pending"]
+    if progress.get("summary"):
+        parts.append(str(progress["summary"]))
+    elif status.get("reason"):
+        parts.append(str(status["reason"]))
+    loss = progress.get("loss")
+    if isinstance(loss, int | float):
+        parts.append(f"loss {loss:.4f}")
+    return "  ".join(parts)
+
+
+async def watch_job(
+    kube: Any,
+    ns: str,
+    name: str,
+    console: Any,
+    *,
+    timeout: float | None = None,
+    interval: float = 2.0,
+) -> dict[str, Any]:
+    """A live progress bar until the job ends; its final status. `watch` and the demo."""
+    import time
+
+    from rich.progress import Progress, TimeElapsedColumn
+
+    deadline = time.monotonic() + timeout if timeout else None
+    last_line = ""
+    with Progress(*progress_columns(TimeElapsedColumn()), console=console) as bar:
+        task = bar.add_task(name, total=None, phase="...", summary="", loss="-")
+        while True:
+            st = (await get_ftj(kube, ns, name)).get("status") or {}
+            bar.update(task, **progress_fields(st))
+            # Phase and reason changes as lines too: they stay readable in a log file.
+            line = f"{st.get('phase') or 'Pending'} {st.get('reason') or ''}".strip()
+            if line != last_line:
+                bar.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/]  {progress_line(st)}")
+                last_line = line
+            if st.get("phase") in TERMINAL:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise CliError(f"{name} did not finish within {timeout:.0f} s: {progress_line(st)}")
+            await asyncio.sleep(interval)
+    console.print(f"{name}: {st.get('phase')}: {st.get('message') or ''}")
+    for key, uri in (st.get("artifacts") or {}).items():
+        console.print(f"  {key}: {uri}")
+    return st
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.progress import Progress, TimeRemainingColumn
 
     async def body(kube: Any, ns: str) -> int:
-        console = Console()
-        columns = progress_columns(TimeRemainingColumn())
-        with Progress(*columns, console=console, transient=False) as bar:
-            task = bar.add_task(args.name, total=None, phase="...", summary="", loss="-")
-            while True:
-                st = (await get_ftj(kube, ns, args.name)).get("status") or {}
-                bar.update(task, **progress_fields(st))
-                if st.get("phase") in TERMINAL:
-                    break
-                await asyncio.sleep(args.interval)
-        console.print(f"{args.name}: {st.get('phase')}: {st.get('message') or ''}")
-        for key, uri in (st.get("artifacts") or {}).items():
-            console.print(f"  {key}: {uri}")
+        kwargs = {"timeout": args.timeout, "interval": args.interval}
+        st = await watch_job(kube, ns, args.name, Console(), **kwargs)
         return 0 if st.get("phase") == "Succeeded" else 1
 
     return run_with_kube(args, body)
 
 
+async def trainer_logs(kube: Any, ns: str, name: str, tail: int | None = None) -> str:
+    """The log of the job's newest trainer pod."""
+    from kubetune.kube import core_path
+
+    st = (await get_ftj(kube, ns, name)).get("status") or {}
+    job = st.get("jobName")
+    if not job:
+        raise CliError(f"{name} has no trainer Job yet ({st.get('phase') or 'Pending'})")
+    pods = await kube.request(
+        "GET", core_path("pods", ns), query={"labelSelector": f"batch.kubernetes.io/job-name={job}"}
+    )
+    items = sorted(
+        (pods.body or {}).get("items", []), key=lambda p: p["metadata"]["creationTimestamp"]
+    )
+    if not items:
+        raise CliError(f"no trainer pod of {name} exists (any more)")
+    pod = items[-1]["metadata"]["name"]
+    query = {"container": "trainer"}
+    if tail:
+        query["tailLines"] = str(tail)
+    status, text = await kube.get_text(core_path("pods", ns, pod) + "/log", query)
+    if status != 200:
+        raise CliError(f"logs of pod {pod}: HTTP {status}: {text[:300]}")
+    return text
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     async def body(kube: Any, ns: str) -> int:
-        from kubetune.kube import core_path
-
-        st = (await get_ftj(kube, ns, args.name)).get("status") or {}
-        job = st.get("jobName")
-        if not job:
-            raise CliError(f"{args.name} has no trainer Job yet ({st.get('phase') or 'Pending'})")
-        pods = await kube.request(
-            "GET",
-            core_path("pods", ns),
-            query={"labelSelector": f"batch.kubernetes.io/job-name={job}"},
-        )
-        items = sorted(
-            (pods.body or {}).get("items", []), key=lambda p: p["metadata"]["creationTimestamp"]
-        )
-        if not items:
-            raise CliError(f"no trainer pod of {args.name} exists (any more)")
-        pod = items[-1]["metadata"]["name"]
-        query = {"container": "trainer"}
-        if args.tail:
-            query["tailLines"] = str(args.tail)
-        status, text = await kube.get_text(core_path("pods", ns, pod) + "/log", query)
-        if status != 200:
-            raise CliError(f"logs of pod {pod}: HTTP {status}: {text[:300]}")
-        sys.stdout.write(text)
+        sys.stdout.write(await trainer_logs(kube, ns, args.name, args.tail))
         return 0
 
     return run_with_kube(args, body)
+
+
+def with_kube(kubeconfig: str | None, body: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Run `body(kube)` with a client for `kubeconfig`, from synchronous code (the demo)."""
+    from kubetune.kube import Kube
+
+    async def main() -> Any:
+        kube = await Kube.connect(kubeconfig, pool_size=2)
+        try:
+            return await body(kube)
+        finally:
+            await kube.close()
+
+    return asyncio.run(main())
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -342,6 +399,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = add("watch", "live progress until the job finishes (exit 0 on success)", cmd_watch)
     p.add_argument("name")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
+    p.add_argument("--timeout", type=float, help="give up (exit 1) after this many seconds")
     p = add("logs", "the trainer's output", cmd_logs)
     p.add_argument("name")
     p.add_argument("--tail", type=int, help="last N lines only")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.contract import ENV_WORK_DIR, EXIT_BAD_INPUT, EXIT_FAILURE
+from kubetune.formatting import human_size
 
 LOCAL_NAMESPACE = "local"  # artifacts of local runs go to <output>/local/<name>/
 DEFAULT_LOCAL_WORK_DIR = Path.home() / ".cache" / "kubetune" / "work"
@@ -38,15 +39,6 @@ def register(subparsers: Any) -> None:
         help=f"scratch space (default: ${ENV_WORK_DIR} or {DEFAULT_LOCAL_WORK_DIR}/<name>)",
     )
     parser.set_defaults(func=run_command)
-
-
-def human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def _fmt(value: Any) -> str:

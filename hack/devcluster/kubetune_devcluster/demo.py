@@ -42,6 +42,8 @@ from rich.table import Table
 
 from kubetune.api import v1alpha1 as api
 from kubetune.api.crd import CRD_PATH
+from kubetune.api.uris import UriError, parse_uri
+from kubetune.formatting import human_size
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_MANIFEST = REPO_ROOT / "examples" / "quickstart-cluster.yaml"
@@ -60,7 +62,6 @@ class DemoSettings:
     manifest: Path = DEFAULT_MANIFEST
     namespace: str = "default"
     timeout_s: float = 600.0  # submit to Succeeded/Failed
-    poll_s: float = 1.0  # status polls while watching
     keep: bool = False  # leave everything running until Ctrl-C
     keep_files: bool = False  # keep the work directory (logs, state) afterwards
     # Generic pre-training of the tiny base, so that it knows the words and JSON before the
@@ -98,12 +99,11 @@ class Interrupted(Exception):
 
 
 def parse_s3(uri: str, field_name: str) -> S3Location:
-    if not uri.startswith("s3://"):
-        raise DemoError(f"{field_name}: the demo needs an s3:// URI, got {uri}")
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    if not bucket:
-        raise DemoError(f"{field_name}: no bucket in {uri}")
-    return S3Location(bucket, key)
+    try:
+        parsed = parse_uri(uri, schemes=("s3",))
+    except UriError as exc:
+        raise DemoError(f"{field_name}: the demo needs an s3:// URI with a bucket: {exc}") from None
+    return S3Location(parsed.bucket, parsed.key)
 
 
 @dataclass(frozen=True)
@@ -140,15 +140,6 @@ def model_uploads(model_dir: Path, prefix: S3Location) -> list[tuple[Path, str]]
     """(local file, key) for every file of a saved model, under the model prefix."""
     files = sorted(p for p in model_dir.rglob("*") if p.is_file())
     return [(p, prefix.key + p.relative_to(model_dir).as_posix()) for p in files]
-
-
-def human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
 
 
 def artifact_table(run_uri: str, keys: dict[str, int]) -> Table:
@@ -190,20 +181,6 @@ def first_sample(report: dict[str, Any]) -> str | None:
 def one_line(text: str, width: int = 66) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def progress_line(status: dict[str, Any]) -> str:
-    """`Running  17/34 (50%)  loss 0.4123`: one line of a job's status."""
-    progress = status.get("progress") or {}
-    parts = [status.get("phase") or "Pending"]
-    if progress.get("summary"):
-        parts.append(str(progress["summary"]))
-    elif status.get("reason"):
-        parts.append(str(status["reason"]))
-    loss = progress.get("loss")
-    if isinstance(loss, int | float):
-        parts.append(f"loss {loss:.4f}")
-    return "  ".join(parts)
 
 
 # --- the running pieces ---------------------------------------------------------------
@@ -401,51 +378,27 @@ def signals_unwind() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def watch(
-    cluster: Any, namespace: str, name: str, console: Console, settings: DemoSettings
+def watch_and_tail(
+    cluster: Any, settings: DemoSettings, name: str, console: Console
 ) -> dict[str, Any]:
-    """Live progress like `kubetune watch`, until a terminal phase or the timeout."""
-    from rich.progress import Progress, TimeElapsedColumn
+    """`kubetune watch NAME`; on failure, the tail of `kubetune logs NAME`."""
+    from kubetune_cli.cluster import CliError, trainer_logs, watch_job, with_kube
 
-    from kubetune_cli.cluster import progress_columns, progress_fields
+    kubeconfig, ns = str(cluster.kubeconfig), settings.namespace
 
-    rest = cluster.rest()
-    path = f"{FTJ_API}/namespaces/{namespace}/{api.PLURAL}/{name}"
-    deadline = time.monotonic() + settings.timeout_s
-    columns = progress_columns(TimeElapsedColumn())
-    last_line = ""
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(name, total=None, phase="Pending", summary="", loss="-")
-        while True:
-            status = (rest.get(path) or {}).get("status") or {}
-            bar.update(task, **progress_fields(status))
-            # Phase and stage changes as lines too: they stay readable in a log file.
-            line = f"{status.get('phase') or 'Pending'} {status.get('reason') or ''}".strip()
-            if line != last_line:
-                bar.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/]  {progress_line(status)}")
-                last_line = line
-            if status.get("phase") in api.TERMINAL_PHASES:
-                return status
-            if time.monotonic() > deadline:
-                raise DemoError(
-                    f"{name} did not finish within {settings.timeout_s:.0f} s: "
-                    f"{progress_line(status)}"
-                )
-            time.sleep(settings.poll_s)
+    async def watch(kube: Any) -> dict[str, Any]:
+        return await watch_job(kube, ns, name, console, timeout=settings.timeout_s, interval=1.0)
 
-
-def trainer_log_tail(cluster: Any, namespace: str, status: dict[str, Any], lines: int = 15) -> str:
-    job = status.get("jobName")
-    if not job:
-        return ""
-    pods = cluster.rest().get(
-        f"/api/v1/namespaces/{namespace}/pods?labelSelector=batch.kubernetes.io/job-name%3D{job}"
-    )["items"]
-    if not pods:
-        return ""
-    pod = sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"])[-1]["metadata"]["name"]
-    text = cluster.read_pod_logs(namespace, pod, "trainer")
-    return "\n".join(text.splitlines()[-lines:])
+    try:
+        status = with_kube(kubeconfig, watch)
+    except CliError as exc:
+        raise DemoError(str(exc)) from None
+    if status.get("phase") != "Succeeded" and status.get("jobName"):
+        with contextlib.suppress(CliError):
+            tail = with_kube(kubeconfig, lambda kube: trainer_logs(kube, ns, name, 15))
+            console.print("[bold]last lines of the trainer's log:[/]")
+            console.print(tail, markup=False, highlight=False)
+    return status
 
 
 # --- the demo -------------------------------------------------------------------------
@@ -523,14 +476,9 @@ def run_demo(
                 raise DemoError("kubetune submit failed (see above)")
 
             step(f"kubetune watch {plan.name}")
-            status = watch(cluster, settings.namespace, plan.name, console, settings)
+            # What `kubetune watch` and `kubetune logs` do, on the demo's console.
+            status = watch_and_tail(cluster, settings, plan.name, console)
             result.status, result.phase = status, status.get("phase")
-            console.print(f"{plan.name}: {result.phase}: {status.get('message') or ''}")
-            if result.phase != "Succeeded":
-                tail = trainer_log_tail(cluster, settings.namespace, status)
-                if tail:
-                    console.print("[bold]last lines of the trainer's log:[/]")
-                    console.print(tail, markup=False, highlight=False)
 
             run_uri = f"s3://{plan.output.bucket}/{plan.output.key}"
             result.artifact_keys = list_keys(s3, plan.output)
