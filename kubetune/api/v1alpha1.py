@@ -44,7 +44,10 @@ def _cel(rule: str, message: str, field_path: str | None = None, reason: str | N
 class _Model(BaseModel):
     # Unknown fields are an error, as they are for a structural CRD schema (pruning aside):
     # a typo such as `learningrate` must not be silently ignored by `kubetune run`.
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+    # Strict types, as the API server checks them: `trustRemoteCode: "yes"` is an error, not True.
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, validate_default=True, strict=True
+    )
 
 
 class SecretKeyRef(_Model):
