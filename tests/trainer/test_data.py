@@ -180,7 +180,7 @@ def test_convert_row(row: dict, fmt: str, expected: dict) -> None:
         (
             {"messages": [{"role": "user", "content": ["a"]}]},
             "chat",
-            "message 1: field 'content' must be a string, got list",
+            "message 1: content part 1 is 'str'; only text parts are supported",
         ),
         (
             {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]},

@@ -138,6 +138,20 @@ def _text_field(
     return value
 
 
+def _text_of_parts(parts: list[Any], at: str) -> str:
+    """The text of `[{"type": "text", "text": ...}, ...]`; other parts (images, audio) are
+    refused: the trainer fine-tunes text models."""
+    texts = []
+    for number, part in enumerate(parts, start=1):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise BadInputError(
+                f"{at}: content part {number} is {kind!r}; only text parts are supported"
+            )
+        texts.append(part["text"])
+    return "".join(texts)
+
+
 def _messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     messages = row.get("messages")
     if messages is None:
@@ -168,6 +182,8 @@ def _messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
         content = message.get("content")
         if content is None:
             raise BadInputError(f"{at}: missing field 'content'")
+        if isinstance(content, list):  # OpenAI-style content parts: text parts only
+            content = _text_of_parts(content, at)
         if not isinstance(content, str):
             raise BadInputError(
                 f"{at}: field 'content' must be a string, got {type(content).__name__}"
@@ -242,30 +258,74 @@ def _json_object(value: Any, name: str, number: int) -> dict[str, Any]:
     return value
 
 
+# One row of a data file is at most this long: a longer line is a broken export (a whole
+# table on one line, binary data), and would otherwise be read whole into memory per row.
+MAX_ROW_BYTES = 8 * 1024 * 1024
+
+
+class _RowError(ValueError):
+    """A row that parses as JSON but is not acceptable data; the message is the reason."""
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal keys: which value trains would be an accident.
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _RowError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def _no_constant(name: str) -> Any:
+    raise _RowError(f"{name} is not valid JSON")  # NaN, Infinity, -Infinity
+
+
+def _load_json(text: str) -> Any:
+    value = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+    try:  # "\ud800" decodes to a lone surrogate, which no tokenizer can encode
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise _RowError("invalid Unicode escape (a lone surrogate)") from None
+    return value
+
+
 def parse_jsonl(text: str, name: str) -> list[tuple[int, dict[str, Any]]]:
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" (and "\r\n") only: str.splitlines would also cut a row at U+2028 or
+    # a form feed, which JSON allows inside strings.
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
+        if len(line) > MAX_ROW_BYTES // 4 and len(line.encode("utf-8")) > MAX_ROW_BYTES:
+            raise BadInputError(
+                f"{name}: row {number}: {len(line.encode('utf-8')) // (1024 * 1024)} MiB on one "
+                f"line, above the limit of {MAX_ROW_BYTES // (1024 * 1024)} MiB per row"
+            )
         try:
-            value = json.loads(line)
+            value = _load_json(line)
         except json.JSONDecodeError as error:
             raise BadInputError(
                 f"{name}: row {number}: invalid JSON ({error.msg} at column {error.colno})"
             ) from None
+        except _RowError as error:
+            raise BadInputError(f"{name}: row {number}: {error}") from None
         rows.append((number, _json_object(value, name, number)))
     return rows
 
 
 def parse_json(text: str, name: str) -> list[tuple[int, dict[str, Any]]]:
     try:
-        value = json.loads(text)
+        value = _load_json(text)
     except json.JSONDecodeError as error:
         if error.msg == "Extra data":  # JSON Lines saved as .json
             return parse_jsonl(text, name)
         raise BadInputError(
             f"{name}: invalid JSON at line {error.lineno} column {error.colno} ({error.msg})"
         ) from None
+    except _RowError as error:
+        raise BadInputError(f"{name}: {error}") from None
     if isinstance(value, dict):  # a single object: one row
         value = [value]
     if not isinstance(value, list):
@@ -313,7 +373,10 @@ def parse_file(data: bytes, name: str, kind: str) -> list[tuple[int, dict[str, A
     try:
         text = data.decode("utf-8-sig")  # tolerate a byte-order mark (spreadsheet exports)
     except UnicodeDecodeError as error:
-        raise BadInputError(f"{name}: not UTF-8 text (byte {error.start})") from None
+        line = data.count(b"\n", 0, error.start) + 1
+        raise BadInputError(
+            f"{name}: line {line}: not UTF-8 text (byte {error.start}); save the file as UTF-8"
+        ) from None
     parsers = {"jsonl": parse_jsonl, "json": parse_json, "csv": parse_csv}
     return parsers[kind](text, name)
 
