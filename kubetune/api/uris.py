@@ -40,18 +40,30 @@ class StorageUri:
         return StorageUri(self.uri + "/", self.scheme, self.bucket, self.key + "/")
 
 
+def _expected(schemes: tuple[str, ...]) -> str:
+    names = [f"{s}://" for s in schemes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
 def parse_uri(uri: str, *, schemes: tuple[str, ...] = SCHEMES) -> StorageUri:
-    """Split `uri` into scheme, bucket (or claim, hub org) and key (or path)."""
+    """Split `uri` into scheme, bucket (or claim, hub org) and key (or path).
+
+    A `..` segment is refused everywhere: on a volume it would leave the claim's mount, and
+    in S3 it would make one key name two places once someone copies the objects to disk.
+    """
     scheme, sep, rest = uri.partition("://")
     if not sep or scheme not in schemes:
-        expected = ", ".join(f"{s}://" for s in schemes)
-        raise UriError(f"{uri}: unsupported URI (expected {expected})")
+        raise UriError(f"{uri}: unsupported URI (expected {_expected(schemes)})")
+    if ".." in rest.split("/"):
+        raise UriError(f"{uri}: '..' is not allowed in a URI (it would leave its bucket or volume)")
     if scheme == "file":
         # file:///abs/path is absolute; file://rel/path is relative to the working directory.
         return StorageUri(uri, scheme, "", rest)
     bucket, _, key = rest.partition("/")
     if not bucket:
         raise UriError(f"{uri}: missing {'bucket' if scheme == 's3' else 'name'}")
+    if scheme == "pvc" and key.startswith("/"):
+        raise UriError(f"{uri}: the path inside claim {bucket} must be relative (no '//')")
     if scheme == "hf":
         key = key.strip("/")
     return StorageUri(uri, scheme, bucket, key)

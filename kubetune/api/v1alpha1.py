@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from kubetune.api import uris
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -41,6 +43,33 @@ def _cel(rule: str, message: str, field_path: str | None = None, reason: str | N
     return validation
 
 
+def _storage_uri(value: str) -> str:
+    uris.parse_uri(value)  # a UriError is a ValueError: reported on the field
+    return value
+
+
+def _uri_type(pattern: str) -> Any:
+    """A storage URI string: the admission rule and the local check refuse the same URIs."""
+    no_parent = _cel(
+        "!self.split('/').exists(s, s == '..')",
+        "'..' is not allowed in a URI (it would leave its bucket or volume)",
+    )
+    return Annotated[
+        str,
+        Field(
+            pattern=pattern,
+            max_length=2048,
+            json_schema_extra={"x-kubernetes-validations": [no_parent]},
+        ),
+        AfterValidator(_storage_uri),
+    ]
+
+
+ModelUri = _uri_type(MODEL_URI_PATTERN)
+DatasetUri = _uri_type(DATASET_URI_PATTERN)
+OutputUri = _uri_type(OUTPUT_URI_PATTERN)
+
+
 class _Model(BaseModel):
     # Unknown fields are an error, as they are for a structural CRD schema (pruning aside):
     # a typo such as `learningrate` must not be silently ignored by `kubetune run`.
@@ -70,9 +99,7 @@ class LocalObjectReference(_Model):
 class ModelSource(_Model):
     """Where the base model comes from."""
 
-    uri: str = Field(
-        pattern=MODEL_URI_PATTERN,
-        max_length=2048,
+    uri: ModelUri = Field(
         description="Base model: hf://org/name, s3://bucket/prefix, pvc://claim/path or file:///abs/path.",
     )
     revision: str | None = Field(
@@ -125,9 +152,7 @@ DatasetFormat = Literal["auto", "alpaca", "chat", "prompt-completion", "text"]
 class DatasetSpec(_Model):
     """The training data."""
 
-    uri: str = Field(
-        pattern=DATASET_URI_PATTERN,
-        max_length=2048,
+    uri: DatasetUri = Field(
         description="Training data (.jsonl .json .csv .parquet): s3://, hf://, pvc:// or file://.",
     )
     format: DatasetFormat = Field(
@@ -138,10 +163,8 @@ class DatasetSpec(_Model):
     validationSplit: float = Field(
         0.05, ge=0.0, lt=1.0, description="Share of rows held out for validation (seeded)."
     )
-    validationUri: str | None = Field(
+    validationUri: DatasetUri | None = Field(
         None,
-        pattern=DATASET_URI_PATTERN,
-        max_length=2048,
         description="Separate validation data; when set, validationSplit is not used.",
     )
     chatTemplate: str | None = Field(
@@ -193,9 +216,7 @@ class TrainingSpec(_Model):
 class OutputSpec(_Model):
     """Where artifacts are published: <uri>/<namespace>/<name>/."""
 
-    uri: str = Field(
-        pattern=OUTPUT_URI_PATTERN,
-        max_length=2048,
+    uri: OutputUri = Field(
         description="Artifact location: s3://bucket/prefix/ (file:// or pvc:// for local runs).",
     )
     credentialsSecretRef: SecretRef | None = Field(
@@ -281,17 +302,15 @@ class EvaluationSpec(_Model):
     """Evaluation after training, against the base model."""
 
     enabled: bool = Field(True, description="Run the evaluation stage.")
-    datasetUri: str | None = Field(
+    datasetUri: DatasetUri | None = Field(
         None,
-        pattern=DATASET_URI_PATTERN,
         description="Evaluation data (default: validation split).",
     )
     maxSamples: int = Field(64, ge=1, le=100000, description="Examples generated for task metrics.")
     maxNewTokens: int = Field(128, ge=1, le=8192, description="Generation length limit.")
     format: FormatCheck | None = Field(None, description="Format compliance check.")
-    regressionUri: str | None = Field(
+    regressionUri: DatasetUri | None = Field(
         None,
-        pattern=DATASET_URI_PATTERN,
         description="General text unrelated to the task; base vs tuned perplexity on it.",
     )
     thresholds: EvalThresholds | None = Field(None, description="Quality gates.")

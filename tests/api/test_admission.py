@@ -82,6 +82,10 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("backoff-negative", {"backoffLimit": -1}, "spec.backoffLimit"),
     ("deadline-zero", {"activeDeadlineSeconds": 0}, "spec.activeDeadlineSeconds"),
     ("spec-typo", {"resource": {"gpus": 1}}, "spec.resource"),
+    ("model-uri-parent", {"model.uri": "pvc://models/../../etc"}, "spec.model.uri"),
+    ("dataset-uri-parent", {"dataset.uri": "s3://data/team-a/../team-b/x.jsonl"}, "spec.dataset.uri"),
+    ("output-uri-parent", {"output.uri": "s3://artifacts/team-a/../"}, "spec.output.uri"),
+    ("regression-uri-parent", {"evaluation": {"regressionUri": "file:///data/../etc/passwd"}}, "spec.evaluation.regressionUri"),
 ]  # fmt: skip
 
 

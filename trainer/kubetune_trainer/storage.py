@@ -27,12 +27,12 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError, NoCredentialsError
 
+from kubetune.api import uris
 from kubetune_trainer.errors import BadInputError
 
 ENV_PVC_ROOT = "KUBETUNE_PVC_ROOT"
 DEFAULT_PVC_ROOT = "/mnt/pvc"
 DEFAULT_REGION = "us-east-1"
-SCHEMES = ("s3", "hf", "pvc", "file")
 
 # Written next to files synced from S3: key -> size and ETag, so a re-sync skips what is there.
 SYNC_INDEX = ".kubetune-sync.json"
@@ -84,18 +84,11 @@ class ParsedUri:
 
 def parse_uri(uri: str) -> ParsedUri:
     """Split `uri` into scheme, bucket (or claim, host, hub org) and key (or path)."""
-    scheme, sep, rest = uri.partition("://")
-    if not sep or scheme not in SCHEMES:
-        raise BadInputError(f"{uri}: unsupported URI (expected s3://, hf://, pvc:// or file://)")
-    if scheme == "file":
-        # file:///abs/path is absolute; file://rel/path is relative to the working directory.
-        return ParsedUri(uri, scheme, "", rest)
-    bucket, _, key = rest.partition("/")
-    if not bucket:
-        raise BadInputError(f"{uri}: missing {'bucket' if scheme == 's3' else 'name'}")
-    if scheme == "hf":
-        key = key.strip("/")
-    return ParsedUri(uri, scheme, bucket, key)
+    try:
+        base = uris.parse_uri(uri)
+    except uris.UriError as error:
+        raise BadInputError(str(error)) from None
+    return ParsedUri(base.uri, base.scheme, base.bucket, base.key)
 
 
 # --- S3 ---------------------------------------------------------------------------------
