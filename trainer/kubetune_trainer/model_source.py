@@ -8,6 +8,7 @@ download again); pvc:// and file:// are used in place.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -113,8 +114,38 @@ def require_model_dir(path: Path, uri: str) -> Path:
     return path
 
 
+def needs_remote_code(model_dir: Path) -> list[str]:
+    """The files whose `auto_map` makes transformers import the repository's own Python."""
+    needing = []
+    for name in ("config.json", "tokenizer_config.json", "processor_config.json"):
+        path = model_dir / name
+        try:
+            config = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            continue  # an unreadable file is reported by the loader that needs it
+        if isinstance(config, dict) and config.get("auto_map"):
+            needing.append(name)
+    return needing
+
+
+def refuse_remote_code(model_dir: Path, source: ModelSource) -> Path:
+    """`model_dir`, unless it would run its own code and the spec does not allow that."""
+    needing = needs_remote_code(model_dir)
+    if needing and not source.trustRemoteCode:
+        raise BadInputError(
+            f"{source.uri}: the model runs its own Python code (auto_map in "
+            f"{', '.join(needing)}); set spec.model.trustRemoteCode: true only if you trust it"
+        )
+    return model_dir
+
+
 def resolve_model(source: ModelSource, cache_dir: Path) -> Path:
-    """A local directory holding the base model named by `source`."""
+    """A local directory holding the base model named by `source`; one that needs remote
+    code only when the spec allows it."""
+    return refuse_remote_code(_resolve_model_dir(source, cache_dir), source)
+
+
+def _resolve_model_dir(source: ModelSource, cache_dir: Path) -> Path:
     uri = source.uri
     parsed = parse_uri(uri)
     if parsed.scheme == "hf":
