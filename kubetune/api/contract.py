@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kubetune.api.v1alpha1 import Artifacts, Metrics
+from kubetune.api.v1alpha1 import Artifacts, Metrics, TrackingStatus
 
 # Exit code for bad input (dataset, model, settings). The operator's podFailurePolicy fails
 # the Job at once on it instead of retrying: retrying cannot fix the input.
@@ -51,6 +51,7 @@ class TrainerResult(BaseModel):
     resumedFromStep: int | None = None
     totalSteps: int | None = None
     message: str | None = None
+    tracking: list[TrackingStatus] | None = None
 
 
 class ProgressEvent(BaseModel):

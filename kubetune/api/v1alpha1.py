@@ -320,6 +320,45 @@ class EvaluationSpec(_Model):
     )
 
 
+class MlflowTracking(_Model):
+    """Log the run to an MLflow tracking server."""
+
+    uri: str = Field(
+        pattern=r"^https?://.+",
+        max_length=2048,
+        description="Tracking server, e.g. http://mlflow.mlops:5000.",
+    )
+    experiment: str = Field(
+        "kubetune", min_length=1, max_length=500, description="Experiment the run is logged in."
+    )
+    credentialsSecretRef: SecretRef | None = Field(
+        None,
+        description="Secret with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
+        "MLFLOW_TRACKING_TOKEN (all optional keys).",
+    )
+
+
+class WandbTracking(_Model):
+    """Log the run to Weights & Biases."""
+
+    project: str = Field(min_length=1, max_length=128, description="W&B project.")
+    entity: str | None = Field(None, max_length=128, description="W&B team or user.")
+    apiKeySecretRef: SecretKeyRef | None = Field(
+        None, description="Secret key holding the W&B API key (online mode)."
+    )
+    mode: Literal["online", "offline"] = Field(
+        "online", description="offline writes the run files to the work directory only."
+    )
+
+
+class TrackingSpec(_Model):
+    """Experiment tracking. A tracking server that is down never fails the training: the
+    status says so instead."""
+
+    mlflow: MlflowTracking | None = Field(None, description="MLflow tracking.")
+    wandb: WandbTracking | None = Field(None, description="Weights & Biases tracking.")
+
+
 class FineTuneJobSpec(_Model):
     """What to fine-tune, how, and where the result goes."""
 
@@ -353,6 +392,7 @@ class FineTuneJobSpec(_Model):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Evaluation.")
     output: OutputSpec = Field(description="Where artifacts go.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Compute.")
+    tracking: TrackingSpec | None = Field(None, description="Experiment tracking.")
 
     # Scheduling and lifecycle (used by the operator; ignored by `kubetune run`).
     image: str | None = Field(
@@ -470,6 +510,15 @@ class Metrics(BaseModel):
     evalPassed: bool | None = None
 
 
+class TrackingStatus(BaseModel):
+    """Where one tracking backend logged the run, or why it could not."""
+
+    backend: Literal["mlflow", "wandb"]
+    state: Literal["Logged", "Unavailable"]
+    run: str | None = Field(None, description="The run: an MLflow run URL or W&B run path.")
+    message: str | None = Field(None, description="Why logging stopped, when it did.")
+
+
 class FineTuneJobStatus(BaseModel):
     """Observed state, written by the operator."""
 
@@ -487,6 +536,9 @@ class FineTuneJobStatus(BaseModel):
     progress: Progress | None = None
     artifacts: Artifacts | None = None
     metrics: Metrics | None = None
+    tracking: list[TrackingStatus] | None = Field(
+        None, description="Experiment tracking: where the run was logged, or why not."
+    )
     restarts: int | None = None
     resumedFromStep: int | None = None
 

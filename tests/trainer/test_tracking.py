@@ -1,0 +1,168 @@
+"""Experiment tracking for real: a tiny LoRA run logged to a real MLflow tracking server
+(started here) and to W&B in offline mode; and a tracking server that is down, which must
+neither fail nor stall the training."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune.api.v1alpha1 import FineTuneJob
+from kubetune_trainer.data import load_training_data
+from kubetune_trainer.modeling import Hardware, build_model
+from kubetune_trainer.tracking import TrackingCallback, flat_params, make_tracking
+from kubetune_trainer.train import train_model
+
+CPU = Hardware("cpu", bf16_supported=False)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`mlflow server` on a free loopback port, with a throwaway SQLite store."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    command = [
+        str(Path(sys.executable).with_name("mlflow")),
+        "server",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+        "--default-artifact-root", (root / "artifacts").as_uri(),
+    ]  # fmt: skip
+    log = (root / "server.log").open("w")
+    # Its own process group: the server runs uvicorn and job workers as children.
+    process = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, process, root / "server.log")
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + 300  # the server imports a lot: slow on a busy machine
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()[-2000:]
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)  # polling the server's health, not synchronising on time
+    raise AssertionError(f"mlflow server not healthy: {log.read_text()[-2000:]}")
+
+
+def train_with_tracking(tiny_job: Any, tmp_path: Path, tracking_spec: dict) -> tuple[Any, Any]:
+    manifest = tiny_job(
+        (tmp_path / "out").as_uri(),
+        name="tracked",
+        training={"maxSteps": 4},
+        tracking=tracking_spec,
+    )
+    job = FineTuneJob.model_validate(manifest)
+    tracking = make_tracking(job, tmp_path / "work")
+    tracking.start("tracked", flat_params(job))
+    data = load_training_data(job.spec.dataset, seed=7, cache_dir=tmp_path / "cache")
+    built = build_model(job.spec, Path(job.spec.model.uri.removeprefix("file://")), hardware=CPU)
+    outcome = train_model(
+        built,
+        data,
+        job.spec.training,
+        output_dir=tmp_path / "ckpt",
+        callbacks=[TrackingCallback(tracking)],
+    )
+    tracking.log_summary({"evalLoss": outcome.eval_loss}, {"artifacts.model": "s3://b/k/adapter/"})
+    tracking.finish(succeeded=True)
+    return outcome, tracking
+
+
+@pytest.mark.slow
+def test_run_is_logged_to_mlflow_with_its_metrics(
+    mlflow_server: str, tiny_job: Any, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    spec = {"mlflow": {"uri": mlflow_server, "experiment": "kubetune-tests"}}
+    outcome, tracking = train_with_tracking(tiny_job, tmp_path, spec)
+
+    [status] = tracking.status()
+    assert status.state == "Logged", status
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("kubetune-tests")
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert status.run.endswith(run.info.run_id)
+    assert run.data.params["method"] == "lora"
+    assert run.data.params["training.maxSteps"] == "4"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == list(range(1, outcome.global_step + 1))
+    assert losses[0].value == pytest.approx(outcome.first_loss)
+    assert run.data.metrics["evalLoss"] == pytest.approx(outcome.eval_loss)
+    assert run.data.tags["artifacts.model"] == "s3://b/k/adapter/"
+
+
+@pytest.mark.slow
+def test_wandb_offline_writes_its_run_files(tiny_job: Any, tmp_path: Path) -> None:
+    spec = {"wandb": {"project": "kubetune-tests", "mode": "offline"}}
+    outcome, tracking = train_with_tracking(tiny_job, tmp_path, spec)
+
+    [status] = tracking.status()
+    assert status.state == "Logged", status
+    [run_dir] = (tmp_path / "work" / "wandb" / "wandb").glob("offline-run-*")
+    assert list(run_dir.glob("run-*.wandb")), sorted(p.name for p in run_dir.iterdir())
+    summary = (run_dir / "files" / "wandb-summary.json").read_text()
+    assert '"evalLoss"' in summary and '"artifacts.model": "s3://b/k/adapter/"' in summary
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_is_down_neither_fails_nor_stalls_training(
+    tiny_job: Any, tmp_path: Path
+) -> None:
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    outcome, tracking = train_with_tracking(tiny_job, tmp_path, {"mlflow": {"uri": down}})
+
+    assert outcome.global_step == 4
+    [status] = tracking.status()
+    assert status.state == "Unavailable"
+    assert status.message.startswith("start: ") and "127.0.0.1" in status.message
+    # The client gives up within seconds (one retry), not after minutes of backoff.
+    assert time.monotonic() - started < 120
+
+
+def test_params_hold_secret_names_never_secret_values(tiny_job: Any, tmp_path: Path) -> None:
+    manifest = tiny_job(
+        "s3://bucket/out/",
+        tracking={"wandb": {"project": "p", "apiKeySecretRef": {"name": "wb", "key": "k"}}},
+    )
+    manifest["spec"]["output"]["credentialsSecretRef"] = {"name": "s3-creds"}
+    params = flat_params(FineTuneJob.model_validate(manifest))
+    assert params["output.credentialsSecretRef.name"] == "s3-creds"
+    assert not any(key.startswith("tracking") for key in params)
+    assert os.environ.get("AWS_SECRET_ACCESS_KEY", "\0") not in params.values()
