@@ -255,7 +255,7 @@ def operator_estimate_gib(method: str, parameters: int) -> float | None:
         from kubetune_operator.validation import estimate_gpu_memory_gib
     except ImportError:  # a trainer-only install
         return None
-    return round(estimate_gpu_memory_gib(method, parameters / 1e9), 1)
+    return float(f"{estimate_gpu_memory_gib(method, parameters / 1e9):.4g}")
 
 
 def peak_tflops(override: float | None) -> float | None:
@@ -305,9 +305,9 @@ def measure(variant: str, method: str, workdir: Path, args: argparse.Namespace) 
         "tokens_per_second": round(tokens_per_second, 1),
         "steady_seconds": round(steady_seconds, 2),
         "wall_seconds": round(wall, 1),
-        "model_tflops_per_second": round(achieved, 3),
+        "model_tflops_per_second": float(f"{achieved:.4g}"),
         "mfu": round(achieved / peak, 4) if peak else None,
-        "peak_memory_gib": round(memory, 2),
+        "peak_memory_gib": float(f"{memory:.4g}"),
         "memory_kind": "cuda max_memory_allocated" if cuda else "peak RSS",
         "operator_estimate_gib": operator_estimate_gib(method, total_parameters(shape)),
         "parameters": total_parameters(shape),
