@@ -112,7 +112,12 @@ def run_ours(workdir: Path, epochs: float, attention: str | None = None) -> dict
                 "model": {"uri": (workdir / "model").as_uri()},
                 "method": "lora",
                 "lora": lora_settings(),
-                "dataset": {"uri": (workdir / "train.jsonl").as_uri(), "validationSplit": 0},
+                # The baseline trains on the alpaca template; so does ours (not the chat one).
+                "dataset": {
+                    "uri": (workdir / "train.jsonl").as_uri(),
+                    "validationSplit": 0,
+                    "promptTemplate": "alpaca",
+                },
                 # Everything not set here is kubetune's default (packing on, bfd, ...).
                 "training": {
                     "epochs": epochs,

@@ -14,8 +14,8 @@ from typing import Any
 REPORT_SCHEMA_VERSION = 1
 HALLUCINATION_PROXY_NOTE = (
     "Unsupported content rate is a hallucination proxy, not a fact check: the share of "
-    "numbers and capitalised words in the generated outputs that appear in neither the "
-    "prompt nor the reference."
+    "numbers and names (capitalised words inside a sentence; sentence-initial words do not "
+    "count) in the generated outputs that appear in neither the prompt nor the reference."
 )
 
 

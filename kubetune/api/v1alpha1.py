@@ -25,7 +25,11 @@ MODEL_URI_PATTERN = r"^(hf|s3|pvc|file)://.+"
 DATASET_URI_PATTERN = r"^(hf|s3|pvc|file)://.+"
 OUTPUT_URI_PATTERN = r"^(s3|file|pvc)://.+"
 
-DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# Every linear layer but the output head: fits any architecture (fused qkv_proj, out_proj,
+# dense, c_attn ...), as LLaMA-Factory and the QLoRA paper do.
+DEFAULT_TARGET_MODULES = ["all-linear"]
+# Method-dependent default learning rates (LoRA trains few, freshly initialised weights).
+DEFAULT_LEARNING_RATES = {"full": 2.0e-5, "lora": 2.0e-4, "qlora": 2.0e-4}
 
 # A JSON object whose shape Kubernetes owns (tolerations, affinity, JSON schemas):
 # kept as-is and marked x-kubernetes-preserve-unknown-fields in the CRD.
@@ -126,7 +130,10 @@ class LoraSpec(_Model):
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
         min_length=1,
         max_length=64,
-        description="Module names to adapt; 'all-linear' adapts every linear layer.",
+        description="Module names to adapt (a name matches a module whose name ends with it); "
+        "'all-linear' adapts every linear layer but the output head and can be combined with "
+        "other names. Default: all-linear. A name that matches nothing is a warning; none "
+        "matching is an error, found before the weights load.",
         json_schema_extra={"default": DEFAULT_TARGET_MODULES},
     )
 
@@ -173,6 +180,13 @@ class DatasetSpec(_Model):
         description="Jinja chat template for chat data when the tokenizer has none.",
     )
     revision: str | None = Field(None, max_length=255, description="Hub revision; hf:// only.")
+    promptTemplate: Literal["auto", "alpaca", "chat"] = Field(
+        "auto",
+        description="How alpaca rows become text: alpaca (### Instruction/### Response), chat "
+        "(one user and one assistant turn through the tokenizer's chat template), or auto: "
+        "chat when the tokenizer has a chat template (the format the model is served with), "
+        "else alpaca.",
+    )
 
 
 LrScheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
@@ -185,7 +199,13 @@ class TrainingSpec(_Model):
     maxSteps: int | None = Field(
         None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
     )
-    learningRate: float = Field(2.0e-4, gt=0, le=1.0, description="Peak learning rate.")
+    learningRate: float | None = Field(
+        None,
+        gt=0,
+        le=1.0,
+        description="Peak learning rate. Default by method: 2e-5 for full, 2e-4 for lora "
+        "and qlora.",
+    )
     lrScheduler: LrScheduler = Field("cosine", description="Learning-rate schedule.")
     warmupRatio: float = Field(0.03, ge=0, le=0.5, description="Share of steps spent warming up.")
     weightDecay: float = Field(0.0, ge=0, le=1.0, description="AdamW weight decay.")
@@ -201,6 +221,12 @@ class TrainingSpec(_Model):
     )
     gradientCheckpointing: bool = Field(
         True, description="Recompute activations in the backward pass to save memory."
+    )
+    trainOnPrompt: bool = Field(
+        False,
+        description="Train on whole sequences (prompts, system and user turns included). "
+        "Default: loss on the completion / assistant turns only; the eval loss measures the "
+        "same tokens.",
     )
     seed: int = Field(42, ge=0, description="Seed for data order, validation split and init.")
     logEverySteps: int = Field(1, ge=1, description="Report progress every N optimizer steps.")
@@ -426,6 +452,8 @@ class FineTuneJobSpec(_Model):
             self.lora = LoraSpec()
         if self.method == "qlora" and self.quantization is None:
             self.quantization = QuantizationSpec()
+        if self.training.learningRate is None:
+            self.training.learningRate = DEFAULT_LEARNING_RATES[self.method]
         return self
 
 
@@ -508,6 +536,18 @@ class Metrics(BaseModel):
     trainSamples: int | None = None
     durationSeconds: float | None = None
     evalPassed: bool | None = None
+    truncatedRows: int | None = Field(
+        None, description="Training rows cut at maxSeqLength (some loss tokens kept)."
+    )
+    excludedRows: int | None = Field(
+        None,
+        description="Training rows left out: maxSeqLength would cut away every loss token.",
+    )
+    packing: bool | None = Field(
+        None,
+        description="Whether examples were packed; false when packing was asked for but the "
+        "model cannot keep packed examples apart (see the manifest's notes).",
+    )
 
 
 class TrackingStatus(BaseModel):

@@ -77,18 +77,19 @@ def test_rouge_l_known_values():
 
 def test_unsupported_content_counts_claims_in_neither_prompt_nor_reference():
     found = unsupported_content(
-        "Paris has 3 museums and Bob owns 2,000 cats.",
+        "In Paris there are 3 museums and Bob owns 2,000 cats.",
         "Tell me about paris.",
         "There are 3 museums and 2000 cats.",
     )
-    # claims: 3, 2,000 (numbers), Paris, Bob (capitalised); only Bob is in no source
+    # claims: 3, 2,000 (numbers), Paris, Bob (names inside the sentence; "In" opens it);
+    # only Bob is in no source
     assert found.claims == 4
     assert found.unsupported == ("Bob",)
 
 
 def test_unsupported_content_rate_pools_claims_over_outputs():
-    first = unsupported_content("Alice is 30", "Alice", "")  # 2 claims, 30 unsupported
-    second = unsupported_content("Zed and Quinn", "", "")  # 2 claims, both unsupported
+    first = unsupported_content("She met Alice at 30", "Alice", "")  # 2 claims, 30 unsupported
+    second = unsupported_content("We saw Zed and Quinn", "", "")  # 2 claims, both unsupported
     assert unsupported_content_rate([first, second]) == pytest.approx(3 / 4)
     assert unsupported_content_rate([unsupported_content("no claims here", "")]) is None
 

@@ -102,7 +102,12 @@ def test_packed_attention_per_device(monkeypatch):
     import kubetune_trainer.modeling as modeling
 
     gpu = Hardware("cuda", bf16_supported=True)
+    # Without flash-attn: PyTorch's own varlen kernel, never the dense block-diagonal mask
+    # (which computes attention over the whole flattened batch) while torch has one.
+    assert modeling.torch_varlen_available()  # torch >= 2.9 is a dependency
     monkeypatch.setattr(modeling, "is_flash_attn_2_available", lambda: False)
+    assert packed_attention(gpu) == VARLEN_SDPA
+    monkeypatch.setattr(modeling, "torch_varlen_available", lambda: False)
     assert packed_attention(gpu) == "sdpa"
     monkeypatch.setattr(modeling, "is_flash_attn_2_available", lambda: True)
     assert packed_attention(gpu) == "flash_attention_2"

@@ -78,6 +78,15 @@ def test_run_publishes_artifacts_and_manifest_to_s3(
     assert published["libraries"]["torch"] and published["libraries"]["trl"]
     assert published["tokensTrained"] > 0 and published["totalSteps"] == 6
     assert "evalPassed" in published
+    # maxSeqLength (128) cut nothing: said so, in the manifest, the metrics and the result.
+    assert published["dataset"]["truncatedRows"] == 0
+    assert published["dataset"]["excludedRows"] == 0
+    assert published["dataset"]["promptTemplate"] == "chat"  # the tiny model has a template
+    assert result.metrics.truncatedRows == 0 and result.metrics.excludedRows == 0
+    assert result.metrics.packing is True and published["notes"] == []
+    # The adapter names the base model by its URI, not the pod-local path it was loaded from.
+    adapter_config = json.loads(objects["adapter/adapter_config.json"])
+    assert adapter_config["base_model_name_or_path"] == job.spec.model.uri
     # The evaluation stage's files are published next to the artifacts.
     assert any(name.startswith("report") for name in files)
 

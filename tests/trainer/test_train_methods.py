@@ -12,7 +12,7 @@ from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune_trainer.data import load_training_data
 from kubetune_trainer.modeling import Hardware, build_model, quantization_config
 from kubetune_trainer.publish import save_model_files
-from kubetune_trainer.train import sft_config, train_model
+from kubetune_trainer.train import release_training_state, sft_config, train_model
 
 CPU = Hardware("cpu", bf16_supported=False)
 
@@ -51,6 +51,14 @@ def test_method_trains_and_published_model_loads(
         assert any("computeDtype bfloat16 ignored on CPU" in n for n in built.notes)
 
     outcome = train_model(built, data, job.spec.training, output_dir=tmp_path / "ckpt")
+    # Evaluation runs without the optimizer state (Adam: two values per trained parameter).
+    import gc
+    import weakref
+
+    optimizer = weakref.ref(outcome.trainer.optimizer.optimizer)
+    release_training_state(outcome.trainer)
+    gc.collect()
+    assert optimizer() is None
 
     assert outcome.global_step == outcome.max_steps > 4
     assert outcome.first_loss > outcome.train_loss, outcome.log_history

@@ -2,9 +2,12 @@
 
 The trainer saves a checkpoint on local scratch; `CheckpointUploader` copies the folder to
 the artifact store and writes the completeness marker LAST, so a checkpoint whose upload was
-cut short (the pod killed mid-copy) is never resumed from. The marker records a fingerprint
-of everything that decides the training trajectory, so a changed job never resumes from
-another configuration's checkpoint.
+cut short (the pod killed mid-copy) is never resumed from. Uploads run in a background
+thread, so training does not wait for the network; the queue is bounded (one checkpoint
+waiting, one uploading: a slow store slows training down rather than filling the disk), and
+the end of training waits for the last upload, so nothing is published before it.
+The marker records a fingerprint of everything that decides the training trajectory, so a
+changed job never resumes from another configuration's checkpoint.
 """
 
 from __future__ import annotations
@@ -12,8 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import queue
 import re
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,13 +39,18 @@ _STEP_PATTERN = re.compile(r"checkpoint-(\d+)/")
 _NOT_TRAJECTORY = {"logEverySteps", "evalEverySteps", "checkpointEverySteps", "checkpointsToKeep"}
 
 
-def training_fingerprint(spec: FineTuneJobSpec, data_digest: str) -> str:
-    """A digest of the model, method, adapter, data and optimisation settings."""
+def training_fingerprint(
+    spec: FineTuneJobSpec, data_digest: str, resolved_revision: str | None = None
+) -> str:
+    """A digest of the model (and the hub commit it resolved to, so a moved branch does not
+    resume another model's checkpoint), method, adapter, data and optimisation settings."""
     parts = spec.model_dump(
         mode="json", include={"model", "method", "lora", "quantization", "dataset", "training"}
     )
     parts["training"] = {k: v for k, v in parts["training"].items() if k not in _NOT_TRAJECTORY}
     parts["dataDigest"] = data_digest
+    if resolved_revision is not None:
+        parts["resolvedRevision"] = resolved_revision
     canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -128,8 +139,24 @@ def prune_checkpoints(store: ArtifactStore, run_prefix: str, keep: int) -> list[
     return deleted
 
 
+def snapshot_dir(source: Path, target: Path) -> Path:
+    """A copy of `source` that outlives the trainer's rotation of its local checkpoints:
+    hard links where the file system allows (no bytes copied), else a copy."""
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        shutil.copytree(source, target, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
+    return target
+
+
 class CheckpointUploader(TrainerCallback):
-    """After each local save: upload, mark complete, prune, then report `checkpoint`."""
+    """After each local save: queue the checkpoint; a background thread uploads it, marks it
+    complete, prunes old ones and reports `checkpoint`. The end of training waits for the
+    queue; an upload error fails training there (or at the next save)."""
+
+    _STOP = None
 
     def __init__(
         self,
@@ -139,26 +166,67 @@ class CheckpointUploader(TrainerCallback):
         keep: int,
         fingerprint: str,
         reporter: Reporter,
+        queue_size: int = 1,
     ) -> None:
         self.store = store
         self.run_prefix = run_prefix
         self.keep = keep
         self.fingerprint = fingerprint
         self.reporter = reporter
+        self._queue: queue.Queue[tuple[int, int, Path] | None] = queue.Queue(maxsize=queue_size)
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="checkpoint-upload", daemon=True)
+            self._thread.start()
+
+    def _raise_upload_error(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"checkpoint upload failed: {self._error}") from self._error
 
     def on_save(self, args, state, control, **kwargs):
+        self._raise_upload_error()
         step = state.global_step
         local = Path(args.output_dir) / f"checkpoint-{step}"
         if not local.is_dir():
             log.warning("checkpoint %s not found locally; not uploaded", local)
             return
-        upload_checkpoint(self.store, self.run_prefix, step, local, self.fingerprint)
+        snapshot = snapshot_dir(local, Path(args.output_dir) / "upload-queue" / local.name)
+        self._start()
+        self._queue.put((step, state.max_steps, snapshot))  # blocks while the queue is full
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.wait()
+
+    def wait(self) -> None:
+        """Block until every queued checkpoint is uploaded; raise the first upload error."""
+        if self._thread is not None:
+            self._queue.put(self._STOP)
+            self._thread.join()
+            self._thread = None
+        self._raise_upload_error()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not self._STOP:
+            step, total, snapshot = item
+            try:
+                if self._error is None:
+                    self._upload(step, total, snapshot)
+            except Exception as error:  # noqa: BLE001 - surfaced by wait() / the next save
+                self._error = error
+            finally:
+                shutil.rmtree(snapshot, ignore_errors=True)
+
+    def _upload(self, step: int, total: int, snapshot: Path) -> None:
+        upload_checkpoint(self.store, self.run_prefix, step, snapshot, self.fingerprint)
         prune_checkpoints(self.store, self.run_prefix, self.keep)
         self.reporter.emit(
             make_event(
                 "checkpoint",
                 step=step,
-                totalSteps=state.max_steps,
+                totalSteps=total,
                 message=self.store.uri_for(checkpoint_prefix(self.run_prefix, step)),
             )
         )

@@ -8,7 +8,9 @@ split "train").
 Formats and what they become (the column names TRL's SFTTrainer expects):
 
 - alpaca: instruction, optional input, output -> prompt, completion (ALPACA_* templates),
-  so the loss is on the response only;
+  so the loss is on the response only; or, with spec.dataset.promptTemplate chat (auto when
+  the tokenizer has a chat template), -> messages: one user turn (instruction, a blank line,
+  input) and one assistant turn (output), rendered like the model is served;
 - prompt-completion: prompt, completion -> prompt, completion (plain strings);
 - chat: messages = [{role: system|user|assistant, content}] -> messages;
 - text: text -> text.
@@ -33,7 +35,7 @@ import json
 import math
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,10 @@ class TrainingData:
     source: str
     validation_source: str | None = None
     validation_digest: str | None = None
+    # "<file>: row <n>" of each row, in dataset order (named when a row is excluded).
+    train_refs: list[str] = field(default_factory=list)
+    validation_refs: list[str] = field(default_factory=list)
+    prompt_template: str | None = None  # alpaca rows: "alpaca" or "chat"
 
 
 # --- pure functions: format detection and row conversion --------------------------------
@@ -200,13 +206,37 @@ def alpaca_prompt(instruction: str, input_text: str) -> str:
     return ALPACA_PROMPT.format(instruction=instruction)
 
 
-def convert_row(row: dict[str, Any], fmt: str, row_number: int, source: str) -> dict[str, Any]:
+def alpaca_messages(instruction: str, input_text: str, output: str) -> list[dict[str, str]]:
+    """An alpaca row as a conversation: one user turn, one assistant turn."""
+    user = f"{instruction}\n\n{input_text}" if input_text.strip() else instruction
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def resolve_prompt_template(choice: str, tokenizer: Any, source: str) -> str:
+    """alpaca | chat for spec.dataset.promptTemplate (auto: chat when the tokenizer has a
+    chat template)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if choice == "auto":
+        return "chat" if has_template else "alpaca"
+    if choice == "chat" and not has_template:
+        raise BadInputError(
+            f"spec.dataset.promptTemplate chat: {source} has no chat template "
+            "(set spec.dataset.chatTemplate, or promptTemplate alpaca)"
+        )
+    return choice
+
+
+def convert_row(
+    row: dict[str, Any], fmt: str, row_number: int, source: str, *, alpaca_as_chat: bool = False
+) -> dict[str, Any]:
     """One row in TRL's form for `fmt`; BadInputError naming `source`, the row and the field."""
     where = f"{source}: row {row_number}"
     if fmt == "alpaca":
         instruction = _text_field(row, "instruction", fmt, where)
         input_text = _text_field(row, "input", fmt, where, required=False)
         output = _text_field(row, "output", fmt, where)
+        if alpaca_as_chat:
+            return {"messages": alpaca_messages(instruction, input_text, output)}
         return {"prompt": alpaca_prompt(instruction, input_text), "completion": output}
     if fmt == "prompt-completion":
         if row.get("prompt") is None:  # an empty prompt is allowed, a missing one is not
@@ -220,12 +250,16 @@ def convert_row(row: dict[str, Any], fmt: str, row_number: int, source: str) -> 
     raise BadInputError(f"{source}: unknown dataset format {fmt!r} (expected {', '.join(FORMATS)})")
 
 
-def convert_rows(raw: RawRows, fmt: str) -> list[dict[str, Any]]:
+def convert_rows(raw: RawRows, fmt: str, *, alpaca_as_chat: bool = False) -> list[dict[str, Any]]:
     """All rows converted; the first bad row stops it with its file and row number."""
     return [
-        convert_row(row, fmt, number, name)
+        convert_row(row, fmt, number, name, alpaca_as_chat=alpaca_as_chat)
         for row, (name, number) in zip(raw.rows, raw.refs, strict=True)
     ]
+
+
+def row_refs(raw: RawRows) -> list[str]:
+    return [f"{name}: row {number}" for name, number in raw.refs]
 
 
 def validation_count(total: int, share: float) -> int:
@@ -473,32 +507,51 @@ def read_source(uri: str, *, cache_dir: Path, revision: str | None = None) -> Ra
 
 
 def load_rows(
-    uri: str, *, cache_dir: Path, format: str = "auto", revision: str | None = None
+    uri: str,
+    *,
+    cache_dir: Path,
+    format: str = "auto",
+    revision: str | None = None,
+    alpaca_as_chat: bool = False,
 ) -> tuple[list[dict[str, Any]], str, RawRows]:
     """Converted rows, their format and the raw rows, from any dataset URI."""
     raw = read_source(uri, cache_dir=cache_dir, revision=revision)
     if not raw.rows:
         raise BadInputError(f"{raw.name}: dataset is empty (no rows)")
     fmt = detect_format(raw.columns, raw.name) if format == "auto" else format
-    return convert_rows(raw, fmt), fmt, raw
+    return convert_rows(raw, fmt, alpaca_as_chat=alpaca_as_chat), fmt, raw
 
 
 def load_eval_rows(
-    uri: str, *, cache_dir: Path, format: str = "auto", revision: str | None = None
+    uri: str,
+    *,
+    cache_dir: Path,
+    format: str = "auto",
+    revision: str | None = None,
+    alpaca_as_chat: bool = False,
 ) -> list[dict[str, Any]]:
     """Converted rows of an evaluation or regression data set (any format, see above)."""
-    rows, _, _ = load_rows(uri, cache_dir=cache_dir, format=format, revision=revision)
+    rows, _, _ = load_rows(
+        uri, cache_dir=cache_dir, format=format, revision=revision, alpaca_as_chat=alpaca_as_chat
+    )
     return rows
 
 
-def load_training_data(spec: DatasetSpec, *, seed: int, cache_dir: Path) -> TrainingData:
+def load_training_data(
+    spec: DatasetSpec, *, seed: int, cache_dir: Path, alpaca_as_chat: bool = False
+) -> TrainingData:
     """Training and validation data for `spec`, checked row by row before any training.
 
     Validation comes from `spec.validationUri` when set (same format required), else
     `spec.validationSplit` of the rows is held out with `seed`, else there is none.
+    `alpaca_as_chat`: alpaca rows become conversations (see `resolve_prompt_template`).
     """
     train_rows, fmt, raw = load_rows(
-        spec.uri, cache_dir=cache_dir, format=spec.format, revision=spec.revision
+        spec.uri,
+        cache_dir=cache_dir,
+        format=spec.format,
+        revision=spec.revision,
+        alpaca_as_chat=alpaca_as_chat,
     )
     result = TrainingData(
         train=datasets.Dataset.from_list(train_rows),
@@ -508,6 +561,8 @@ def load_training_data(spec: DatasetSpec, *, seed: int, cache_dir: Path) -> Trai
         train_rows=len(train_rows),
         validation_rows=0,
         source=spec.uri,
+        train_refs=row_refs(raw),
+        prompt_template=("chat" if alpaca_as_chat else "alpaca") if fmt == "alpaca" else None,
     )
     if spec.validationUri:
         val_raw = read_source(spec.validationUri, cache_dir=cache_dir, revision=spec.revision)
@@ -518,9 +573,10 @@ def load_training_data(spec: DatasetSpec, *, seed: int, cache_dir: Path) -> Trai
             raise BadInputError(
                 f"{val_raw.name}: validation data is {val_fmt} but the training data is {fmt}"
             )
-        val_rows = convert_rows(val_raw, fmt)
+        val_rows = convert_rows(val_raw, fmt, alpaca_as_chat=alpaca_as_chat)
         result.validation = datasets.Dataset.from_list(val_rows)
         result.validation_rows = len(val_rows)
+        result.validation_refs = row_refs(val_raw)
         result.validation_source = spec.validationUri
         result.validation_digest = val_raw.digest
         return result
@@ -532,8 +588,14 @@ def load_training_data(spec: DatasetSpec, *, seed: int, cache_dir: Path) -> Trai
             f"{raw.name}: validationSplit {spec.validationSplit} of {len(train_rows)} rows "
             "leaves no training rows (lower spec.dataset.validationSplit or add rows)"
         )
-    split = result.train.train_test_split(test_size=held_out, seed=seed, shuffle=True)
-    result.train, result.validation = split["train"], split["test"]
+    # A position column tells which rows went where (their refs follow them).
+    indexed = result.train.add_column("_position", list(range(len(train_rows))))
+    split = indexed.train_test_split(test_size=held_out, seed=seed, shuffle=True)
+    refs = result.train_refs
+    result.train_refs = [refs[i] for i in split["train"]["_position"]]
+    result.validation_refs = [refs[i] for i in split["test"]["_position"]]
+    result.train = split["train"].remove_columns("_position")
+    result.validation = split["test"].remove_columns("_position")
     result.train_rows, result.validation_rows = len(split["train"]), len(split["test"])
     result.validation_source = f"{spec.uri} (held out: {held_out} rows, seed {seed})"
     return result

@@ -161,3 +161,19 @@ def _resolve_model_dir(source: ModelSource, cache_dir: Path) -> Path:
             raise BadInputError(f"model not found: {uri}") from None
         return require_model_dir(dest, uri)
     return require_model_dir(parsed.local_path, uri)
+
+
+def resolved_revision(source: ModelSource, path: Path) -> str | None:
+    """The hub commit a hf:// model resolved to (its snapshot folder is named after it);
+    None for other sources, which have no revisions."""
+    if parse_uri(source.uri).scheme != "hf":
+        return None
+    name = Path(path).name
+    return name if len(name) == 40 and all(c in "0123456789abcdef" for c in name) else None
+
+
+def model_reference(source: ModelSource) -> str:
+    """How published artifacts name the base model: the hub id (loadable with
+    `from_pretrained` anywhere), else the model URI; never a pod-local path."""
+    parsed = parse_uri(source.uri)
+    return parsed.repo_id if parsed.scheme == "hf" else source.uri

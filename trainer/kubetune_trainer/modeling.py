@@ -1,27 +1,36 @@
 """Building the model to train: full (all parameters), LoRA, or QLoRA (LoRA on a 4-bit base).
 
-Precision follows the hardware: bf16 on GPUs that support it, fp16 mixed precision on older
-GPUs, fp32 on CPU (CPUs have no fast half-precision matmuls, and fp32 keeps tiny test runs
-numerically stable).
+Precision follows the hardware: bf16 on GPUs with native bf16 (compute capability 8.0 and
+newer), fp16 mixed precision on older GPUs, fp32 on CPU (CPUs have no fast half-precision
+matmuls, and fp32 keeps tiny test runs numerically stable). Full fine-tuning keeps fp32 master
+weights and computes in half precision under autocast; LoRA freezes a half-precision base and
+trains fp32 adapters.
 
 Attention follows the batch layout. Packed (padding-free) batches hold several examples in one
 row, delimited by `cu_seq_lens`. transformers' `sdpa` turns that into a dense block-diagonal
 mask and computes attention over the whole row, the masked blocks between examples included;
 a variable-length kernel computes only each example's own causal triangle. That is
-FlashAttention 2's varlen path on GPUs that have it installed, and on CPU
-`varlen_sdpa_attention` below: causal SDPA once per packed example.
+FlashAttention 2's varlen path on GPUs that have it installed, PyTorch's own varlen kernel on
+other GPUs, and on CPU `varlen_sdpa_attention` below: causal SDPA once per packed example.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import (
+    AttentionInterface,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    set_seed,
+)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import is_flash_attn_2_available
@@ -35,19 +44,34 @@ Precision = Literal["bf16", "fp16", "fp32"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
+# Environment set by a distributed launcher (torchrun) in each of its worker processes.
+ENV_WORLD_SIZE = "WORLD_SIZE"
+
+
+def native_bf16(capability: tuple[int, int] | None) -> bool:
+    """bf16 tensor cores exist from Ampere (compute capability 8.0) on.
+
+    `torch.cuda.is_bf16_supported()` also says yes on T4/V100, where bf16 is emulated: slow,
+    and it hides the fp16 mixed precision those GPUs are built for.
+    """
+    return capability is not None and capability >= (8, 0)
+
 
 @dataclass(frozen=True)
 class Hardware:
     """What the trainer runs on; decides precision and device placement."""
 
     device: Literal["cuda", "cpu"]
-    bf16_supported: bool
+    bf16_supported: bool  # native bf16 (see `native_bf16`), not emulated
+    capability: tuple[int, int] | None = None  # CUDA compute capability
+    device_count: int = 1
 
     @classmethod
     def detect(cls) -> Hardware:
         if torch.cuda.is_available():
-            return cls("cuda", torch.cuda.is_bf16_supported())
-        return cls("cpu", False)
+            capability = torch.cuda.get_device_capability(0)
+            return cls("cuda", native_bf16(capability), capability, torch.cuda.device_count())
+        return cls("cpu", False, None, 0)
 
     @property
     def precision(self) -> Precision:
@@ -57,11 +81,122 @@ class Hardware:
 
     @property
     def weights_dtype(self) -> torch.dtype:
-        # fp16 training keeps fp32 master weights (autocast); bf16 trains in bf16.
-        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+        """Dtype of frozen weights (the base under a LoRA adapter, a merged export)."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+            self.precision
+        ]
+
+    def train_dtype(self, method: str) -> torch.dtype:
+        """Dtype the model loads in for `method`.
+
+        Full fine-tuning keeps fp32 master weights and optimizer state and computes in
+        bf16/fp16 under autocast (16 bytes per parameter, what the operator's estimate
+        assumes): pure-bf16 updates of 2e-5 vanish against bf16's 8-bit mantissa. LoRA
+        freezes the base in half precision; its adapter is fp32 (peft).
+        """
+        return torch.float32 if method == "full" else self.weights_dtype
+
+    @property
+    def tf32(self) -> bool:
+        """TF32 matmuls for the fp32 parts of training: Ampere (8.0) and newer."""
+        return self.device == "cuda" and native_bf16(self.capability)
+
+    def device_map(self) -> dict[str, Any] | None:
+        """Load weights straight onto the GPU (no full copy in host memory first)."""
+        return {"": 0} if self.device == "cuda" else None
+
+
+def check_single_process(hardware: Hardware, environ: dict[str, str] | None = None) -> None:
+    """Refuse several GPUs in one process.
+
+    transformers' Trainer wraps the model in `nn.DataParallel` when one process sees several
+    GPUs: every step replicates the model from GPU 0, which holds all gradients, optimizer
+    state and outputs; slower than one GPU for LoRA and out of memory for large models.
+    Several GPUs need one process per GPU (a distributed launcher sets WORLD_SIZE).
+    """
+    environ = os.environ if environ is None else environ
+    if hardware.device != "cuda" or hardware.device_count <= 1:
+        return
+    if int(environ.get(ENV_WORLD_SIZE) or "1") > 1:
+        return
+    raise BadInputError(
+        f"spec.resources.gpus: this trainer sees {hardware.device_count} GPUs in one process; "
+        "it trains on one GPU per process and has no distributed launch yet "
+        "(set spec.resources.gpus: 1)"
+    )
 
 
 VARLEN_SDPA = "kubetune_varlen_sdpa"
+
+
+def _window_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """Causal band: position i sees j when 0 <= i - j < window (transformers' convention)."""
+    positions = torch.arange(length, device=device)
+    distance = positions[:, None] - positions[None, :]
+    return (distance >= 0) & (distance < window)
+
+
+def _example_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    dropout: float,
+    scaling: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """Causal SDPA over one packed example, within its sliding window when the model has one."""
+    length = query.shape[2]
+    windowed = sliding_window is not None and length > sliding_window
+    return torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=_window_mask(length, sliding_window, query.device) if windowed else None,
+        dropout_p=dropout,
+        is_causal=not windowed,
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+
+
+def torch_varlen_available() -> bool:
+    """PyTorch's own variable-length attention kernel (torch >= 2.9, CUDA only)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _gpu_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_lens: torch.Tensor,
+    max_length: int,
+    *,
+    scaling: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """One varlen kernel call for the whole packed row (no host sync, no per-example loop)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    window = (sliding_window - 1, 0) if sliding_window else (-1, 0)
+    cu = cu_seq_lens.to(device=query.device, dtype=torch.int32)
+    out = varlen_attn(
+        query[0].transpose(0, 1),  # (tokens, heads, head_dim)
+        key[0].transpose(0, 1),
+        value[0].transpose(0, 1),
+        cu,
+        cu,
+        max_length,
+        max_length,
+        scale=scaling,
+        window_size=window,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.unsqueeze(0)  # (1, tokens, heads, head_dim)
 
 
 def varlen_sdpa_attention(
@@ -76,11 +211,14 @@ def varlen_sdpa_attention(
     cu_seq_lens_k: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Attention over a padding-free packed row, one causal SDPA call per packed example.
+    """Attention over a padding-free packed row: each example attends only to itself.
 
     `query` is (1, heads, tokens, head_dim); TRL's padding-free collator delimits the examples
-    with `cu_seq_lens_q` (start offsets plus the total). Anything else (padded batches,
-    generation with a cache) goes to transformers' own SDPA attention unchanged.
+    with `cu_seq_lens_q` (start offsets plus the total) and `max_length_q`. On a GPU in half
+    precision this is PyTorch's varlen kernel (one call); elsewhere causal SDPA once per
+    example. A model's `sliding_window` (Mistral, Qwen2 ...) is honoured on both paths.
+    Anything else (padded batches, generation with a cache) goes to transformers' own SDPA
+    attention unchanged.
     """
     packed = (
         cu_seq_lens_q is not None
@@ -92,16 +230,34 @@ def varlen_sdpa_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    sliding_window = kwargs.get("sliding_window")
+    max_length = kwargs.get("max_length_q")
+    if (
+        query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and max_length is not None
+        and dropout == 0.0
+        and torch_varlen_available()
+    ):
+        out = _gpu_varlen(
+            query,
+            key,
+            value,
+            cu_seq_lens_q,
+            int(max_length),
+            scaling=scaling,
+            sliding_window=sliding_window,
+        )
+        return out, None
     bounds = cu_seq_lens_q.tolist()
     outputs = [
-        torch.nn.functional.scaled_dot_product_attention(
+        _example_attention(
             query[:, :, start:end],
             key[:, :, start:end],
             value[:, :, start:end],
-            dropout_p=dropout,
-            is_causal=True,
-            scale=scaling,
-            enable_gqa=query.shape[1] != key.shape[1],
+            dropout=dropout,
+            scaling=scaling,
+            sliding_window=sliding_window,
         )
         for start, end in zip(bounds[:-1], bounds[1:], strict=True)
         if end > start
@@ -118,18 +274,20 @@ AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)
 def packed_attention(hardware: Hardware) -> str:
     """The attention implementation for padding-free packed rows, per device.
 
-    GPU: FlashAttention 2's varlen kernel where the package is installed (one kernel call for
-    the whole row, in the bf16/fp16 GPUs train in); without it transformers' `sdpa` with the
-    block-diagonal mask (SDPA's memory-efficient kernel). The per-example loop is not used on
-    GPUs: reading the example bounds there is a device-to-host sync in every layer, and it
-    launches kernels per example.
+    GPU: FlashAttention 2's varlen kernel where the package is installed; otherwise
+    `varlen_sdpa_attention`, which calls PyTorch's own varlen kernel (torch >= 2.9) with the
+    row's `cu_seq_lens`. Both compute only each example's causal triangle; `sdpa` with a
+    dense block-diagonal mask (the last resort, for older torch) computes the whole
+    flattened batch: 4x the attention FLOPs at 4 examples per row.
     CPU: causal SDPA once per packed example (PyTorch's flash kernel for CPU). Measured with
     a 512-token row of six examples (LoRA, one thread, see docs/benchmarks.md): 16% less
     time per training step than `sdpa` with the block-diagonal mask, 38% less than `eager`;
     `flex_attention` has no backward pass on CPU.
     """
     if hardware.device == "cuda":
-        return "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+        if is_flash_attn_2_available():
+            return "flash_attention_2"
+        return VARLEN_SDPA if torch_varlen_available() else "sdpa"
     return VARLEN_SDPA
 
 
@@ -158,14 +316,17 @@ class BuiltModel:
     hardware: Hardware
     quantized: bool
     notes: list[str] = field(default_factory=list)
+    packing: bool = False  # packed rows with per-example attention (may differ from the spec)
+    warnings: list[str] = field(default_factory=list)  # where the run deviates from the spec
 
     @property
     def is_adapter(self) -> bool:
         return isinstance(self.model, PeftModel)
 
 
-def lora_config(lora: LoraSpec) -> LoraConfig:
-    targets: list[str] | str = lora.targetModules
+def lora_config(lora: LoraSpec, target_modules: list[str] | str | None = None) -> LoraConfig:
+    """peft's LoraConfig; `target_modules` as resolved by `resolve_target_modules`."""
+    targets: list[str] | str = target_modules or lora.targetModules
     if targets == ["all-linear"]:
         targets = "all-linear"  # peft's shorthand: every linear layer except the output head
     return LoraConfig(
@@ -176,6 +337,69 @@ def lora_config(lora: LoraSpec) -> LoraConfig:
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def meta_model(model_path: Path, *, trust_remote_code: bool = False) -> Any:
+    """The model's module tree without weights (meta device): seconds for any size."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise BadInputError(f"{model_path}: cannot load model ({_first_line(error)})") from None
+
+
+def linear_layer_names(model: Any) -> list[str]:
+    """Last name component of every linear layer but the output head (what all-linear means)."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if name and isinstance(module, torch.nn.Linear | Conv1D) and module is not head
+        }
+    )
+
+
+def resolve_target_modules(targets: list[str], model: Any) -> tuple[list[str], list[str]]:
+    """The module names to adapt in `model` (a meta model will do) and warnings.
+
+    A name matches a module whose name is it or ends with "." + it (peft's rule);
+    'all-linear' stands for every linear layer but the output head and combines with names.
+    A name that matches nothing is a warning; when nothing matches, BadInputError.
+    """
+    module_names = [name for name, _ in model.named_modules() if name]
+    linear = linear_layer_names(model)
+    resolved: set[str] = set()
+    unmatched: list[str] = []
+    for target in targets:
+        if target == "all-linear":
+            resolved.update(linear)
+        elif any(name == target or name.endswith("." + target) for name in module_names):
+            resolved.add(target)
+        else:
+            unmatched.append(target)
+    model_type = getattr(model.config, "model_type", "this")
+    if not resolved:
+        raise BadInputError(
+            f"spec.lora.targetModules: {', '.join(targets)} match no module of this {model_type} "
+            f"model; its linear layers are {', '.join(linear)} (or use all-linear)"
+        )
+    warnings = [
+        f"spec.lora.targetModules: {name!r} matches no module of this {model_type} model "
+        f"(linear layers: {', '.join(linear)})"
+        for name in unmatched
+    ]
+    return sorted(resolved), warnings
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def quantization_config(
@@ -208,8 +432,7 @@ def load_tokenizer(model_path: Path, *, trust_remote_code: bool = False) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
-        raise BadInputError(f"{model_path}: cannot load tokenizer ({first_line})") from None
+        raise BadInputError(f"{model_path}: cannot load tokenizer ({_first_line(error)})") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise BadInputError(f"{model_path}: tokenizer has neither a pad nor an eos token")
@@ -221,22 +444,27 @@ def load_base_model(
     model_path: Path,
     *,
     hardware: Hardware,
+    dtype: torch.dtype | None = None,
     quantization: BitsAndBytesConfig | None = None,
     trust_remote_code: bool = False,
 ) -> Any:
+    """The base model, loaded straight onto its device: on a GPU the weights go from the
+    files to GPU memory shard by shard, so host memory never holds the whole model."""
     kwargs: dict[str, Any] = {
-        "dtype": hardware.weights_dtype,
+        "dtype": dtype or hardware.weights_dtype,
         "trust_remote_code": trust_remote_code,
     }
+    device_map = hardware.device_map()
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         # bitsandbytes quantises while loading, on the device the weights land on.
-        kwargs["device_map"] = {"": 0 if hardware.device == "cuda" else "cpu"}
+        device_map = device_map or {"": "cpu"}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         return AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
-        raise BadInputError(f"{model_path}: cannot load model ({first_line})") from None
+        raise BadInputError(f"{model_path}: cannot load model ({_first_line(error)})") from None
 
 
 def keep_4bit_weights_differentiable(model: Any) -> None:
@@ -254,28 +482,28 @@ def keep_4bit_weights_differentiable(model: Any) -> None:
 
 
 def build_model(
-    spec: FineTuneJobSpec, model_path: Path, *, hardware: Hardware | None = None
+    spec: FineTuneJobSpec,
+    model_path: Path,
+    *,
+    hardware: Hardware | None = None,
+    tokenizer: Any | None = None,
 ) -> BuiltModel:
-    """Load the base model at `model_path` and prepare it for `spec.method`."""
+    """Load the base model at `model_path` and prepare it for `spec.method`.
+
+    Everything that can be wrong with the settings (GPU count, LoRA target names) is checked
+    before the weights load.
+    """
     hardware = hardware or Hardware.detect()
+    check_single_process(hardware)
     trust = spec.model.trustRemoteCode
-    tokenizer = load_tokenizer(model_path, trust_remote_code=trust)
+    tokenizer = tokenizer or load_tokenizer(model_path, trust_remote_code=trust)
     notes = [f"device {hardware.device}, precision {hardware.precision}"]
+    targets, warnings = None, []
+    if spec.lora is not None:
+        skeleton = meta_model(model_path, trust_remote_code=trust)
+        targets, warnings = resolve_target_modules(spec.lora.targetModules, skeleton)
+        del skeleton
 
-    def load(quantization: BitsAndBytesConfig | None = None) -> Any:
-        model = load_base_model(
-            model_path, hardware=hardware, quantization=quantization, trust_remote_code=trust
-        )
-        # Packing in train.py is padding-free (TRL's bfd strategy): rows carry cu_seq_lens.
-        if spec.training.packing and (attention := use_packed_attention(model, hardware)):
-            notes.append(f"attention {attention} (packed rows)")
-        return model
-
-    if spec.method == "full":
-        model = load()
-        return BuiltModel(model, tokenizer, spec.method, hardware, quantized=False, notes=notes)
-
-    assert spec.lora is not None  # filled in by the spec's validator for lora/qlora
     quantized = spec.method == "qlora"
     bnb = None
     if quantized:
@@ -283,7 +511,22 @@ def build_model(
         bnb, note = quantization_config(spec.quantization, hardware)
         if note:
             notes.append(note)
-    model = load(bnb)
+    # The seed decides the LoRA initialisation (and any weight the checkpoint lacks).
+    set_seed(spec.training.seed)
+    model = load_base_model(
+        model_path,
+        hardware=hardware,
+        dtype=hardware.train_dtype(spec.method),
+        quantization=bnb,
+        trust_remote_code=trust,
+    )
+    packing = spec.training.packing and packing_supported(model, hardware, notes, warnings)
+    for warning in warnings:
+        log.warning("%s", warning)
+    if spec.method == "full":
+        return BuiltModel(model, tokenizer, spec.method, hardware, False, notes, packing, warnings)
+
+    assert spec.lora is not None  # filled in by the spec's validator for lora/qlora
     if quantized and hardware.device == "cpu":
         keep_4bit_weights_differentiable(model)
     if quantized:
@@ -292,11 +535,31 @@ def build_model(
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=spec.training.gradientCheckpointing
         )
+    set_seed(spec.training.seed)
     try:
-        model = get_peft_model(model, lora_config(spec.lora))
+        model = get_peft_model(model, lora_config(spec.lora, targets))
     except ValueError as error:
         # peft names the missing modules: "Target modules {'x_proj'} not found in the base model"
         raise BadInputError(f"spec.lora.targetModules: {str(error).splitlines()[0]}") from None
     trainable, total = model.get_nb_trainable_parameters()
     notes.append(f"trainable parameters {trainable:,} of {total:,}")
-    return BuiltModel(model, tokenizer, spec.method, hardware, quantized=quantized, notes=notes)
+    return BuiltModel(model, tokenizer, spec.method, hardware, quantized, notes, packing, warnings)
+
+
+PACKING_OFF_NOTE = (
+    "packing off: this model does not use transformers' attention interface (remote code), "
+    "so examples packed into one row would attend to each other"
+)
+
+
+def packing_supported(
+    model: Any, hardware: Hardware, notes: list[str], warnings: list[str]
+) -> bool:
+    """Switch `model` to per-example attention for packed rows; False (with a warning) when
+    it cannot: then examples sharing a row would attend to each other, so packing goes off."""
+    attention = use_packed_attention(model, hardware)
+    if attention is None:
+        warnings.append(PACKING_OFF_NOTE)
+        return False
+    notes.append(f"attention {attention} (packed rows)")
+    return True

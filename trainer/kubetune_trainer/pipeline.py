@@ -24,13 +24,25 @@ from kubetune_trainer.checkpoints import (
     latest_resumable,
     training_fingerprint,
 )
-from kubetune_trainer.data import ensure_chat_template, load_eval_rows, load_training_data
+from kubetune_trainer.data import (
+    TrainingData,
+    ensure_chat_template,
+    load_eval_rows,
+    load_training_data,
+    resolve_prompt_template,
+)
 from kubetune_trainer.evaluate import EvalInputs, EvalOutcome, evaluate_after_training
-from kubetune_trainer.model_source import resolve_model
-from kubetune_trainer.modeling import Hardware, build_model
+from kubetune_trainer.model_source import model_reference, resolve_model, resolved_revision
+from kubetune_trainer.modeling import BuiltModel, Hardware, build_model, load_tokenizer
 from kubetune_trainer.progress import ProgressCallback, Reporter, make_event
 from kubetune_trainer.storage import ArtifactStore, open_store
-from kubetune_trainer.train import TrainOutcome, perplexity, train_model
+from kubetune_trainer.tokens import TokenizedData, tokenize_training_data
+from kubetune_trainer.train import (
+    TrainOutcome,
+    perplexity,
+    release_training_state,
+    train_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +69,50 @@ def stage(reporter: Reporter, name: str) -> Iterator[None]:
     log.info("stage %s took %.1fs", name, time.monotonic() - started)
 
 
-def eval_rows_for(job: FineTuneJob, validation: Any, cache_dir: Path) -> list[dict]:
+@dataclass
+class PreparedRun:
+    """Everything checked and loaded before training: input is good from here on."""
+
+    job: FineTuneJob
+    work: Path
+    prefix: str  # the run's key prefix in the output location
+    store: ArtifactStore
+    model_path: Path
+    revision: str | None  # hub commit of a hf:// model
+    data: TrainingData
+    tokenized: TokenizedData
+    eval_rows: list[dict]
+    built: BuiltModel
+
+    @property
+    def spec(self) -> Any:
+        return self.job.spec
+
+    @property
+    def alpaca_as_chat(self) -> bool:
+        return self.data.prompt_template == "chat"
+
+
+def eval_rows_for(
+    job: FineTuneJob, validation: Any, cache_dir: Path, *, alpaca_as_chat: bool = False
+) -> list[dict]:
     """The evaluation data: spec.evaluation.datasetUri, else the validation split."""
     evaluation = job.spec.evaluation
     if evaluation.datasetUri:
         return load_eval_rows(
-            evaluation.datasetUri, cache_dir=cache_dir, revision=job.spec.dataset.revision
+            evaluation.datasetUri,
+            cache_dir=cache_dir,
+            revision=job.spec.dataset.revision,
+            alpaca_as_chat=alpaca_as_chat,
         )
     return validation.to_list() if validation is not None else []
 
 
 def headline_metrics(
-    outcome: TrainOutcome, evaluation: EvalOutcome | None, duration: float
+    outcome: TrainOutcome,
+    evaluation: EvalOutcome | None,
+    duration: float,
+    run: PreparedRun | None = None,
 ) -> dict[str, Any]:
     """Keys of `Metrics`: training numbers, overridden by the evaluation stage's where set."""
     metrics: dict[str, Any] = {
@@ -79,6 +123,11 @@ def headline_metrics(
         "trainSamples": outcome.train_samples,
         "durationSeconds": round(duration, 3),
     }
+    if run is not None:
+        lengths = run.tokenized.train_lengths
+        metrics["truncatedRows"] = lengths.truncated
+        metrics["excludedRows"] = len(lengths.excluded)
+        metrics["packing"] = run.built.packing
     if evaluation is not None:
         for key, value in evaluation.metrics.items():
             if key in Metrics.model_fields and value is not None:
@@ -103,45 +152,94 @@ def stage_eval_files(evaluation: EvalOutcome | None, out_dir: Path, staging: Pat
     return keys
 
 
-def run_pipeline(job: FineTuneJob, reporter: Reporter, options: RunOptions) -> TrainerResult:
-    """Run the whole job; returns the TrainerResult (raises on failure, BadInputError first)."""
-    started = time.monotonic()
+def load_data(
+    job: FineTuneJob, model_path: Path, work: Path
+) -> tuple[Any, TrainingData, TokenizedData, list[dict]]:
+    """The tokenizer, the training data (alpaca rows in the chosen prompt template), its
+    tokenised splits (too many rows without a response left fails here) and eval rows."""
+    spec = job.spec
+    tokenizer = load_tokenizer(model_path, trust_remote_code=spec.model.trustRemoteCode)
+    if spec.dataset.chatTemplate:
+        ensure_chat_template(tokenizer, spec.dataset.chatTemplate, spec.model.uri)
+    template = resolve_prompt_template(spec.dataset.promptTemplate, tokenizer, spec.model.uri)
+    as_chat = template == "chat"
+    data = load_training_data(
+        spec.dataset, seed=spec.training.seed, cache_dir=work / "data", alpaca_as_chat=as_chat
+    )
+    if data.format == "chat":
+        ensure_chat_template(tokenizer, spec.dataset.chatTemplate, spec.model.uri)
+    tokenized = tokenize_training_data(
+        data,
+        tokenizer,
+        max_length=spec.training.maxSeqLength,
+        train_on_prompt=spec.training.trainOnPrompt,
+    )
+    lengths = tokenized.train_lengths
+    if lengths.truncated or lengths.excluded:
+        log.warning(
+            "maxSeqLength %d: %d training rows truncated, %d excluded (no response left)",
+            spec.training.maxSeqLength,
+            lengths.truncated,
+            len(lengths.excluded),
+        )
+    eval_rows = (
+        eval_rows_for(job, data.validation, work / "data", alpaca_as_chat=as_chat)
+        if spec.evaluation.enabled
+        else []
+    )
+    return tokenizer, data, tokenized, eval_rows
+
+
+def prepare(job: FineTuneJob, reporter: Reporter, options: RunOptions) -> PreparedRun:
+    """Stages model-download, dataset and model-build: every input checked, BadInputError
+    for anything wrong, before any training."""
     spec = job.spec
     work = Path(options.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    prefix = publish.run_prefix(options.namespace, job.metadata.name)
-
     with stage(reporter, "model-download"):
         store: ArtifactStore = open_store(spec.output.uri)
         store.check_access()  # a wrong bucket or key must fail now, not after hours of training
         model_path = resolve_model(spec.model, work / "models")
 
     with stage(reporter, "dataset"):
-        data = load_training_data(spec.dataset, seed=spec.training.seed, cache_dir=work / "data")
-        eval_rows = (
-            eval_rows_for(job, data.validation, work / "data") if spec.evaluation.enabled else []
-        )
+        tokenizer, data, tokenized, eval_rows = load_data(job, model_path, work)
 
     with stage(reporter, "model-build"):
-        built = build_model(spec, model_path, hardware=options.hardware)
+        built = build_model(spec, model_path, hardware=options.hardware, tokenizer=tokenizer)
         for note in built.notes:
             log.info("%s", note)
-        if data.format == "chat":
-            ensure_chat_template(built.tokenizer, spec.dataset.chatTemplate, spec.model.uri)
+        for warning in built.warnings:
+            reporter.emit(make_event("stage", stage="model-build", message=warning))
+    return PreparedRun(
+        job=job,
+        work=work,
+        prefix=publish.run_prefix(options.namespace, job.metadata.name),
+        store=store,
+        model_path=model_path,
+        revision=resolved_revision(spec.model, model_path),
+        data=data,
+        tokenized=tokenized,
+        eval_rows=eval_rows,
+        built=built,
+    )
 
+
+def train_stage(run: PreparedRun, reporter: Reporter) -> TrainOutcome:
+    """Resume from the newest matching checkpoint if any, train, upload checkpoints."""
+    spec, store, prefix = run.spec, run.store, run.prefix
     # Input is good: from here on, a failure is worth retrying and resuming.
     publish.remove_stale_manifest(store, prefix)
-    fingerprint = training_fingerprint(spec, data.digest)
+    fingerprint = training_fingerprint(spec, run.data.digest, run.revision)
     resume_step = latest_resumable(store, prefix, fingerprint)
     resume_dir = None
     if resume_step is not None:
-        resume_dir = download_checkpoint(store, prefix, resume_step, work / "resume")
+        resume_dir = download_checkpoint(store, prefix, resume_step, run.work / "resume")
         log.info(
             "resuming from %s", store.uri_for(f"{prefix}checkpoints/checkpoint-{resume_step}/")
         )
 
     with stage(reporter, "train"):
-        local_checkpoints = work / "checkpoints"
+        local_checkpoints = run.work / "checkpoints"
         shutil.rmtree(local_checkpoints, ignore_errors=True)
         callbacks = [
             ProgressCallback(reporter, resumed_from_step=resume_step),
@@ -154,84 +252,131 @@ def run_pipeline(job: FineTuneJob, reporter: Reporter, options: RunOptions) -> T
             ),
         ]
         outcome = train_model(
-            built,
-            data,
+            run.built,
+            run.data,
             spec.training,
             output_dir=local_checkpoints,
             callbacks=callbacks,
             resume_from=resume_dir,
             resumed_from_step=resume_step,
+            tokenized=run.tokenized,
         )
+    # Evaluation needs the model, not the optimizer state (two fp32 values per parameter).
+    release_training_state(outcome.trainer)
+    return outcome
 
-    staging = publish.fresh_dir(work / "publish")
+
+def evaluate_stage(
+    run: PreparedRun, outcome: TrainOutcome, reporter: Reporter
+) -> tuple[EvalOutcome | None, Path]:
+    eval_dir = publish.fresh_dir(run.work / "evaluation")
+    if not run.spec.evaluation.enabled:
+        return None, eval_dir
+    with stage(reporter, "evaluate"):
+        evaluation = evaluate_after_training(
+            EvalInputs(
+                spec=run.spec,
+                model=outcome.model,
+                tokenizer=run.built.tokenizer,
+                base_model_path=run.model_path,
+                eval_rows=run.eval_rows,
+                data_format=eval_format(run.data),
+                out_dir=eval_dir,
+                log_history=outcome.log_history,
+                train_seconds=outcome.seconds,
+                alpaca_as_chat=run.alpaca_as_chat,
+            )
+        )
+    return evaluation, eval_dir
+
+
+def eval_format(data: TrainingData) -> str:
+    if data.prompt_template == "chat":
+        return "chat"
+    return EVAL_FORMATS.get(data.format, data.format)
+
+
+def publish_stage(
+    run: PreparedRun,
+    outcome: TrainOutcome,
+    evaluation: EvalOutcome | None,
+    eval_dir: Path,
+    started: float,
+    options: RunOptions,
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """Model files, merged model, evaluation files, metrics and the manifest (last).
+    Returns the artifacts (role -> relative key) and the headline metrics."""
+    spec, built = run.spec, run.built
+    staging = publish.fresh_dir(run.work / "publish")
+    base = publish.BaseModelRef(model_reference(spec.model), run.revision)
     model_folder = publish.save_model_files(
-        outcome.model, built.tokenizer, is_adapter=built.is_adapter, staging=staging
+        outcome.model, built.tokenizer, is_adapter=built.is_adapter, staging=staging, base=base
     )
+    artifacts = {"model": f"{model_folder}/"}
+    if built.is_adapter and spec.output.mergeAdapter:
+        publish.save_merged_model(
+            run.model_path,
+            staging / model_folder,
+            built.tokenizer,
+            staging / publish.MERGED_DIR,
+            built.hardware.weights_dtype,
+            device_map=built.hardware.device_map(),
+        )
+        artifacts["mergedModel"] = f"{publish.MERGED_DIR}/"
+    eval_keys = stage_eval_files(evaluation, eval_dir, staging)
+    report = next((k for k in eval_keys if k.endswith("report.md")), None) or next(
+        (k for k in eval_keys if k.endswith("report.json")), None
+    )
+    if report:
+        artifacts["report"] = report
+    artifacts["metrics"] = publish.METRICS
+    metrics = headline_metrics(outcome, evaluation, time.monotonic() - started, run)
+    lengths = {"train": run.tokenized.train_lengths.document()}
+    if run.tokenized.validation_lengths is not None:
+        lengths["validation"] = run.tokenized.validation_lengths.document()
+    summary = publish.RunSummary(
+        job=run.job,
+        namespace=options.namespace,
+        data=run.data,
+        metrics=metrics,
+        log_history=outcome.log_history,
+        total_steps=outcome.global_step,
+        resumed_from_step=outcome.resumed_from_step,
+        duration_seconds=time.monotonic() - started,
+        train_seconds=outcome.seconds,
+        first_loss=outcome.first_loss,
+        mean_train_loss=outcome.mean_train_loss,
+        eval_passed=evaluation.passed if evaluation else None,
+        eval_missed=list(evaluation.missed) if evaluation else [],
+        artifacts=artifacts,
+        resolved_revision=run.revision,
+        lengths=lengths,
+        notes=list(built.warnings),
+    )
+    publish.write_run_documents(summary, staging)
+    publish.upload_run(run.store, run.prefix, staging, summary)
+    return artifacts, metrics
 
-    evaluation: EvalOutcome | None = None
-    eval_dir = publish.fresh_dir(work / "evaluation")
-    if spec.evaluation.enabled:
-        with stage(reporter, "evaluate"):
-            evaluation = evaluate_after_training(
-                EvalInputs(
-                    spec=spec,
-                    model=outcome.model,
-                    tokenizer=built.tokenizer,
-                    base_model_path=model_path,
-                    eval_rows=eval_rows,
-                    data_format=EVAL_FORMATS.get(data.format, data.format),
-                    out_dir=eval_dir,
-                    log_history=outcome.log_history,
-                    train_seconds=outcome.seconds,
-                )
-            )
 
+def run_pipeline(job: FineTuneJob, reporter: Reporter, options: RunOptions) -> TrainerResult:
+    """Run the whole job; returns the TrainerResult (raises on failure, BadInputError first)."""
+    started = time.monotonic()
+    run = prepare(job, reporter, options)
+    outcome = train_stage(run, reporter)
+    evaluation, eval_dir = evaluate_stage(run, outcome, reporter)
     with stage(reporter, "publish"):
-        artifacts = {"model": f"{model_folder}/"}
-        if built.is_adapter and spec.output.mergeAdapter:
-            publish.save_merged_model(
-                model_path,
-                staging / model_folder,
-                built.tokenizer,
-                staging / publish.MERGED_DIR,
-                built.hardware.weights_dtype,
-            )
-            artifacts["mergedModel"] = f"{publish.MERGED_DIR}/"
-        eval_keys = stage_eval_files(evaluation, eval_dir, staging)
-        report = next((k for k in eval_keys if k.endswith("report.md")), None) or next(
-            (k for k in eval_keys if k.endswith("report.json")), None
-        )
-        if report:
-            artifacts["report"] = report
-        artifacts["metrics"] = publish.METRICS
-        metrics = headline_metrics(outcome, evaluation, time.monotonic() - started)
-        summary = publish.RunSummary(
-            job=job,
-            namespace=options.namespace,
-            data=data,
-            metrics=metrics,
-            log_history=outcome.log_history,
-            total_steps=outcome.global_step,
-            resumed_from_step=resume_step,
-            duration_seconds=time.monotonic() - started,
-            train_seconds=outcome.seconds,
-            first_loss=outcome.first_loss,
-            mean_train_loss=outcome.mean_train_loss,
-            eval_passed=evaluation.passed if evaluation else None,
-            eval_missed=list(evaluation.missed) if evaluation else [],
-            artifacts=artifacts,
-        )
-        publish.write_run_documents(summary, staging)
-        publish.upload_run(store, prefix, staging, summary)
+        artifacts, metrics = publish_stage(run, outcome, evaluation, eval_dir, started, options)
 
-    if evaluation is not None and spec.evaluation.failOnThresholds and evaluation.passed is False:
+    gate = job.spec.evaluation.failOnThresholds
+    if evaluation is not None and gate and evaluation.passed is False:
         raise EvaluationGateError("evaluation thresholds missed: " + "; ".join(evaluation.missed))
 
+    store, prefix = run.store, run.prefix
     uris = {role: store.uri_for(prefix + relative) for role, relative in artifacts.items()}
     return TrainerResult(
         result="succeeded",
         artifacts=Artifacts(manifest=store.uri_for(prefix + publish.MANIFEST), **uris),
         metrics=Metrics(**metrics),
-        resumedFromStep=resume_step,
+        resumedFromStep=outcome.resumed_from_step,
         totalSteps=outcome.global_step,
     )

@@ -76,23 +76,64 @@ def file_entries(staging: Path) -> dict[str, dict[str, Any]]:
     return entries
 
 
-def save_model_files(model: Any, tokenizer: Any, *, is_adapter: bool, staging: Path) -> str:
-    """Save the adapter (or full model) and tokenizer under `staging`; returns the folder name."""
+@dataclass(frozen=True)
+class BaseModelRef:
+    """How artifacts name the base model: hub id or URI, and the resolved hub commit."""
+
+    name: str
+    revision: str | None = None
+
+
+def save_model_files(
+    model: Any,
+    tokenizer: Any,
+    *,
+    is_adapter: bool,
+    staging: Path,
+    base: BaseModelRef | None = None,
+) -> str:
+    """Save the adapter (or full model) and tokenizer under `staging`; returns the folder name.
+
+    An adapter's config names `base` (hub id or URI, and the commit), not the pod-local path
+    the base was loaded from, so `PeftModel.from_pretrained` finds it anywhere.
+    """
     folder = ADAPTER_DIR if is_adapter else MODEL_DIR
     target = staging / folder
     model.save_pretrained(target)  # safetensors by default
     tokenizer.save_pretrained(target)
+    if is_adapter and base is not None:
+        name_adapter_base(target / "adapter_config.json", base)
     return folder
 
 
+def name_adapter_base(config_path: Path, base: BaseModelRef) -> None:
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = base.name
+    config["revision"] = base.revision
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
 def save_merged_model(
-    base_model_path: Path, adapter_dir: Path, tokenizer: Any, target: Path, dtype: Any
+    base_model_path: Path,
+    adapter_dir: Path,
+    tokenizer: Any,
+    target: Path,
+    dtype: Any,
+    device_map: dict[str, Any] | None = None,
 ) -> None:
-    """The base model (reloaded unquantised) with the adapter merged into its weights."""
+    """The base model (reloaded unquantised) with the adapter merged into its weights.
+
+    With `device_map` (a GPU) the base loads straight into GPU memory and the merge runs
+    there; on CPU transformers loads shard by shard into the final tensors, so host memory
+    holds one copy of the merged model (2 bytes per parameter in bf16), not two.
+    """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    base = AutoModelForCausalLM.from_pretrained(base_model_path, **kwargs)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(target)
     tokenizer.save_pretrained(target)
@@ -116,6 +157,9 @@ class RunSummary:
     eval_passed: bool | None = None
     eval_missed: list[str] = field(default_factory=list)
     artifacts: dict[str, str] = field(default_factory=dict)  # role -> relative folder/file
+    resolved_revision: str | None = None  # hub commit of a hf:// base model
+    lengths: dict[str, Any] = field(default_factory=dict)  # split -> LengthReport.document()
+    notes: list[str] = field(default_factory=list)  # how the run deviated from the spec, why
 
 
 def metrics_document(summary: RunSummary) -> dict[str, Any]:
@@ -138,10 +182,18 @@ def manifest_document(summary: RunSummary, files: dict[str, dict[str, Any]]) -> 
         "job": {"name": summary.job.metadata.name, "namespace": summary.namespace},
         "createdAt": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "method": spec.method,
-        "baseModel": {"uri": spec.model.uri, "revision": spec.model.revision},
+        "baseModel": {
+            "uri": spec.model.uri,
+            "revision": spec.model.revision,
+            "resolvedRevision": summary.resolved_revision,
+        },
         "dataset": {
             "uri": spec.dataset.uri,
             "format": data.format,
+            "promptTemplate": data.prompt_template,
+            "maxSeqLength": spec.training.maxSeqLength,
+            **summary.lengths.get("train", {}),
+            "validationLengths": summary.lengths.get("validation"),
             "digest": data.digest,
             "trainRows": data.train_rows,
             "validationRows": data.validation_rows,
@@ -157,6 +209,7 @@ def manifest_document(summary: RunSummary, files: dict[str, dict[str, Any]]) -> 
         "metrics": summary.metrics,
         "evalPassed": summary.eval_passed,
         "evalMissed": summary.eval_missed,
+        "notes": summary.notes,
         "artifacts": summary.artifacts,
         "files": files,
     }

@@ -9,8 +9,10 @@ have it, causal SDPA per example on CPU), so no compute is spent between example
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +23,10 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
-from kubetune.api.v1alpha1 import TrainingSpec
+from kubetune.api.v1alpha1 import DEFAULT_LEARNING_RATES, TrainingSpec
 from kubetune_trainer.data import TrainingData
 from kubetune_trainer.modeling import BuiltModel, Hardware
+from kubetune_trainer.tokens import TokenizedData, tokenize_training_data
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ class TrainOutcome:
     mean_train_loss: float | None  # the trainer's average over this process's steps
     eval_loss: float | None  # loss on the validation split of the final model
     tokens_trained: int  # non-padding tokens over the whole run (resumed runs included)
-    train_samples: int
+    train_samples: int  # training rows trained on (excluded rows not counted)
     seconds: float  # wall time of this process's training
     cpu_seconds: float  # CPU time of this process's training (all threads)
     resumed_from_step: int | None
@@ -59,21 +62,35 @@ def eval_strategy(training: TrainingSpec, has_validation: bool) -> dict[str, Any
     return {"eval_strategy": "epoch"}
 
 
+def dataloader_workers(hardware: Hardware, cpus: int | None = None) -> int:
+    """Data-loader worker processes: on a GPU, collating the next batch overlaps the step;
+    on a CPU the workers would compete with training for the same cores."""
+    if hardware.device != "cuda":
+        return 0
+    return max(0, min(4, (cpus or os.cpu_count() or 1) // 2))
+
+
 def sft_config(
     training: TrainingSpec,
     *,
     output_dir: Path,
     has_validation: bool,
     hardware: Hardware,
+    packing: bool | None = None,
 ) -> SFTConfig:
     """The SFTConfig for a TrainingSpec. Checkpoints go to `output_dir` (local scratch);
-    uploading and pruning them in the output location is the checkpoint callback's job."""
+    uploading and pruning them in the output location is the checkpoint callback's job.
+    `packing`: what the built model supports (default: the spec's)."""
     precision = hardware.precision
+    learning_rate = training.learningRate
+    if learning_rate is None:  # a bare TrainingSpec; a FineTuneJobSpec resolves it by method
+        learning_rate = DEFAULT_LEARNING_RATES["lora"]
+    workers = dataloader_workers(hardware)
     return SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=training.epochs,
         max_steps=training.maxSteps or -1,
-        learning_rate=training.learningRate,
+        learning_rate=learning_rate,
         lr_scheduler_type=training.lrScheduler,
         warmup_steps=training.warmupRatio,  # a float below 1 is a ratio of the total steps
         weight_decay=training.weightDecay,
@@ -81,7 +98,7 @@ def sft_config(
         per_device_eval_batch_size=training.batchSize,
         gradient_accumulation_steps=training.gradientAccumulationSteps,
         max_length=training.maxSeqLength,
-        packing=training.packing,
+        packing=training.packing if packing is None else packing,
         packing_strategy="bfd",
         activation_checkpointing=training.gradientCheckpointing,
         seed=training.seed,
@@ -94,25 +111,45 @@ def sft_config(
         save_total_limit=1,  # local scratch; the output location keeps checkpointsToKeep
         bf16=precision == "bf16",
         fp16=precision == "fp16",
+        tf32=True if hardware.tf32 else None,
         use_cpu=hardware.device == "cpu",
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         disable_tqdm=True,  # progress goes through the reporters (JSON lines in a pod)
         log_level="warning",
         dataloader_pin_memory=hardware.device == "cuda",
+        dataloader_num_workers=workers,
+        dataloader_persistent_workers=workers > 0,
     )
 
 
-def keep_adapter_dtype(trainer: SFTTrainer, built: BuiltModel) -> None:
-    """TRL casts QLoRA adapter weights to bf16; on CPU they stay float32 (see modeling)."""
-    if built.quantized and built.hardware.device == "cpu":
-        for param in trainer.model.parameters():
+def keep_adapter_dtype(model: Any, built: BuiltModel) -> None:
+    """TRL casts QLoRA adapter weights to bf16; they stay float32, on every device: the
+    QLoRA recipe keeps the adapters (and their optimizer updates) in full precision, and bf16
+    adapters lose small updates."""
+    if built.quantized:
+        for param in model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.to(torch.float32)
 
 
 def _losses(log_history: list[dict[str, Any]], key: str) -> list[float]:
     return [float(entry[key]) for entry in log_history if key in entry]
+
+
+def release_training_state(trainer: SFTTrainer) -> None:
+    """Drop the optimizer (Adam keeps two fp32 values per trained parameter) and scheduler
+    once training is over, so evaluation does not hold them next to a second model."""
+    trainer.optimizer = None
+    trainer.lr_scheduler = None
+    trainer.callback_handler.optimizer = None
+    trainer.callback_handler.lr_scheduler = None
+    if hasattr(trainer, "accelerator"):
+        trainer.accelerator._optimizers.clear()
+        trainer.accelerator._schedulers.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def train_model(
@@ -124,25 +161,35 @@ def train_model(
     callbacks: list[TrainerCallback] | None = None,
     resume_from: Path | None = None,
     resumed_from_step: int | None = None,
+    tokenized: TokenizedData | None = None,
 ) -> TrainOutcome:
-    """Train `built.model` on `data`; resume from the local checkpoint folder `resume_from`."""
+    """Train `built.model` on `data` (tokenised here unless `tokenized` is given); resume
+    from the local checkpoint folder `resume_from`."""
+    if tokenized is None:
+        tokenized = tokenize_training_data(
+            data,
+            built.tokenizer,
+            max_length=training.maxSeqLength,
+            train_on_prompt=training.trainOnPrompt,
+        )
     config = sft_config(
         training,
         output_dir=output_dir,
-        has_validation=data.validation is not None,
+        has_validation=tokenized.validation is not None,
         hardware=built.hardware,
+        packing=built.packing,
     )
     trainer = SFTTrainer(
         model=built.model,
         args=config,
-        train_dataset=data.train,
-        eval_dataset=data.validation,
+        train_dataset=tokenized.train,
+        eval_dataset=tokenized.validation,
         processing_class=built.tokenizer,
         callbacks=callbacks or [],
     )
     # With tqdm off, transformers prints every log dict to stdout; stdout is for JSON events.
     trainer.remove_callback(PrinterCallback)
-    keep_adapter_dtype(trainer, built)
+    keep_adapter_dtype(trainer.model, built)
     started, cpu_started = time.monotonic(), time.process_time()
     summary = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds, cpu_seconds = time.monotonic() - started, time.process_time() - cpu_started
@@ -152,7 +199,7 @@ def train_model(
     eval_losses = _losses(history, "eval_loss")
     last_eval_step = max((e["step"] for e in history if "eval_loss" in e), default=None)
     eval_loss = eval_losses[-1] if eval_losses else None
-    if data.validation is not None and last_eval_step != state.global_step:
+    if tokenized.validation is not None and last_eval_step != state.global_step:
         # The reported eval loss is always the final model's.
         eval_loss = float(trainer.evaluate()["eval_loss"])
         history = list(state.log_history)
@@ -168,7 +215,7 @@ def train_model(
         mean_train_loss=float(mean_loss) if mean_loss is not None else None,
         eval_loss=eval_loss,
         tokens_trained=int(state.num_input_tokens_seen or 0),
-        train_samples=data.train_rows,
+        train_samples=len(tokenized.train),
         seconds=seconds,
         cpu_seconds=cpu_seconds,
         resumed_from_step=resumed_from_step,

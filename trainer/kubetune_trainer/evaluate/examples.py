@@ -1,10 +1,10 @@
 """Held-out rows turned into what evaluation needs: token ids for the loss and for generation.
 
-Tokenisation mirrors TRL's SFTTrainer, so the eval loss measures what training optimised:
-prompt-completion rows are tokenised as prompt and as prompt + completion + eos, and the
-loss covers the tokens after their common prefix; chat rows are rendered with the chat
-template with and without the final assistant turn the same way; text rows count every
-token.
+Token ids and loss mask come from `kubetune_trainer.tokens.row_tokens`, the function training
+uses, so the eval loss measures the tokens training optimised: the completion (eos included)
+of prompt-completion rows, every assistant turn of chat rows, every token of text rows, or
+every token of every row with trainOnPrompt. Generation starts from the prompt: the prompt of
+a prompt-completion row, the conversation before the last assistant turn of a chat row.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune_trainer.errors import BadInputError
+from kubetune_trainer.tokens import chat_ids, row_tokens
 
 # Formats the evaluation understands (alpaca rows arrive converted to prompt-completion).
 GENERATIVE_FORMATS = ("prompt-completion", "chat")
@@ -21,19 +22,10 @@ GENERATIVE_FORMATS = ("prompt-completion", "chat")
 @dataclass(frozen=True)
 class EvalExample:
     input_ids: list[int]  # the whole example, as trained on
-    loss_start: int  # tokens before this index carry no loss (the prompt)
+    loss_mask: list[int]  # 1: the loss covers this token (as in training)
     prompt_ids: list[int] | None  # what generation starts from (None for text rows)
     prompt: str  # the prompt as text, for the report and the unsupported-content check
     reference: str  # the expected answer ("" for text rows)
-
-
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    length = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        length += 1
-    return length
 
 
 def row_format(row: dict[str, Any]) -> str:
@@ -49,68 +41,49 @@ def row_format(row: dict[str, Any]) -> str:
     )
 
 
-def _ids(encoding: Any) -> list[int]:
-    ids = encoding["input_ids"] if not isinstance(encoding, list) else encoding
-    return list(ids)
-
-
-def _chat_template_ids(
-    tokenizer: Any, messages: list[dict], *, generation_prompt: bool
-) -> list[int]:
-    encoding = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt
-    )
-    return _ids(encoding)
-
-
-def _prompt_completion_example(row: dict[str, Any], tokenizer: Any) -> EvalExample:
-    prompt, completion = row["prompt"], row["completion"]
-    eos = tokenizer.eos_token or ""
-    # TRL appends the eos token to the completion text before tokenising.
-    target = completion if not eos or completion.endswith(eos) else completion + eos
-    prompt_ids = _ids(tokenizer(prompt))
-    full_ids = _ids(tokenizer(prompt + target))
+def _prompt_completion_example(row: dict[str, Any], tokenizer: Any, train_on_prompt: bool):
+    ids, mask = row_tokens(row, tokenizer, train_on_prompt=train_on_prompt)
     return EvalExample(
-        input_ids=full_ids,
-        loss_start=common_prefix_length(prompt_ids, full_ids),
-        prompt_ids=prompt_ids,
-        prompt=prompt,
-        reference=completion,
+        input_ids=ids,
+        loss_mask=mask,
+        prompt_ids=list(tokenizer(row["prompt"])["input_ids"]),
+        prompt=row["prompt"],
+        reference=row["completion"],
     )
 
 
-def _chat_example(row: dict[str, Any], tokenizer: Any) -> EvalExample:
+def _chat_example(row: dict[str, Any], tokenizer: Any, train_on_prompt: bool) -> EvalExample:
     messages = row["messages"]
     last_answer = max(
         (i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None
     )
     if last_answer is None:
         raise BadInputError("evaluation chat row has no assistant message to compare against")
-    context, conversation = messages[:last_answer], messages[: last_answer + 1]
-    prompt_ids = _chat_template_ids(tokenizer, context, generation_prompt=True)
-    full_ids = _chat_template_ids(tokenizer, conversation, generation_prompt=False)
-    prompt_text = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
+    context = messages[:last_answer]
+    ids, mask = row_tokens(
+        {"messages": messages[: last_answer + 1]}, tokenizer, train_on_prompt=train_on_prompt
+    )
     return EvalExample(
-        input_ids=full_ids,
-        loss_start=common_prefix_length(prompt_ids, full_ids),
-        prompt_ids=prompt_ids,
-        prompt=prompt_text,
+        input_ids=ids,
+        loss_mask=mask,
+        prompt_ids=chat_ids(tokenizer, context, generation_prompt=True),
+        prompt=tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True),
         reference=messages[last_answer]["content"],
     )
 
 
-def _text_example(row: dict[str, Any], tokenizer: Any) -> EvalExample:
-    text = row["text"]
-    return EvalExample(
-        input_ids=_ids(tokenizer(text)), loss_start=0, prompt_ids=None, prompt=text, reference=""
-    )
+def _text_example(row: dict[str, Any], tokenizer: Any, train_on_prompt: bool) -> EvalExample:
+    ids, mask = row_tokens(row, tokenizer, train_on_prompt=train_on_prompt)
+    return EvalExample(ids, mask, prompt_ids=None, prompt=row["text"], reference="")
 
 
-def build_example(row: dict[str, Any], tokenizer: Any) -> EvalExample:
+def build_example(
+    row: dict[str, Any], tokenizer: Any, *, train_on_prompt: bool = False
+) -> EvalExample:
     """One converted row ({prompt, completion} | {messages} | {text}) as an EvalExample."""
     fmt = row_format(row)
     if fmt == "chat":
-        return _chat_example(row, tokenizer)
+        return _chat_example(row, tokenizer, train_on_prompt)
     if fmt == "prompt-completion":
-        return _prompt_completion_example(row, tokenizer)
-    return _text_example(row, tokenizer)
+        return _prompt_completion_example(row, tokenizer, train_on_prompt)
+    return _text_example(row, tokenizer, train_on_prompt)

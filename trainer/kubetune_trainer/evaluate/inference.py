@@ -31,6 +31,28 @@ def pad_token_id(tokenizer: Any) -> int:
     return 0
 
 
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token that ends an answer: the model's generation_config eos list (`<|eot_id|>`,
+    `<end_of_turn>`, `<|end|>` ...) and the tokenizer's eos."""
+    found: list[int] = []
+    config = getattr(model, "generation_config", None)
+    candidates = getattr(config, "eos_token_id", None) if config is not None else None
+    if isinstance(candidates, int):
+        candidates = [candidates]
+    for token in [*(candidates or []), tokenizer.eos_token_id]:
+        if token is not None and int(token) not in found:
+            found.append(int(token))
+    return found
+
+
+def until_stop(tokens: list[int], stops: Sequence[int]) -> list[int]:
+    """The answer before its first stop token (a stop token need not be a special token)."""
+    for position, token in enumerate(tokens):
+        if token in stops:
+            return tokens[:position]
+    return tokens
+
+
 def _batches(indices: Sequence[int], size: int) -> list[Sequence[int]]:
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
@@ -65,9 +87,10 @@ def token_loss(
             seq = sequences[index]
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-            start = examples[index].loss_start
-            if start < len(seq):
-                labels[row, start : len(seq)] = torch.tensor(seq[start:])
+            mask_bits = torch.tensor(examples[index].loss_mask[: len(seq)], dtype=torch.bool)
+            labels[row, : len(seq)] = torch.where(
+                mask_bits, torch.tensor(seq), torch.tensor(IGNORE_INDEX)
+            )
         # The model predicts token t+1 from position t: the first label never counts.
         batch_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
         if batch_tokens == 0:
@@ -96,13 +119,14 @@ def generate_greedy(
 
     device = input_device(model)
     pad_id = pad_token_id(tokenizer)
+    stops = stop_token_ids(model, tokenizer)
     # Deterministic decoding regardless of the model's own generation_config (temperature...).
     config = GenerationConfig(
         do_sample=False,
         num_beams=1,
         max_new_tokens=max_new_tokens,
         pad_token_id=pad_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stops or None,
         bos_token_id=tokenizer.bos_token_id,
         use_cache=True,
     )
@@ -124,6 +148,7 @@ def generate_greedy(
         )
         new_tokens = generated[:, width:].cpu()
         for row, index in enumerate(batch):
-            text = tokenizer.decode(new_tokens[row].tolist(), skip_special_tokens=True)
+            answer = until_stop(new_tokens[row].tolist(), stops)
+            text = tokenizer.decode(answer, skip_special_tokens=True)
             outputs[index] = text.strip()
     return outputs

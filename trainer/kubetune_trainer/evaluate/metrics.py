@@ -22,6 +22,9 @@ _WORD = re.compile(r"[a-z0-9]+")
 _NUMBER = re.compile(r"(?<![\w.])[-+]?\d[\d,]*(?:\.\d+)?")
 _CAPITALISED = re.compile(r"\b[A-Z][A-Za-z]+\b")
 _ANY_WORD = re.compile(r"[A-Za-z]+")
+# What may precede a sentence-initial word: the start, an end of sentence or clause (. ! ? :
+# ;) or a line break (with a list marker), then opening quotes or brackets.
+_SENTENCE_START = re.compile(r"(?:\A|[.!?:;]\s+|\n\s*(?:[-*•]\s+|\d+[.)]\s+)?)[\"'(\[]*\Z")
 
 
 def normalize_whitespace(text: str) -> str:
@@ -100,19 +103,26 @@ class UnsupportedContent:
 
 
 def unsupported_content(prediction: str, *sources: str) -> UnsupportedContent:
-    """Numbers and capitalised words of `prediction` that appear in none of `sources`.
+    """Numbers and names (capitalised words inside a sentence) of `prediction` that appear
+    in none of `sources`.
 
     A hallucination PROXY, not a fact check: a number or a name the model wrote that is in
     neither the prompt nor the reference was not given to it, so it is more likely invented.
-    A true fact the reference does not mention counts as unsupported too, and an invented
-    lower-case claim is not seen. Words match case-insensitively (so a sentence-initial
-    "The" is supported by "the" in the prompt); numbers match by value.
+    A word is capitalised at the start of a sentence, a line or a list item whatever it is
+    ("However", "Yes", "The"), so there it is not taken for a name: a name opening a
+    sentence is missed, a name inside one is not. A true fact the reference does not mention
+    counts as unsupported too, and an invented lower-case claim is not seen. Words match
+    case-insensitively; numbers match by value.
     """
     source_text = " ".join(sources)
     source_numbers = {_number_key(n) for n in _NUMBER.findall(source_text)}
     source_words = {w.lower() for w in _ANY_WORD.findall(source_text)}
     numbers = _NUMBER.findall(prediction)
-    words = _CAPITALISED.findall(prediction)
+    words = [
+        match.group()
+        for match in _CAPITALISED.finditer(prediction)
+        if not _SENTENCE_START.search(prediction[: match.start()])
+    ]
     unsupported = [n for n in numbers if _number_key(n) not in source_numbers]
     unsupported += [w for w in words if w.lower() not in source_words]
     return UnsupportedContent(claims=len(numbers) + len(words), unsupported=tuple(unsupported))

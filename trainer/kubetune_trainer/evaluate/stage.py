@@ -50,6 +50,8 @@ class EvalInputs:
     cache_dir: Path | None = None
     # Examples per forward pass (loss) and per generate() call.
     batch_size: int = DEFAULT_BATCH_SIZE
+    # Alpaca rows of datasetUri rendered as conversations, like the training data.
+    alpaca_as_chat: bool = False
 
 
 @dataclass
@@ -144,16 +146,20 @@ def _load_data(inputs: EvalInputs) -> EvalData:
     evaluation = inputs.spec.evaluation
     with _cache_dir(inputs.cache_dir) as cache:
         if evaluation.datasetUri:
-            rows, source = _rows_from_uri(evaluation.datasetUri, cache), evaluation.datasetUri
+            rows = _rows_from_uri(evaluation.datasetUri, cache, inputs.alpaca_as_chat)
+            source = evaluation.datasetUri
         else:
             rows, source = inputs.eval_rows, "validation split"
         regression_rows = (
-            _rows_from_uri(evaluation.regressionUri, cache) if evaluation.regressionUri else None
+            _rows_from_uri(evaluation.regressionUri, cache, inputs.alpaca_as_chat)
+            if evaluation.regressionUri
+            else None
         )
     limit = evaluation.maxSamples
     tokenizer = inputs.tokenizer
+    whole = inputs.spec.training.trainOnPrompt
     return EvalData(
-        examples=[build_example(row, tokenizer) for row in rows[:limit]],
+        examples=[build_example(row, tokenizer, train_on_prompt=whole) for row in rows[:limit]],
         source=source,
         regression=(
             [build_example(row, tokenizer) for row in regression_rows[:limit]]
@@ -173,11 +179,11 @@ def _cache_dir(cache_dir: Path | None) -> Iterator[Path]:
         yield Path(temporary)
 
 
-def _rows_from_uri(uri: str, cache_dir: Path) -> list[dict]:
+def _rows_from_uri(uri: str, cache_dir: Path, alpaca_as_chat: bool = False) -> list[dict]:
     # The training data loader: same formats, same conversion, same one-line errors.
     from kubetune_trainer.data import load_eval_rows
 
-    return load_eval_rows(uri, cache_dir=cache_dir)
+    return load_eval_rows(uri, cache_dir=cache_dir, alpaca_as_chat=alpaca_as_chat)
 
 
 @contextlib.contextmanager
@@ -195,12 +201,15 @@ def _base_model(inputs: EvalInputs) -> Iterator[Any]:
 
     from kubetune_trainer.evaluate.inference import input_device
 
+    device = input_device(model)
+    # Straight onto the tuned model's device (no host copy on a GPU).
     base = AutoModelForCausalLM.from_pretrained(
         inputs.base_model_path,
         dtype=model.dtype,
         trust_remote_code=inputs.spec.model.trustRemoteCode,
+        device_map={"": device} if device.type == "cuda" else None,
     )
-    base.to(input_device(model))
+    base.to(device)
     base.eval()
     try:
         yield base
@@ -307,10 +316,12 @@ def _samples(
     return samples
 
 
-def _loss_scope(examples: Sequence[EvalExample]) -> str:
+def _loss_scope(examples: Sequence[EvalExample], train_on_prompt: bool) -> str:
+    if train_on_prompt:
+        return "all tokens (trainOnPrompt), as in training"
     if examples and all(e.prompt_ids is None for e in examples):
         return "all tokens (text data)"
-    return "completion/assistant tokens only"
+    return "completion / assistant-turn tokens, as in training"
 
 
 def build_report(
@@ -349,7 +360,7 @@ def build_report(
         "source": data.source,
         "examples": len(data.examples),
         "generatedExamples": generative,
-        "lossScope": _loss_scope(data.examples),
+        "lossScope": _loss_scope(data.examples, inputs.spec.training.trainOnPrompt),
         "generation": {
             "decoding": "greedy",
             "maxNewTokens": evaluation.maxNewTokens,
