@@ -87,6 +87,19 @@ class OperatorSettings(BaseModel):
         description="URL trainer pods reach the progress server at "
         "(default: http://<listen host>:<port>).",
     )
+    progress_audience: str = Field(
+        "kubetune.io/progress",
+        min_length=1,
+        description="Audience of the trainer's projected ServiceAccount token: the operator "
+        "accepts only this audience; the API server, which wants its own, refuses the token.",
+    )
+    progress_token_ttl_s: int = Field(
+        600,
+        ge=600,
+        le=86400,
+        description="Lifetime of that token (the API server's minimum is 600 s); the kubelet "
+        "renews it at 80 %.",
+    )
     listen_host: str = Field("0.0.0.0", description="Progress/metrics/health server address.")
     listen_port: int = Field(8080, ge=0, le=65535, description="Its port (0 = any free port).")
     patch_interval_s: float = Field(
@@ -111,9 +124,6 @@ class OperatorSettings(BaseModel):
     run_as_user: int = Field(1000, ge=1, description="UID of the trainer container (non-root).")
     workers: int = Field(8, ge=1, le=256, description="Concurrent reconciles.")
     api_threads: int = Field(16, ge=1, le=256, description="Threads for Kubernetes API calls.")
-    requeue_pending_s: float = Field(
-        30.0, gt=0, description="Recheck a FineTuneJob waiting for a missing Secret this often."
-    )
     log_format: str = Field("json", pattern="^(json|text)$", description="Log format.")
 
     @field_validator("allowed_schemes")
