@@ -143,17 +143,22 @@ class OperatorSettings(BaseModel):
         cls, env: Mapping[str, str] | None = None, **overrides: object
     ) -> OperatorSettings:
         """Settings from KUBETUNE_OPERATOR_<FIELD> variables: lists comma-separated or JSON,
-        mappings and tolerations JSON."""
+        mappings and tolerations JSON; `overrides` (already typed) win."""
         env = os.environ if env is None else env
         values: dict[str, object] = {}
-        for name, field in cls.model_fields.items():
+        for name in cls.model_fields:
             raw = env.get(ENV_PREFIX + name.upper())
             if raw is not None:
-                values[name] = parse_env_value(ENV_PREFIX + name.upper(), raw, field.annotation)
-        if name_cmd := env.get(ENV_PREFIX + "TRAINER_COMMAND"):
-            values["trainer_command"] = name_cmd.split()
+                values[name] = parse_setting(ENV_PREFIX + name.upper(), name, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(values)
+
+
+def parse_setting(source: str, field: str, raw: str) -> object:
+    """One setting's text (from `source`, a variable or a flag) as its field wants it."""
+    if field == "trainer_command":
+        return raw.split()  # a command line: split on spaces, not commas
+    return parse_env_value(source, raw, OperatorSettings.model_fields[field].annotation)
 
 
 def parse_env_value(variable: str, raw: str, annotation: object) -> object:

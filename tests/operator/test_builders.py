@@ -484,3 +484,27 @@ def test_kopf_scans_the_cluster_only_when_serving_all_namespaces() -> None:
         SETTINGS.model_copy(update={"namespaces": ["a"]})
     ).scanning.disabled
     assert not operator_main.kopf_settings(SETTINGS).scanning.disabled
+
+
+def test_every_setting_has_a_flag_that_reads_like_its_variable() -> None:
+    parser = operator_main.build_parser()
+    flags = {a.dest: a.option_strings for a in parser._actions if a.option_strings}
+    assert set(OperatorSettings.model_fields) <= set(flags)
+    argv = [
+        "-n", "a", "--namespace", "b",
+        "--trainer-command", "python -m kubetune_trainer",
+        "--allowed-schemes", "s3,pvc",
+        "--default-tolerations", json.dumps([GPU_TAINT]),
+        "--patch-interval", "2.5",
+        "--progress-token-ttl-s", "900",
+        "--trainer-read-only-root", "false",
+    ]  # fmt: skip
+    settings = operator_main.settings_from_args(parser.parse_args(argv))
+    assert settings.namespaces == ["a", "b"]
+    assert settings.trainer_command == ["python", "-m", "kubetune_trainer"]
+    assert settings.allowed_schemes == ["s3", "pvc"]
+    assert [t.manifest() for t in settings.default_tolerations] == [GPU_TAINT]
+    assert settings.patch_interval_s == 2.5 and settings.progress_token_ttl_s == 900
+    assert settings.trainer_read_only_root is False
+    with pytest.raises(ValueError, match="--default-node-selector: expected a JSON object"):
+        operator_main.settings_from_args(parser.parse_args(["--default-node-selector", "gpu=h100"]))
