@@ -153,8 +153,27 @@ kubetune_operator.settings.OperatorSettings (tests/test_helm.py keeps the names 
   value: {{ printf "http://%s.%s.svc:%v" (include "kubetune.progressServiceName" .) .Release.Namespace $v.progress.port | quote }}
 - name: KUBETUNE_OPERATOR_PATCH_INTERVAL_S
   value: {{ $v.progress.patchIntervalSeconds | toString | quote }}
+- name: KUBETUNE_OPERATOR_PROGRESS_AUDIENCE
+  value: {{ $v.progress.tokenAudience | quote }}
+- name: KUBETUNE_OPERATOR_PROGRESS_TOKEN_TTL_S
+  value: {{ $v.progress.tokenTTLSeconds | toString | quote }}
 - name: KUBETUNE_OPERATOR_WORKERS
   value: {{ $v.workers | toString | quote }}
 - name: KUBETUNE_OPERATOR_LOG_FORMAT
   value: {{ $v.logFormat | quote }}
+{{- end }}
+
+{{/*
+Refuse a cluster older than compatibility.minKubeVersion. Only against a real cluster: the
+lookup answers only when helm talks to one (install, upgrade, --dry-run=server), so `helm
+template` renders offline whatever its default version is.
+*/}}
+{{- define "kubetune.checkKubeVersion" -}}
+{{- if lookup "v1" "Namespace" "" "kube-system" }}
+{{- $version := .Capabilities.KubeVersion.Version }}
+{{- $minimum := .Values.compatibility.minKubeVersion }}
+{{- if not (semverCompare (printf ">=%s" $minimum) $version) }}
+{{- fail (printf "kubetune needs Kubernetes %s or newer; this cluster runs %s" $minimum $version) }}
+{{- end }}
+{{- end }}
 {{- end }}
