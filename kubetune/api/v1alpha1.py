@@ -369,7 +369,7 @@ class FineTuneJobSpec(_Model):
                     "lora settings are not valid with method: full",
                     ".lora",
                 ),
-                _cel(_long_text_rule(), LONG_TEXT_MESSAGE, reason="FieldValueTooLong"),
+                _cel(_long_text_rule(), LONG_TEXT_MESSAGE),
             ]
         },
     )
