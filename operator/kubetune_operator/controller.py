@@ -135,8 +135,8 @@ class Controller:
             await self.kube.delete(job_path(key[0], plan.delete_job), propagation="Background")
         if plan.set_suspend is not None:
             await self._set_suspend(key, plan.set_suspend)
-        if plan.status is not None:
-            entry = self.cache.ftjs[key]
+        entry = self.cache.ftjs.get(key)  # (gone if deleted while the Job was created)
+        if plan.status is not None and entry is not None:
             wait = await self.status.write(key, entry.raw, plan.current, plan.status)
             if wait:
                 self.queue.add(key, wait)

@@ -9,7 +9,7 @@ operator that relists finds the Job by its deterministic name and carries on.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kubetune.api.contract import Reason
@@ -59,8 +59,8 @@ def decide(snap: Snapshot, settings: OperatorSettings, now: str) -> Plan:
     if snap.ftj["metadata"].get("deletionTimestamp"):
         return Plan()
     current = snap.written if snap.written is not None else snap.ftj.get("status") or {}
-    if isinstance(snap.parsed, Problem):
-        return _status_plan(snap, current, None, None, snap.parsed, [], now)
+    if isinstance(snap.parsed, Problem):  # the object does not validate: say so, do nothing
+        return _with_status(Plan(current=current), _invalid_status(snap, current, snap.parsed))
     ftj = snap.parsed
     assert ftj is not None
     job, problem, requeue = snap.job, None, None
@@ -77,45 +77,33 @@ def decide(snap: Snapshot, settings: OperatorSettings, now: str) -> Plan:
         problem = validation.validate(ftj, settings)
         if problem is None:
             return Plan(create_job=builders.build_job(ftj, settings))
-    plan = _status_plan(snap, current, ftj, job, problem, snap.pods if job else [], now)
-    suspend = desired_suspend(ftj, job) if job is not None else None
-    return Plan(
-        set_suspend=suspend,
-        status=plan.status,
-        current=current,
-        requeue_after=requeue,
-    )
-
-
-def _status_plan(
-    snap: Snapshot,
-    current: dict,
-    ftj: FineTuneJob | None,
-    job: dict | None,
-    problem: Problem | None,
-    pods: list[dict],
-    now: str,
-) -> Plan:
-    if ftj is None:  # the object does not validate: say why, touch nothing else
-        desired = {
-            **{k: v for k, v in current.items() if k in ("jobName", "startTime")},
-            "phase": problem.phase,
-            "reason": problem.reason,
-            "message": problem.message,
-            "observedGeneration": snap.ftj["metadata"].get("generation"),
-        }
-        return Plan(status=desired if desired != current else None, current=current)
     observed = status.Observed(
         ftj=ftj,
         previous=current,
         job=job,
-        pods=pods,
+        pods=snap.pods if job is not None else [],
         progress=snap.progress,
         problem=problem,
         changed_fields=changed_fields(ftj, job),
     )
-    desired = status.derive_status(observed, now)
-    return Plan(status=desired if desired != current else None, current=current)
+    plan = Plan(
+        set_suspend=desired_suspend(ftj, job) if job is not None else None,
+        current=current,
+        requeue_after=requeue,
+    )
+    return _with_status(plan, status.derive_status(observed, now))
+
+
+def _with_status(plan: Plan, desired: dict[str, Any]) -> Plan:
+    """The plan, writing `desired` unless it is what the status already says."""
+    return replace(plan, status=desired) if desired != plan.current else plan
+
+
+def _invalid_status(snap: Snapshot, current: dict, problem: Problem) -> dict[str, Any]:
+    kept = {k: v for k, v in current.items() if k in ("jobName", "startTime")}
+    generation = snap.ftj["metadata"].get("generation") if snap.ftj else None
+    desired = {**kept, "phase": problem.phase, "reason": problem.reason, "message": problem.message}
+    return desired | ({"observedGeneration": generation} if generation is not None else {})
 
 
 def changed_fields(ftj: FineTuneJob, job: dict | None) -> list[str] | None:
