@@ -2,14 +2,19 @@
 
     .venv/bin/python bench/bench_operator.py [--n 500] [--running 3] [--window 60]
 
-1. Baseline: a bare client creates N suspended Jobs (the same manifests the operator
+1. Bare baseline: a bare client creates N suspended Jobs (the same manifests the operator
    would build) directly, with the same concurrency the benchmark uses to create FTJs.
-2. Burst: N FineTuneJobs with a Kueue queue name are created at once; their Jobs are
-   created suspended and their status becomes Queued. Watches record when each Job and
-   each first status appear: p50/p99 latencies, total time against the baseline.
-3. Running: a few FineTuneJobs run a stand-in trainer (this file with --fake-trainer)
+2. Floor baseline: a bare client makes exactly the writes a burst makes (N FineTuneJobs,
+   then for each its Job, its status patch and its Event) with the same concurrency (the
+   client's POSTs, the operator's workers and Event slots), in a namespace the operator does
+   not serve: what the burst would take with an operator that cost nothing.
+3. Burst: N FineTuneJobs with a Kueue queue name are created at once; their Jobs are
+   created suspended and their status becomes Queued. Watches record when each Job, status
+   and Event appear: p50/p99 latencies, total time against both baselines; the operator's
+   API writes and CPU per FineTuneJob.
+4. Running: a few FineTuneJobs run a stand-in trainer (this file with --fake-trainer)
    that pushes progress 10 times a second; status writes per job per minute are counted.
-4. Peak RSS of the operator process (VmHWM).
+5. Peak RSS of the operator process (VmHWM).
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def fake_trainer(seconds: float) -> int:
-    """Stand-in trainer: progress pushes at 10 Hz, then a TrainerResult."""
-    url, token = os.environ["KUBETUNE_PROGRESS_URL"], os.environ["KUBETUNE_PROGRESS_TOKEN"]
+    """Stand-in trainer: progress pushes at 10 Hz with its projected token, then a result."""
+    url = os.environ["KUBETUNE_PROGRESS_URL"]
+    token_file = Path(os.environ["KUBETUNE_PROGRESS_TOKEN_FILE"])
     total = int(seconds * 10)
     for step in range(1, total + 1):
+        token = token_file.read_text().strip()
         body = json.dumps(
             {"event": "step", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "step": step, "totalSteps": total, "loss": 1.0 / step}
@@ -52,6 +59,14 @@ def fake_trainer(seconds: float) -> int:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def typed(manifest: dict, namespace: str, uid: str):  # noqa: ANN201
+    """The validated FineTuneJob the operator would hold for `manifest`."""
+    from kubetune.api.v1alpha1 import FineTuneJob
+
+    meta = {**manifest["metadata"], "namespace": namespace, "uid": uid}
+    return FineTuneJob.model_validate({"metadata": meta, "spec": manifest["spec"]})
 
 
 def ftj_manifest(name: str, *, queue: str | None, gpus: int = 0) -> dict:
@@ -161,46 +176,86 @@ async def create_all(kube, manifests: list[dict], concurrency: int) -> dict[str,
     return {m["metadata"]["name"]: t for m, t in zip(manifests, done, strict=True)}
 
 
+def event_manifest(namespace: str, name: str, uid: str) -> dict:
+    from kubetune_operator.writer import event_manifest as operator_event
+
+    ftj = {"metadata": {"name": name, "namespace": namespace, "uid": uid}}
+    desired = {"phase": "Queued", "reason": "WaitingForAdmission", "message": "waiting"}
+    return operator_event(ftj, desired, "bench", "2030-01-01T00:00:00Z")
+
+
+QUEUED_STATUS = {
+    "status": {"phase": "Queued", "reason": "WaitingForAdmission", "jobName": "x-trainer",
+               "message": "waiting for admission in queue bench", "observedGeneration": 1}
+}  # fmt: skip
+MERGE = "application/merge-patch+json"
+
+
 def write_cost_requests(n: int, namespace: str, settings) -> dict[str, list[Request]]:  # noqa: ANN001
     """n of each write the operator's burst makes, by kind, for the per-write cost."""
     from kubetune.kube import ftj_path
     from kubetune_operator import builders
 
-    ftjs, children = [], []
+    ftjs, jobs = [], []
     for i in range(n):
         ftj = ftj_manifest(f"cost-{i:04d}", queue="bench")
         ftj["metadata"]["namespace"] = namespace
         ftjs.append(ftj)
-        owned = {**ftj, "metadata": {**ftj["metadata"], "uid": f"0-0-0-0-{i:012d}"}}
-        children.append(builders.build_children(owned, settings, "t" * 43, None))
-    event = {
-        "apiVersion": "v1",
-        "kind": "Event",
-        "metadata": {"generateName": "cost.", "namespace": namespace},
-        "involvedObject": {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
-                           "name": "cost", "namespace": namespace},
-        "reason": "Queued", "message": "Queued: waiting for admission", "type": "Normal",
-        "source": {"component": "bench"}, "count": 1,
-        "firstTimestamp": "2030-01-01T00:00:00Z", "lastTimestamp": "2030-01-01T00:00:00Z",
-    }  # fmt: skip
-    status = {
-        "status": {"phase": "Queued", "reason": "Queued", "jobName": "x-trainer",
-                   "message": "waiting for the queue to admit the Job", "observedGeneration": 1}
-    }  # fmt: skip
-    merge = "application/merge-patch+json"
-    for c in children:
-        c.job["metadata"].pop("ownerReferences")
+        job = builders.build_job(typed(ftj, namespace, f"0-0-0-0-{i:012d}"), settings)
+        job["metadata"].pop("ownerReferences")
+        jobs.append(job)
     return {
         "FineTuneJob create": [post_request(f) for f in ftjs],
-        "ConfigMap create": [post_request(c.config_map) for c in children],
-        "Secret create": [post_request(c.token_secret) for c in children],
-        "Job create (suspended)": [post_request(c.job) for c in children],
+        "Job create (suspended)": [post_request(j) for j in jobs],
         "FineTuneJob status patch": [
-            ("PATCH", ftj_path(namespace, f["metadata"]["name"], "status"), status, merge)
+            ("PATCH", ftj_path(namespace, f["metadata"]["name"], "status"), QUEUED_STATUS, MERGE)
             for f in ftjs
         ],
-        "Event create": [post_request(event) for _ in range(n)],
+        "Event create": [post_request(event_manifest(namespace, "cost", "u")) for _ in range(n)],
     }
+
+
+async def floor_burst(
+    kube, manifests: list[dict], settings, concurrency: int, workers: int
+) -> float:  # noqa: ANN001
+    """The burst's writes by a bare client: `concurrency` FineTuneJob POSTs in flight; as each
+    is created, one of `workers` makes its Job and status patch and leaves its Event to at
+    most `workers` posts in flight, as the operator does. Returns when the last is answered."""
+    from kubetune.kube import ftj_path
+    from kubetune_operator import builders
+
+    created: asyncio.Queue = asyncio.Queue()
+    event_slots = asyncio.Semaphore(workers)
+    events: list[asyncio.Task] = []
+
+    async def post_event(namespace: str, name: str, uid: str) -> None:
+        async with event_slots:
+            await kube.create_quietly(event_manifest(namespace, name, uid))
+
+    async def operator_like() -> None:
+        while (item := await created.get()) is not None:
+            manifest, uid = item
+            namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+            await kube.create(builders.build_job(typed(manifest, namespace, uid), settings))
+            path = ftj_path(namespace, name, "status")
+            await kube.request("PATCH", path, QUEUED_STATUS, content_type=MERGE, want_body=False)
+            events.append(asyncio.create_task(post_event(namespace, name, uid)))
+
+    async def client() -> None:
+        pending = iter(manifests)
+
+        async def poster() -> None:
+            for manifest in pending:
+                body = (await kube.request(*post_request(manifest)[:3])).body
+                await created.put((manifest, body["metadata"]["uid"]))
+
+        await asyncio.gather(*(poster() for _ in range(concurrency)))
+        for _ in range(workers):
+            await created.put(None)
+
+    await asyncio.gather(client(), *(operator_like() for _ in range(workers)))
+    await asyncio.gather(*events)
+    return time.monotonic()
 
 
 def measure_write_costs(
@@ -231,6 +286,15 @@ def measure_write_costs(
     return costs
 
 
+def read_rss_mb(pid: int) -> float:
+    status_text = Path(f"/proc/{pid}/status").read_text()
+    hwm = next(line for line in status_text.splitlines() if line.startswith("VmHWM"))
+    return round(int(hwm.split()[1]) / 1024, 1)
+
+
+WRITE_RESOURCES = ("jobs", "finetunejobs/status", "events", "configmaps", "secrets")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=500)
@@ -257,26 +321,40 @@ def main() -> int:
     results: dict[str, object] = {"n": args.n}
     try:
         install_crd(cluster)
-        for ns in ("bench-bare", "bench"):
+        for ns in ("bench-bare", "bench-floor", "bench"):
             rest.post(
                 "/api/v1/namespaces",
                 {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
             )
         seconds = args.window + 10
         trainer = [sys.executable, str(Path(__file__).resolve()), "--fake-trainer", str(seconds)]
-        # The default patch interval (5 s), not the tests' 1 s.
+        # The default patch interval (5 s), not the tests' 1 s. Only namespace `bench`: the
+        # baselines' namespaces cost the operator nothing.
         op = OperatorProcess(
-            cluster, state, trainer_command=trainer, extra_args=["--patch-interval", "5"]
+            cluster,
+            state,
+            trainer_command=trainer,
+            extra_args=["--patch-interval", "5", "--namespace", "bench"],
         )
         op.start()
+        workers = OperatorSettings().workers
+        os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
 
         async def run_creates(manifests: list[dict]) -> tuple[dict[str, float], float, float]:
-            os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
             kube = await Kube.connect(pool_size=args.concurrency)
             try:
                 start = time.monotonic()
                 created = await create_all(kube, manifests, args.concurrency)
                 return created, start, time.monotonic()
+            finally:
+                await kube.close()
+
+        async def run_floor(manifests: list[dict]) -> tuple[float, float]:
+            kube = await Kube.connect(pool_size=args.concurrency + 2 * workers)
+            try:
+                start = time.monotonic()
+                end = await floor_burst(kube, manifests, settings, args.concurrency, workers)
+                return start, end
             finally:
                 await kube.close()
 
@@ -291,53 +369,80 @@ def main() -> int:
         pids.update(operator=op.proc.pid, bench=os.getpid())
         ns_path = "/apis/{}/namespaces/{}/{}".format
 
-        # 1. Baseline: the same Jobs, created directly by a bare client (no operator work).
+        # 1. Bare baseline: the same Jobs, created directly by a bare client.
         settings = OperatorSettings(progress_base_url=op.url)
         bare = []
         for i in range(args.n):
             ftj = ftj_manifest(f"ftj-{i:04d}", queue="bench")
-            ftj["metadata"].update(namespace="bench-bare", uid=f"00000000-0000-0000-0000-{i:012d}")
-            job = builders.build_job(ftj, settings)
+            job = builders.build_job(
+                typed(ftj, "bench-bare", f"00000000-0000-0000-0000-{i:012d}"), settings
+            )
             job["metadata"].pop("ownerReferences")  # no owner exists in the baseline
-            # Not the operator's: it must not see (and spend CPU on) the baseline's Jobs.
-            for meta in (job["metadata"], job["spec"]["template"]["metadata"]):
-                meta["labels"].pop(names.LABEL_MANAGED_BY)
             bare.append(job)
-        # Both runs are timed the same way: from the first POST until a watch has seen the
-        # last Job (the watch costs the benchmark process the same in both).
+        # Every run is timed the same way: from the first POST until a watch has seen the
+        # last object (the watch costs the benchmark process the same in each).
         bare_jobs = Watcher(rest, ns_path("batch/v1", "bench-bare", "jobs"), lambda o: True)
         start_watchers(bare_jobs)
         cpu_before = cpu_seconds(pids)
         _, bare_start, bare_end = asyncio.run(run_creates(bare))
         bare_jobs.wait_for(args.n)
-        cpu_bare = cpu_delta(cpu_before, cpu_seconds(pids))
+        results["bare_cpu_s"] = cpu_delta(cpu_before, cpu_seconds(pids))
         bare_jobs.stop = True
         results["bare_posts_total_s"] = round(bare_end - bare_start, 2)
         results["bare_jobs_total_s"] = round(max(bare_jobs.first.values()) - bare_start, 2)
-        results["bare_cpu_s"] = cpu_bare
 
-        # 2. Burst of FineTuneJobs.
-        jobs = Watcher(rest, ns_path("batch/v1", "bench", "jobs"), lambda o: True)
-        statuses = Watcher(
-            rest,
-            ns_path("kubetune.io/v1alpha1", "bench", "finetunejobs"),
-            lambda o: bool((o.get("status") or {}).get("phase")),
+        # 2. Floor baseline: the burst's very writes, by a bare client.
+        def burst_watchers(namespace: str) -> tuple[Watcher, Watcher, Watcher]:
+            return (
+                Watcher(rest, ns_path("batch/v1", namespace, "jobs"), lambda o: True),
+                Watcher(
+                    rest,
+                    ns_path("kubetune.io/v1alpha1", namespace, "finetunejobs"),
+                    lambda o: bool((o.get("status") or {}).get("phase")),
+                ),
+                Watcher(
+                    rest,
+                    f"/api/v1/namespaces/{namespace}/events",
+                    lambda o: o["involvedObject"].get("kind") == "FineTuneJob",
+                    key=lambda o: o.get("involvedObject", {}).get("name"),
+                ),
+            )
+
+        floor_watchers = burst_watchers("bench-floor")
+        start_watchers(*floor_watchers)
+        floor = [ftj_manifest(f"ftj-{i:04d}", queue="bench") for i in range(args.n)]
+        for m in floor:
+            m["metadata"]["namespace"] = "bench-floor"
+        cpu_before = cpu_seconds(pids)
+        floor_start, floor_end = asyncio.run(run_floor(floor))
+        for watcher in floor_watchers:
+            watcher.wait_for(args.n)
+        results["floor_cpu_s"] = cpu_delta(cpu_before, cpu_seconds(pids))
+        results["floor_writes_answered_s"] = round(floor_end - floor_start, 2)
+        results["floor_all_written_s"] = round(
+            max(max(w.first.values()) for w in floor_watchers) - floor_start, 2
         )
-        events = Watcher(
-            rest,
-            "/api/v1/namespaces/bench/events",
-            lambda o: o["involvedObject"].get("kind") == "FineTuneJob",
-            key=lambda o: o.get("involvedObject", {}).get("name"),
-        )
+        for watcher in floor_watchers:
+            watcher.stop = True
+
+        # 3. Burst of FineTuneJobs.
+        jobs, statuses, events = burst_watchers("bench")
         start_watchers(jobs, statuses, events)
         burst = [ftj_manifest(f"ftj-{i:04d}", queue="bench") for i in range(args.n)]
         for m in burst:
             m["metadata"]["namespace"] = "bench"
+        writes_before = {
+            r: op.metric("kubetune_api_writes_total", {"resource": r}) for r in WRITE_RESOURCES
+        }
         cpu_before = cpu_seconds(pids)
         created, start, posts_end = asyncio.run(run_creates(burst))
         for watcher in (jobs, statuses, events):
             watcher.wait_for(args.n)
         cpu_burst = cpu_delta(cpu_before, cpu_seconds(pids))
+        writes = {
+            r: op.metric("kubetune_api_writes_total", {"resource": r}) - writes_before[r]
+            for r in WRITE_RESOURCES
+        }
 
         def latencies(seen: dict[str, float], suffix: str = "") -> list[float]:
             return [seen[n + suffix] - t for n, t in created.items() if n + suffix in seen]
@@ -360,6 +465,12 @@ def main() -> int:
                 max(max(w.first.values()) for w in (jobs, statuses, events)) - start, 2
             ),
             burst_cpu_s=cpu_burst,
+            operator_writes_by_resource=writes,
+            operator_writes_per_ftj=round(sum(writes.values()) / args.n, 2),
+            operator_cpu_ms_per_ftj=round(1000 * cpu_burst["operator"] / args.n, 2),
+        )
+        results["ratio_to_floor"] = round(
+            results["operator_all_written_s"] / results["floor_all_written_s"], 2
         )
         results["ratio_to_bare"] = round(
             results["operator_total_s"] / results["bare_jobs_total_s"], 2
@@ -367,7 +478,7 @@ def main() -> int:
         results["ratio_all_written_to_bare"] = round(
             results["operator_all_written_s"] / results["bare_jobs_total_s"], 2
         )
-        for metric in ("reconciles", "status_patches", "jobs_created"):
+        for metric in ("reconciles", "status_patches", "jobs_created", "events_posted"):
             results[f"burst_operator_{metric}"] = op.metric(f"kubetune_{metric}_total")
         for kind in ("configmaps", "secrets"):
             items = rest.get(f"/api/v1/namespaces/bench/{kind}")["items"]
@@ -377,8 +488,9 @@ def main() -> int:
                 if (o["metadata"].get("labels") or {}).get(names.LABEL_MANAGED_BY) == names.MANAGER
             )
         events.stop = True
+        results["operator_peak_rss_after_burst_mb"] = read_rss_mb(op.proc.pid)
 
-        # 3. Running jobs: status writes per job per minute while progress streams in.
+        # 4. Running jobs: status writes per job per minute while progress streams in.
         running = [f"run-{i}" for i in range(args.running)]
         phases: dict[str, str | None] = {}
         runs = [ftj_manifest(name, queue=None) for name in running]
@@ -401,24 +513,23 @@ def main() -> int:
                 break
             time.sleep(1)
         elapsed_min = (time.monotonic() - t0) / 60
-        writes = [statuses.modified.get(n, 0) for n in running]
+        status_writes = [statuses.modified.get(n, 0) for n in running]
         results["running_phases"] = phases
-        if writes:
+        if status_writes:
             results["status_patches_per_running_job_per_min"] = round(
-                statistics.mean(writes) / elapsed_min, 1
+                statistics.mean(status_writes) / elapsed_min, 1
             )
         results["progress_events_accepted"] = op.metric(
             "kubetune_progress_events_total", {"result": "accepted"}
         )
+        results["token_reviews"] = op.metric("kubetune_token_reviews_total")
 
-        # 4. Memory.
-        status_text = Path(f"/proc/{op.proc.pid}/status").read_text()
-        hwm = next(line for line in status_text.splitlines() if line.startswith("VmHWM"))
-        results["operator_peak_rss_mb"] = round(int(hwm.split()[1]) / 1024, 1)
+        # 5. Memory.
+        results["operator_peak_rss_mb"] = read_rss_mb(op.proc.pid)
         jobs.stop = statuses.stop = True
         op.stop()
 
-        # 5. What one write of each kind costs the API server (and etcd), operator stopped.
+        # 6. What one write of each kind costs the API server (and etcd), operator stopped.
         if args.write_costs:
             rest.post(
                 "/api/v1/namespaces",

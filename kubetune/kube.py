@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -81,11 +82,22 @@ def proxy_for(url: str) -> str | None:
 class Kube:
     """JSON over the official asyncio client's authenticated session."""
 
-    def __init__(self, api_client: aio_client.ApiClient) -> None:
+    def __init__(
+        self,
+        api_client: aio_client.ApiClient,
+        on_write: Callable[[str, str], None] | None = None,
+    ) -> None:
         self._api = api_client
+        # Called with (method, path) for every request that may change something (metrics).
+        self.on_write = on_write
 
     @classmethod
-    async def connect(cls, kubeconfig: str | None = None, pool_size: int = 32) -> Kube:
+    async def connect(
+        cls,
+        kubeconfig: str | None = None,
+        pool_size: int = 32,
+        on_write: Callable[[str, str], None] | None = None,
+    ) -> Kube:
         configuration = aio_client.Configuration()
         if (
             kubeconfig
@@ -103,7 +115,7 @@ class Kube:
         # on every request (two thread hops each); resolve the proxy once here instead.
         configuration.client_session_kwargs = {"trust_env": False}
         configuration.proxy = configuration.proxy or proxy_for(configuration.host)
-        return cls(aio_client.ApiClient(configuration))
+        return cls(aio_client.ApiClient(configuration), on_write=on_write)
 
     async def close(self) -> None:
         await self._api.close()
@@ -124,6 +136,8 @@ class Kube:
         `want_body=False` skips decoding a successful response (a created Secret or Event
         comes back whole, and nobody reads it).
         """
+        if self.on_write is not None and method not in ("GET", "HEAD"):
+            self.on_write(method, path)
         method_, url, headers, body_, _ = await self._api.param_serialize(
             method=method,
             resource_path=path,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kubetune.api.v1alpha1 import Artifacts, Metrics, TrackingStatus
+from kubetune.api.v1alpha1 import Artifacts, Metrics, Progress, TrackingStatus
 
 # Exit code for bad input (dataset, model, settings). The operator's podFailurePolicy fails
 # the Job at once on it instead of retrying: retrying cannot fix the input.
@@ -25,15 +25,33 @@ DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_MESSAGE_LIMIT = 4096
 
 # Environment of the trainer container.
-ENV_JOB_CONFIG = "KUBETUNE_JOB_CONFIG"  # path of the FineTuneJob manifest (from the ConfigMap)
+ENV_JOB_CONFIG = "KUBETUNE_JOB_CONFIG"  # path of the FineTuneJob manifest (JSON or YAML)
 ENV_PROGRESS_URL = "KUBETUNE_PROGRESS_URL"  # operator's progress endpoint for this job
-ENV_PROGRESS_TOKEN = "KUBETUNE_PROGRESS_TOKEN"  # per-job bearer token (from a Secret)
+# File holding the bearer token for progress pushes: a projected ServiceAccount token bound to
+# the pod, with the operator's audience only (the API server refuses it), rotated by the
+# kubelet; read again for every push.
+ENV_PROGRESS_TOKEN_FILE = "KUBETUNE_PROGRESS_TOKEN_FILE"
+ENV_PROGRESS_TOKEN = "KUBETUNE_PROGRESS_TOKEN"  # a fixed token instead (tests, local tools)
 ENV_WORK_DIR = "KUBETUNE_WORK_DIR"  # scratch space: model/dataset cache, local checkpoints
 ENV_TERMINATION_LOG = "KUBETUNE_TERMINATION_LOG"  # override of DEFAULT_TERMINATION_LOG
 ENV_HF_TOKEN = "HF_TOKEN"
 
-DEFAULT_JOB_CONFIG = "/etc/kubetune/job.yaml"
 DEFAULT_WORK_DIR = "/workspace"
+
+# The resolved FineTuneJob reaches the trainer as this pod-template annotation (compact JSON),
+# which a downward-API volume exposes as DEFAULT_JOB_CONFIG: no ConfigMap per job.
+JOB_ANNOTATION = "kubetune.io/job"
+JOB_CONFIG_DIR = "/etc/kubetune"
+JOB_CONFIG_FILE = "job.json"
+DEFAULT_JOB_CONFIG = f"{JOB_CONFIG_DIR}/{JOB_CONFIG_FILE}"
+# Kubernetes caps an object's annotations at 256 KiB (keys and values together). The job may
+# use this much of it; the rest is left to what others add to the pod (Kueue, webhooks).
+ANNOTATION_SIZE_LIMIT = 256 * 1024
+JOB_ANNOTATION_BUDGET = 224 * 1024
+
+# Where the projected progress token is mounted in the trainer container.
+PROGRESS_TOKEN_DIR = "/var/run/secrets/kubetune.io/progress"
+PROGRESS_TOKEN_FILE = "token"
 
 
 class TrainerResult(BaseModel):
@@ -74,3 +92,83 @@ class ProgressEvent(BaseModel):
     etaSeconds: float | None = None
     resumedFromStep: int | None = None
     message: str | None = None
+
+
+class Reason:
+    """`status.reason` values and condition reasons the operator writes (kubectl, the CLI and
+    alerting rules match on them)."""
+
+    # Pending / Queued / Running / Suspended
+    CREATING = "Creating"
+    STARTING = "Starting"
+    WAITING_FOR_ADMISSION = "WaitingForAdmission"
+    SUSPENDED = "Suspended"
+    TRAINING = "Training"
+    COMPLETING = "Completing"
+    RESTARTING = "Restarting"
+    JOB_NAME_TAKEN = "JobNameTaken"
+    # The trainer pod cannot start (from the pod's status).
+    UNSCHEDULABLE = "Unschedulable"
+    IMAGE_PULL_BACK_OFF = "ImagePullBackOff"
+    ERR_IMAGE_PULL = "ErrImagePull"
+    INVALID_IMAGE_NAME = "InvalidImageName"
+    CREATE_CONTAINER_CONFIG_ERROR = "CreateContainerConfigError"
+    CREATE_CONTAINER_ERROR = "CreateContainerError"
+    SECRET_NOT_FOUND = "SecretNotFound"
+    SECRET_KEY_MISSING = "SecretKeyMissing"
+    # Rejected by the operator's checks, before any Job.
+    INVALID_SPEC = "InvalidSpec"
+    URI_SCHEME_NOT_ALLOWED = "URISchemeNotAllowed"
+    URI_NOT_ALLOWED = "URINotAllowed"
+    INSUFFICIENT_GPUS = "InsufficientGPUs"
+    SPEC_TOO_LARGE = "SpecTooLarge"
+    # Finished.
+    COMPLETED = "Completed"
+    BAD_INPUT = "BadInput"
+    EVAL_THRESHOLDS_MISSED = "EvalThresholdsMissed"
+    OOM_KILLED = "OOMKilled"
+    EVICTED = "Evicted"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    TRAINER_FAILED = "TrainerFailed"
+    # Condition reasons.
+    VALIDATED = "Validated"
+    SPEC_CHANGED = "SpecChanged"
+    SPEC_MATCHES = "SpecMatches"
+    THRESHOLDS_MET = "ThresholdsMet"
+    THRESHOLDS_MISSED = "ThresholdsMissed"
+
+
+# Container waiting reasons a user has to act on: the trainer will not start by itself.
+STUCK_WAITING_REASONS = (
+    Reason.IMAGE_PULL_BACK_OFF,
+    Reason.ERR_IMAGE_PULL,
+    Reason.INVALID_IMAGE_NAME,
+    Reason.CREATE_CONTAINER_CONFIG_ERROR,
+    Reason.CREATE_CONTAINER_ERROR,
+)
+# Reasons whose Event is a Warning (besides every Failed phase).
+WARNING_REASONS = frozenset(
+    {
+        Reason.UNSCHEDULABLE,
+        *STUCK_WAITING_REASONS,
+        Reason.SECRET_NOT_FOUND,
+        Reason.SECRET_KEY_MISSING,
+        Reason.JOB_NAME_TAKEN,
+    }
+)
+
+
+class Condition:
+    """Condition types of a FineTuneJob."""
+
+    ACCEPTED = "Accepted"
+    RUNNING = "Running"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SPEC_CHANGED_AFTER_START = "SpecChangedAfterStart"
+    EVAL_PASSED = "EvalPassed"
+
+
+# The progress numbers a ProgressEvent carries into status.progress: the fields both share.
+PROGRESS_FIELDS = tuple(f for f in ProgressEvent.model_fields if f in Progress.model_fields)

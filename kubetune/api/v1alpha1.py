@@ -31,6 +31,25 @@ DEFAULT_TARGET_MODULES = ["all-linear"]
 # Method-dependent default learning rates (LoRA trains few, freshly initialised weights).
 DEFAULT_LEARNING_RATES = {"full": 2.0e-5, "lora": 2.0e-4, "qlora": 2.0e-4}
 
+# The trainer gets the resolved job in a pod annotation (kubetune.api.contract.JOB_ANNOTATION),
+# so every spec the API server admits must fit in one. Short strings have their own maxLength;
+# these long ones (CEL paths under the spec) share one budget of characters instead, enforced
+# by a CEL rule on the spec (and by FineTuneJobSpec for `kubetune run`). tests/api checks that
+# the worst case of the whole spec fits contract.JOB_ANNOTATION_BUDGET.
+LONG_TEXT_FIELDS = (
+    "model.uri",
+    "dataset.uri",
+    "dataset.validationUri",
+    "dataset.chatTemplate",
+    "evaluation.datasetUri",
+    "evaluation.regressionUri",
+    "evaluation.format.pattern",
+    "output.uri",
+)
+LONG_TEXT_BUDGET = 24576
+# Where the trainer pod runs: set on the pod itself, not part of the trainer's copy of the job.
+PLACEMENT_FIELDS = ("nodeSelector", "tolerations", "affinity", "imagePullSecrets")
+
 # A JSON object whose shape Kubernetes owns (tolerations, affinity, JSON schemas):
 # kept as-is and marked x-kubernetes-preserve-unknown-fields in the CRD.
 FreeForm = Annotated[
@@ -126,7 +145,7 @@ class LoraSpec(_Model):
         None, ge=1, le=4096, description="LoRA alpha (scaling numerator). Default: 2 x r."
     )
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
-    targetModules: list[str] = Field(
+    targetModules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
         min_length=1,
         max_length=64,
@@ -260,16 +279,21 @@ class ResourcesSpec(_Model):
 
     gpus: int = Field(1, ge=0, le=64, description="GPUs (nvidia.com/gpu) for the trainer pod.")
     cpu: str | None = Field(
-        None, pattern=r"^[0-9]+(\.[0-9]+)?m?$", description="CPU request, e.g. '8'."
+        None,
+        pattern=r"^[0-9]+(\.[0-9]+)?m?$",
+        max_length=32,
+        description="CPU request, e.g. '8'.",
     )
     memory: str | None = Field(
         None,
         pattern=r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?)?$",
+        max_length=32,
         description="Memory request and limit, e.g. '64Gi'.",
     )
     shmSize: str = Field(
         "8Gi",
         pattern=r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?)?$",
+        max_length=32,
         description="Size of the /dev/shm memory volume (data-loader workers).",
     )
 
@@ -385,6 +409,33 @@ class TrackingSpec(_Model):
     wandb: WandbTracking | None = Field(None, description="Weights & Biases tracking.")
 
 
+LONG_TEXT_MESSAGE = (
+    f"URIs, chatTemplate and format pattern together must stay under {LONG_TEXT_BUDGET} "
+    "characters (the trainer receives the job in a pod annotation)"
+)
+
+
+def _long_text_rule() -> str:
+    """CEL: the summed length of LONG_TEXT_FIELDS (absent ones count 0) within the budget."""
+    terms = []
+    for path in LONG_TEXT_FIELDS:
+        parts = path.split(".")
+        guards = [f"has(self.{'.'.join(parts[: i + 1])})" for i in range(len(parts))]
+        terms.append(f"({' && '.join(guards)} ? size(self.{path}) : 0)")
+    return f"{' + '.join(terms)} <= {LONG_TEXT_BUDGET}"
+
+
+def long_text_size(spec: BaseModel) -> int:
+    """What the CEL rule sums, for a FineTuneJobSpec."""
+    total = 0
+    for path in LONG_TEXT_FIELDS:
+        value: Any = spec
+        for part in path.split("."):
+            value = getattr(value, part, None)
+        total += len(value) if isinstance(value, str) else 0
+    return total
+
+
 class FineTuneJobSpec(_Model):
     """What to fine-tune, how, and where the result goes."""
 
@@ -403,6 +454,7 @@ class FineTuneJobSpec(_Model):
                     "lora settings are not valid with method: full",
                     ".lora",
                 ),
+                _cel(_long_text_rule(), LONG_TEXT_MESSAGE),
             ]
         },
     )
@@ -440,6 +492,18 @@ class FineTuneJobSpec(_Model):
     affinity: FreeForm | None = Field(None, description="Trainer pod affinity.")
     imagePullSecrets: list[LocalObjectReference] | None = Field(None)
 
+    def uris(self) -> dict[str, str]:
+        """Every URI the job reads or writes (model, data, evaluation, output), by field."""
+        candidates = {
+            "spec.model.uri": self.model.uri,
+            "spec.dataset.uri": self.dataset.uri,
+            "spec.dataset.validationUri": self.dataset.validationUri,
+            "spec.evaluation.datasetUri": self.evaluation.datasetUri,
+            "spec.evaluation.regressionUri": self.evaluation.regressionUri,
+            "spec.output.uri": self.output.uri,
+        }
+        return {path: uri for path, uri in candidates.items() if uri}
+
     @model_validator(mode="after")
     def _cross_field_rules(self) -> FineTuneJobSpec:
         # Mirrors the CEL rules so `kubetune run` rejects the same manifests as the API server,
@@ -448,6 +512,8 @@ class FineTuneJobSpec(_Model):
             raise ValueError("spec.quantization is only valid with method: qlora")
         if self.lora is not None and self.method == "full":
             raise ValueError("spec.lora settings are not valid with method: full")
+        if long_text_size(self) > LONG_TEXT_BUDGET:
+            raise ValueError(f"spec: {LONG_TEXT_MESSAGE}")
         if self.method in ("lora", "qlora") and self.lora is None:
             self.lora = LoraSpec()
         if self.method == "qlora" and self.quantization is None:
@@ -464,6 +530,8 @@ class ObjectMeta(BaseModel):
 
     name: str = Field(min_length=1, max_length=253)
     namespace: str | None = None
+    uid: str | None = None
+    generation: int | None = None
     labels: dict[str, str] | None = None
     annotations: dict[str, str] | None = None
 

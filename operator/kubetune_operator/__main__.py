@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import sys
 
@@ -19,72 +20,46 @@ from kubetune_operator.settings import (
     ENV_PREFIX,
     OperatorSettings,
     describe_error,
-    parse_env_value,
+    parse_setting,
 )
+
+# Flags whose name is not simply --<setting-with-dashes> (kept for existing users).
+FLAG_ALIASES = {
+    "namespaces": ("-n", "--namespace"),
+    "patch_interval_s": ("--patch-interval",),
+}
+
+
+def flag_names(field: str) -> tuple[str, ...]:
+    return FLAG_ALIASES.get(field, ("--" + field.replace("_", "-"),))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One flag per OperatorSettings field, described by the field itself."""
     p = argparse.ArgumentParser(prog="kubetune-operator", description=__doc__.splitlines()[0])
-    p.add_argument(
-        "-n", "--namespace", action="append", dest="namespaces",
-        help="namespace to watch (repeatable; default: all namespaces)",
-    )  # fmt: skip
-    p.add_argument("--trainer-image", help="default trainer image")
-    p.add_argument("--trainer-command", help="trainer command line, e.g. 'kubetune-trainer'")
-    p.add_argument("--s3-endpoint", help="AWS_ENDPOINT_URL for trainer pods")
-    p.add_argument("--s3-region", help="AWS_REGION for trainer pods whose Secret has none")
-    p.add_argument(
-        "--default-credentials-secret",
-        help="S3 credentials Secret of jobs without spec.output.credentialsSecretRef",
-    )
-    p.add_argument(
-        "--default-node-selector",
-        metavar="JSON",
-        help='trainer nodeSelector when a job sets none, e.g. \'{"gpu": "h100"}\'',
-    )
-    p.add_argument(
-        "--default-tolerations",
-        metavar="JSON",
-        help="trainer tolerations when a job sets none (JSON list)",
-    )
-    p.add_argument("--progress-base-url", help="URL trainer pods reach this operator at")
-    p.add_argument("--listen-host", help="address of the progress/metrics/health server")
-    p.add_argument("--listen-port", type=int, help="its port (0: any free port)")
-    p.add_argument("--patch-interval", type=float, dest="patch_interval_s",
-                   help="seconds between progress-only status patches (default 5)")  # fmt: skip
-    p.add_argument("--allowed-schemes", help="comma-separated URI schemes (default hf,s3,pvc)")
-    p.add_argument("--gpu-memory-gib", type=float, help="memory of one GPU (default 80)")
-    p.add_argument("--log-format", choices=["json", "text"])
+    for field, info in OperatorSettings.model_fields.items():
+        default = info.get_default(call_default_factory=True)
+        shown = json.dumps(default) if isinstance(default, list | dict | bool) else default
+        help_text = f"{info.description} (default: {shown}; env {ENV_PREFIX}{field.upper()})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
+        if field == "namespaces":  # repeatable as well as comma-separated
+            p.add_argument(*flag_names(field), dest=field, action="append", help=help_text)
+        else:
+            p.add_argument(*flag_names(field), dest=field, metavar="VALUE", help=help_text)
     p.add_argument("--verbose", action="store_true", help="debug logging")
     return p
 
 
 def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
-    overrides = {
-        "namespaces": args.namespaces,
-        "trainer_image": args.trainer_image,
-        "trainer_command": args.trainer_command.split() if args.trainer_command else None,
-        "s3_endpoint": args.s3_endpoint,
-        "s3_region": args.s3_region,
-        "default_credentials_secret": args.default_credentials_secret,
-        "default_node_selector": _json_flag("default_node_selector", args.default_node_selector),
-        "default_tolerations": _json_flag("default_tolerations", args.default_tolerations),
-        "progress_base_url": args.progress_base_url,
-        "listen_host": args.listen_host,
-        "listen_port": args.listen_port,
-        "patch_interval_s": args.patch_interval_s,
-        "allowed_schemes": args.allowed_schemes.split(",") if args.allowed_schemes else None,
-        "gpu_memory_gib": args.gpu_memory_gib,
-        "log_format": args.log_format,
-    }
+    """Settings from the environment, each flag given overriding its variable; a flag's text
+    is read the way its variable's is (lists comma-separated or JSON, mappings JSON)."""
+    overrides = {}
+    for field in OperatorSettings.model_fields:
+        raw = getattr(args, field)
+        if raw is not None:
+            text = ",".join(raw) if isinstance(raw, list) else raw
+            overrides[field] = parse_setting(flag_names(field)[-1], field, text)
     return OperatorSettings.from_env(**overrides)
-
-
-def _json_flag(field: str, raw: str | None) -> object:
-    if raw is None:
-        return None
-    flag = "--" + field.replace("_", "-")
-    return parse_env_value(flag, raw, OperatorSettings.model_fields[field].annotation)
 
 
 def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:

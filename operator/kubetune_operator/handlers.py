@@ -1,9 +1,7 @@
-"""kopf handlers: watch FineTuneJobs, their Jobs and pods; run the reconciler and server.
+"""kopf handlers: watch FineTuneJobs, their Jobs and pods; start the controller and server.
 
-    kopf run -m kubetune_operator.handlers --all-namespaces      # or: kubetune-operator
-
-The handlers only record watch events; all decisions are in controller.py (which calls
-the pure builders, validation and status functions).
+`kubetune-operator` (__main__.py) runs these with the settings from its flags and
+environment. The handlers only record watch events; the decisions are in reconcile.py.
 """
 
 from __future__ import annotations
@@ -68,11 +66,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.label_selectors["", "v1", "pods"] = CHILD_SELECTOR
 
     metrics = OperatorMetrics()
-    kube = await Kube.connect(pool_size=op_settings.api_threads)
+    kube = await Kube.connect(pool_size=op_settings.api_threads, on_write=metrics.count_write)
     # Bind first: the Jobs we create carry the progress URL with the real port.
     placeholder = Controller(op_settings, kube, metrics)
     app = server.build_app(
-        lookup_token=placeholder.lookup_token,
+        authorize=placeholder.authorize,
         on_progress=placeholder.observe_progress,
         metrics=metrics,
         ready=lambda: state.ready,

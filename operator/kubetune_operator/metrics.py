@@ -33,6 +33,20 @@ class OperatorMetrics:
         self.jobs_created = Counter(
             "kubetune_jobs_created", "Trainer Jobs created.", registry=self.registry
         )
+        self.events_posted = Counter(
+            "kubetune_events_posted", "Events posted on FineTuneJobs.", registry=self.registry
+        )
+        self.api_writes = Counter(
+            "kubetune_api_writes",
+            "Requests that change something on the API server, by resource.",
+            ["resource"],
+            registry=self.registry,
+        )
+        self.token_reviews = Counter(
+            "kubetune_token_reviews",
+            "TokenReviews sent to check progress tokens (not answered from the cache).",
+            registry=self.registry,
+        )
         self.progress_events = Counter(
             "kubetune_progress_events",
             "Progress pushes from trainers, by result (accepted, rejected, invalid).",
@@ -44,3 +58,16 @@ class OperatorMetrics:
         """Make the phase gauge read `count(phase)` at scrape time."""
         for phase in PHASES:
             self.finetunejobs.labels(phase).set_function(lambda p=phase: count(p))
+
+    def count_write(self, method: str, path: str) -> None:
+        self.api_writes.labels(resource_of(path)).inc()
+
+
+def resource_of(path: str) -> str:
+    """`jobs`, `finetunejobs/status`, `events`... from an API path."""
+    parts = path.strip("/").split("/")
+    if "namespaces" in parts:
+        parts = parts[parts.index("namespaces") + 2 :]
+    else:  # cluster-scoped: /apis/<group>/<version>/<resource>...
+        parts = parts[3:] if parts[0] == "apis" else parts[2:]
+    return "/".join(parts[:1] + parts[2:3])

@@ -87,6 +87,19 @@ class OperatorSettings(BaseModel):
         description="URL trainer pods reach the progress server at "
         "(default: http://<listen host>:<port>).",
     )
+    progress_audience: str = Field(
+        "kubetune.io/progress",
+        min_length=1,
+        description="Audience of the trainer's projected ServiceAccount token: the operator "
+        "accepts only this audience; the API server, which wants its own, refuses the token.",
+    )
+    progress_token_ttl_s: int = Field(
+        600,
+        ge=600,
+        le=86400,
+        description="Lifetime of that token (the API server's minimum is 600 s); the kubelet "
+        "renews it at 80 %.",
+    )
     listen_host: str = Field("0.0.0.0", description="Progress/metrics/health server address.")
     listen_port: int = Field(8080, ge=0, le=65535, description="Its port (0 = any free port).")
     patch_interval_s: float = Field(
@@ -111,9 +124,6 @@ class OperatorSettings(BaseModel):
     run_as_user: int = Field(1000, ge=1, description="UID of the trainer container (non-root).")
     workers: int = Field(8, ge=1, le=256, description="Concurrent reconciles.")
     api_threads: int = Field(16, ge=1, le=256, description="Threads for Kubernetes API calls.")
-    requeue_pending_s: float = Field(
-        30.0, gt=0, description="Recheck a FineTuneJob waiting for a missing Secret this often."
-    )
     log_format: str = Field("json", pattern="^(json|text)$", description="Log format.")
 
     @field_validator("allowed_schemes")
@@ -133,17 +143,22 @@ class OperatorSettings(BaseModel):
         cls, env: Mapping[str, str] | None = None, **overrides: object
     ) -> OperatorSettings:
         """Settings from KUBETUNE_OPERATOR_<FIELD> variables: lists comma-separated or JSON,
-        mappings and tolerations JSON."""
+        mappings and tolerations JSON; `overrides` (already typed) win."""
         env = os.environ if env is None else env
         values: dict[str, object] = {}
-        for name, field in cls.model_fields.items():
+        for name in cls.model_fields:
             raw = env.get(ENV_PREFIX + name.upper())
             if raw is not None:
-                values[name] = parse_env_value(ENV_PREFIX + name.upper(), raw, field.annotation)
-        if name_cmd := env.get(ENV_PREFIX + "TRAINER_COMMAND"):
-            values["trainer_command"] = name_cmd.split()
+                values[name] = parse_setting(ENV_PREFIX + name.upper(), name, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(values)
+
+
+def parse_setting(source: str, field: str, raw: str) -> object:
+    """One setting's text (from `source`, a variable or a flag) as its field wants it."""
+    if field == "trainer_command":
+        return raw.split()  # a command line: split on spaces, not commas
+    return parse_env_value(source, raw, OperatorSettings.model_fields[field].annotation)
 
 
 def parse_env_value(variable: str, raw: str, annotation: object) -> object:

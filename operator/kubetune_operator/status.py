@@ -2,42 +2,29 @@
 
     desired = derive_status(Observed(ftj=..., job=..., pods=..., progress=...), now)
 
-Everything comes in as plain dicts (the API server's JSON), nothing is fetched here, so
-every case (queued, unschedulable, OOMKilled, bad input, deadline, success with the
-trainer's result) is unit-tested on hand-made objects.
+The FineTuneJob comes in validated (typed), its Job and pods as the API server's JSON;
+nothing is fetched here, so every case (queued, unschedulable, a missing Secret, OOMKilled,
+bad input, deadline, success with the trainer's result) is unit-tested on hand-made objects.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
 from kubetune.api import contract
-from kubetune.api.v1alpha1 import TERMINAL_PHASES
+from kubetune.api.contract import Condition, Reason
+from kubetune.api.v1alpha1 import TERMINAL_PHASES, FineTuneJob
 from kubetune_operator import names
 from kubetune_operator.validation import Problem
 
-# Waiting reasons of a container that a user has to act on (the pod will not start).
-STUCK_WAITING_REASONS = (
-    "ImagePullBackOff",
-    "ErrImagePull",
-    "InvalidImageName",
-    "CreateContainerConfigError",
-    "CreateContainerError",
-)
-_PROGRESS_FIELDS = (
-    "step",
-    "totalSteps",
-    "epoch",
-    "loss",
-    "evalLoss",
-    "learningRate",
-    "tokensPerSecond",
-    "etaSeconds",
-)
+# The kubelet's words (CreateContainerConfigError) for a missing Secret or key of a secretKeyRef.
+_SECRET_NOT_FOUND = re.compile(r'secrets? "(?P<name>[^"]+)" not found')
+_SECRET_KEY_MISSING = re.compile(r"couldn't find key (?P<key>\S+) in Secret [^/\s]+/(?P<name>\S+)")
 # Status keys whose change is worth a patch at once; progress alone waits for the interval.
 _PROGRESS_ONLY = frozenset({"progress", "resumedFromStep"})
 
@@ -46,7 +33,8 @@ _PROGRESS_ONLY = frozenset({"progress", "resumedFromStep"})
 class Observed:
     """What the operator knows about one FineTuneJob at one moment."""
 
-    ftj: dict[str, Any]
+    ftj: FineTuneJob
+    previous: dict[str, Any] = field(default_factory=dict)  # its status as last written
     job: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = field(default_factory=list)
     progress: dict[str, Any] | None = None  # merged ProgressEvent fields, latest wins
@@ -109,30 +97,61 @@ def _pod_failure(pod: dict, memory: str | None) -> tuple[str, str] | None:
     if not term:
         status = pod.get("status") or {}
         if status.get("reason") == "Evicted":
-            return "Evicted", f"the trainer pod was evicted: {status.get('message', '')}".strip()
+            return (
+                Reason.EVICTED,
+                f"the trainer pod was evicted: {status.get('message', '')}".strip(),
+            )
         return None
     code = term.get("exitCode")
     result = parse_result(term.get("message"))
     if code == contract.EXIT_BAD_INPUT:
         text = (result.message if result else None) or _first_line(term.get("message"))
-        return "BadInput", text or "the trainer rejected its input (exit code 3)"
+        return Reason.BAD_INPUT, text or "the trainer rejected its input (exit code 3)"
     if code == contract.EXIT_EVAL_THRESHOLDS:
         text = _first_line(term.get("message"))
-        return "EvalThresholdsMissed", text or "the evaluation missed a threshold"
-    if term.get("reason") == "OOMKilled" or code == 137 and term.get("reason") == "OOMKilled":
+        return Reason.EVAL_THRESHOLDS_MISSED, text or "the evaluation missed a threshold"
+    if term.get("reason") == "OOMKilled":
         limit = f" (memory limit {memory})" if memory else ""
         return (
-            "OOMKilled",
+            Reason.OOM_KILLED,
             f"the trainer ran out of memory{limit}: raise spec.resources.memory or lower "
             "spec.training.batchSize / maxSeqLength",
         )
     if result and result.message:
-        return "TrainerFailed", result.message
+        return Reason.TRAINER_FAILED, result.message
     tail = _first_line(term.get("message"))
-    return "TrainerFailed", f"the trainer exited with code {code}" + (f": {tail}" if tail else "")
+    return Reason.TRAINER_FAILED, f"the trainer exited with code {code}" + (
+        f": {tail}" if tail else ""
+    )
 
 
-def _waiting_problem(pods: list[dict]) -> tuple[str, str] | None:
+def secret_fields(ftj: FineTuneJob) -> dict[str, str]:
+    """Secret name -> the spec field that names it, for messages."""
+    fields = {}
+    if ftj.spec.model.tokenSecretRef:
+        fields[ftj.spec.model.tokenSecretRef.name] = "spec.model.tokenSecretRef"
+    if ftj.spec.output.credentialsSecretRef:
+        fields[ftj.spec.output.credentialsSecretRef.name] = "spec.output.credentialsSecretRef"
+    return fields
+
+
+def secret_problem(message: str, ftj: FineTuneJob) -> tuple[str, str] | None:
+    """(reason, message) for the kubelet's "Secret or key missing" error, naming both."""
+    fields = secret_fields(ftj)
+
+    def where(name: str) -> str:
+        return fields.get(name, "the operator's default credentials Secret")
+
+    if match := _SECRET_KEY_MISSING.search(message):
+        name, key = match["name"], match["key"]
+        return Reason.SECRET_KEY_MISSING, f"{where(name)}: Secret {name!r} has no key {key}"
+    if match := _SECRET_NOT_FOUND.search(message):
+        name = match["name"]
+        return Reason.SECRET_NOT_FOUND, f"{where(name)}: Secret {name!r} not found"
+    return None
+
+
+def _waiting_problem(pods: list[dict], ftj: FineTuneJob) -> tuple[str, str] | None:
     for pod in pods:
         status = pod.get("status") or {}
         if status.get("phase") != "Pending":
@@ -144,12 +163,16 @@ def _waiting_problem(pods: list[dict]) -> tuple[str, str] | None:
                 and cond.get("reason") == "Unschedulable"
             ):
                 return (
-                    "Unschedulable",
+                    Reason.UNSCHEDULABLE,
                     "the scheduler cannot place the trainer pod: "
                     + (cond.get("message") or "").strip(),
                 )
         waiting = (_trainer_status(pod).get("state") or {}).get("waiting") or {}
-        if waiting.get("reason") in STUCK_WAITING_REASONS:
+        if waiting.get("reason") == Reason.CREATE_CONTAINER_CONFIG_ERROR:
+            found = secret_problem(waiting.get("message") or "", ftj)
+            if found:
+                return found
+        if waiting.get("reason") in contract.STUCK_WAITING_REASONS:
             detail = waiting.get("message") or ""
             image = ((pod.get("spec") or {}).get("containers") or [{}])[0].get("image", "")
             what = (
@@ -172,26 +195,26 @@ def _job_conditions(job: dict) -> dict[str, dict]:
     }
 
 
-def job_outcome(ftj: dict, job: dict, pods: list[dict]) -> Outcome:
-    spec = ftj["spec"]
+def job_outcome(ftj: FineTuneJob, job: dict, pods: list[dict]) -> Outcome:
+    spec = ftj.spec
     conds = _job_conditions(job)
-    memory = (spec.get("resources") or {}).get("memory")
+    memory = spec.resources.memory
     if "Complete" in conds or "SuccessCriteriaMet" in conds:
         pod = _latest(pods, "Succeeded")
         result = parse_result(_terminated(pod).get("message")) if pod and _terminated(pod) else None
         if result and result.result == "failed":
             return Outcome(
-                "Failed", "TrainerFailed", result.message or "the trainer failed", result
+                "Failed", Reason.TRAINER_FAILED, result.message or "the trainer failed", result
             )
-        return Outcome("Succeeded", "Completed", "training finished", result)
+        return Outcome("Succeeded", Reason.COMPLETED, "training finished", result)
     failed = conds.get("Failed") or conds.get("FailureTarget")
     if failed:
         job_reason = failed.get("reason") or "Failed"
-        if job_reason == "DeadlineExceeded":
-            deadline = spec.get("activeDeadlineSeconds")
+        if job_reason == Reason.DEADLINE_EXCEEDED:
+            deadline = spec.activeDeadlineSeconds
             return Outcome(
                 "Failed",
-                "DeadlineExceeded",
+                Reason.DEADLINE_EXCEEDED,
                 f"the job ran longer than spec.activeDeadlineSeconds ({deadline} s); stopped",
             )
         pod = _latest(pods, "Failed")
@@ -200,21 +223,21 @@ def job_outcome(ftj: dict, job: dict, pods: list[dict]) -> Outcome:
         if pod_failure:
             reason, message = pod_failure
             if job_reason == "BackoffLimitExceeded" and reason not in (
-                "BadInput",
-                "EvalThresholdsMissed",
+                Reason.BAD_INPUT,
+                Reason.EVAL_THRESHOLDS_MISSED,
             ):
                 tries = (job.get("status") or {}).get("failed") or 1
                 message = f"the trainer failed {tries} time(s), giving up: {message}"
             return Outcome("Failed", reason, message, result)
         return Outcome("Failed", job_reason, failed.get("message") or "the trainer Job failed")
     if (job.get("spec") or {}).get("suspend"):
-        if spec.get("suspend"):
+        if spec.suspend:
             return Outcome(
-                "Suspended", "Suspended", "suspended by spec.suspend; checkpoints are kept"
+                "Suspended", Reason.SUSPENDED, "suspended by spec.suspend; checkpoints are kept"
             )
         queue = names.queue_name(ftj)
         where = f" in queue {queue}" if queue else ""
-        return Outcome("Queued", "WaitingForAdmission", f"waiting for admission{where}")
+        return Outcome("Queued", Reason.WAITING_FOR_ADMISSION, f"waiting for admission{where}")
     live = [
         p
         for p in pods
@@ -222,17 +245,17 @@ def job_outcome(ftj: dict, job: dict, pods: list[dict]) -> Outcome:
         and not p["metadata"].get("deletionTimestamp")
     ]
     if any((p.get("status") or {}).get("phase") == "Running" for p in live):
-        return Outcome("Running", "Training", "the trainer is running")
-    stuck = _waiting_problem(live)
+        return Outcome("Running", Reason.TRAINING, "the trainer is running")
+    stuck = _waiting_problem(live, ftj)
     if stuck:
         return Outcome("Pending", *stuck)
     # Between a pod's end and the Job's verdict (or the retry's start) the job is still
     # under way: saying Pending there would flap.
     if _latest(pods, "Succeeded"):
-        return Outcome("Running", "Completing", "the trainer finished; completing the Job")
+        return Outcome("Running", Reason.COMPLETING, "the trainer finished; completing the Job")
     if _latest(pods, "Failed"):
-        return Outcome("Running", "Restarting", "the trainer pod failed; starting a retry")
-    return Outcome("Pending", "Starting", "waiting for the trainer pod to start")
+        return Outcome("Running", Reason.RESTARTING, "the trainer pod failed; starting a retry")
+    return Outcome("Pending", Reason.STARTING, "waiting for the trainer pod to start")
 
 
 # --- progress and conditions ----------------------------------------------------------
@@ -242,7 +265,7 @@ def build_progress(
     previous: dict | None, latest: dict | None, phase: str, total_steps: int | None = None
 ) -> dict | None:
     progress = {k: v for k, v in (previous or {}).items() if v is not None}
-    for key in (*_PROGRESS_FIELDS, "updatedAt"):
+    for key in (*contract.PROGRESS_FIELDS, "updatedAt"):
         if latest and latest.get(key) is not None:
             progress[key] = latest[key]
     if total_steps:
@@ -290,21 +313,21 @@ def _conditions(
     problem = obs.problem
     desired = [
         cond(
-            "Accepted",
+            Condition.ACCEPTED,
             problem is None,
-            "Validated" if problem is None else problem.reason,
+            Reason.VALIDATED if problem is None else problem.reason,
             "the spec passed the operator's checks" if problem is None else problem.message,
         ),
-        cond("Running", phase == "Running"),
-        cond("Suspended", phase == "Suspended"),
-        cond("Succeeded", phase == "Succeeded"),
-        cond("Failed", phase == "Failed"),
+        cond(Condition.RUNNING, phase == "Running"),
+        cond(Condition.SUSPENDED, phase == "Suspended"),
+        cond(Condition.SUCCEEDED, phase == "Succeeded"),
+        cond(Condition.FAILED, phase == "Failed"),
     ]
     previous_change = next(
         (
             c
-            for c in (obs.ftj.get("status") or {}).get("conditions") or []
-            if c.get("type") == "SpecChangedAfterStart"
+            for c in obs.previous.get("conditions") or []
+            if c.get("type") == Condition.SPEC_CHANGED_AFTER_START
         ),
         None,
     )
@@ -317,9 +340,9 @@ def _conditions(
         fields = ", ".join(f"spec.{f}" for f in obs.changed_fields)
         desired.append(
             cond(
-                "SpecChangedAfterStart",
+                Condition.SPEC_CHANGED_AFTER_START,
                 bool(obs.changed_fields),
-                "SpecChanged" if obs.changed_fields else "SpecMatches",
+                Reason.SPEC_CHANGED if obs.changed_fields else Reason.SPEC_MATCHES,
                 f"{fields} changed after the trainer started; the running job keeps the "
                 "settings it started with (create a new FineTuneJob to use the new ones)"
                 if obs.changed_fields
@@ -330,9 +353,9 @@ def _conditions(
         passed = bool(metrics["evalPassed"])
         desired.append(
             cond(
-                "EvalPassed",
+                Condition.EVAL_PASSED,
                 passed,
-                "ThresholdsMet" if passed else "ThresholdsMissed",
+                Reason.THRESHOLDS_MET if passed else Reason.THRESHOLDS_MISSED,
                 "evaluation met the thresholds"
                 if passed
                 else "evaluation missed a threshold (see the report)",
@@ -347,8 +370,8 @@ def _conditions(
 def derive_status(obs: Observed, now: str) -> dict[str, Any]:
     """The status the FineTuneJob should have (JSON, no None values)."""
     ftj, job = obs.ftj, obs.job
-    prev = ftj.get("status") or {}
-    generation = ftj["metadata"].get("generation")
+    prev = obs.previous
+    generation = ftj.metadata.generation
     status: dict[str, Any] = {}
     result: contract.TrainerResult | None = None
 
@@ -358,7 +381,7 @@ def derive_status(obs: Observed, now: str) -> dict[str, Any]:
     if job is None and obs.problem is not None:
         outcome = Outcome(obs.problem.phase, obs.problem.reason, obs.problem.message)
     elif job is None:
-        outcome = Outcome("Pending", "Creating", "creating the trainer Job")
+        outcome = Outcome("Pending", Reason.CREATING, "creating the trainer Job")
     else:
         outcome = job_outcome(ftj, job, obs.pods)
         result = outcome.result

@@ -1,19 +1,20 @@
-"""Checks the CRD schema cannot express, as pure functions.
-
-`validate()` takes what it needs from the cluster as plain data (which Secrets exist and
-their keys), so the handlers fetch and this decides.
+"""Checks the CRD schema cannot express, as pure functions of the validated FineTuneJob and
+the operator's settings: URI policy, GPU plausibility, the size of the trainer's copy.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
 
-from kubetune_operator.builders import REQUIRED_S3_KEYS, credentials_secret
+from kubetune.api import contract
+from kubetune.api.contract import Reason
+from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobSpec
+from kubetune_operator import builders
 from kubetune_operator.settings import OperatorSettings
 
 # Bytes of GPU memory per parameter, weights + gradients + optimizer state, before
@@ -49,12 +50,11 @@ def estimate_gpu_memory_gib(method: str, billions: float) -> float:
     return billions * 1e9 * BYTES_PER_PARAM[method] * OVERHEAD / 2**30
 
 
-def check_gpus(spec: dict, settings: OperatorSettings) -> Problem | None:
-    billions = model_size_billions(spec["model"]["uri"])
+def check_gpus(spec: FineTuneJobSpec, settings: OperatorSettings) -> Problem | None:
+    billions = model_size_billions(spec.model.uri)
     if billions is None:
         return None  # unknown size: nothing to say
-    method = spec.get("method", "lora")
-    gpus = (spec.get("resources") or {}).get("gpus", 1)
+    method, gpus = spec.method, spec.resources.gpus
     need = estimate_gpu_memory_gib(method, billions)
     have = gpus * settings.gpu_memory_gib
     if need <= have:
@@ -63,112 +63,57 @@ def check_gpus(spec: dict, settings: OperatorSettings) -> Problem | None:
     hint = " or use method: qlora" if method != "qlora" else ""
     return Problem(
         "Failed",
-        "InsufficientGPUs",
+        Reason.INSUFFICIENT_GPUS,
         f"method {method} on a ~{billions:g}B model needs about {need:.0f} GiB of GPU memory "
         f"but {gpus} GPU(s) of {settings.gpu_memory_gib:g} GiB give {have:.0f} GiB: "
         f"request spec.resources.gpus >= {least}{hint}",
     )
 
 
-def _uris(spec: dict) -> list[tuple[str, str]]:
-    evaluation = spec.get("evaluation") or {}
-    pairs = [
-        ("spec.model.uri", spec["model"]["uri"]),
-        ("spec.dataset.uri", spec["dataset"]["uri"]),
-        ("spec.dataset.validationUri", spec["dataset"].get("validationUri")),
-        ("spec.evaluation.datasetUri", evaluation.get("datasetUri")),
-        ("spec.evaluation.regressionUri", evaluation.get("regressionUri")),
-        ("spec.output.uri", spec["output"]["uri"]),
-    ]
-    return [(path, uri) for path, uri in pairs if uri]
-
-
-def check_uris(spec: dict, settings: OperatorSettings) -> Problem | None:
-    for path, uri in _uris(spec):
+def check_uris(spec: FineTuneJobSpec, settings: OperatorSettings) -> Problem | None:
+    for path, uri in spec.uris().items():
         scheme = urlparse(uri).scheme.lower()
         if scheme not in settings.allowed_schemes:
             allowed = ", ".join(f"{s}://" for s in settings.allowed_schemes)
             return Problem(
                 "Failed",
-                "URISchemeNotAllowed",
+                Reason.URI_SCHEME_NOT_ALLOWED,
                 f"{path}: {scheme}:// is not allowed on this cluster (allowed: {allowed})",
             )
         prefixes = settings.allowed_s3_prefixes
         if scheme == "s3" and prefixes and not any(uri.startswith(p) for p in prefixes):
             return Problem(
                 "Failed",
-                "URINotAllowed",
+                Reason.URI_NOT_ALLOWED,
                 f"{path}: {uri} is outside the allowed S3 locations ({', '.join(prefixes)})",
             )
     return None
 
 
-def _credentials(spec: dict, settings: OperatorSettings | None) -> tuple[str | None, str]:
-    """The credentials Secret a job uses and how to name it in a message."""
-    own = (spec["output"].get("credentialsSecretRef") or {}).get("name")
-    if own or settings is None:
-        return own, "spec.output.credentialsSecretRef"
-    return (
-        credentials_secret(spec, settings),
-        "spec.output.credentialsSecretRef (unset, so the operator's default)",
+def _largest_field(value: Any, path: str, depth: int = 3) -> str:
+    """The path of the biggest part of a JSON value, `depth` levels down at most."""
+    if depth == 0 or not isinstance(value, dict) or not value:
+        return path
+    key, child = max(value.items(), key=lambda kv: len(json.dumps(kv[1], ensure_ascii=False)))
+    return _largest_field(child, f"{path}.{key}", depth - 1)
+
+
+def check_size(ftj: FineTuneJob) -> Problem | None:
+    """The job must fit the pod annotation the trainer reads it from. The CRD bounds every field
+    but the free-form JSON Schema of evaluation.format, which only this check can measure."""
+    size = builders.annotation_size(builders.trainer_document(ftj))
+    if size <= contract.JOB_ANNOTATION_BUDGET:
+        return None
+    biggest = _largest_field(builders.spec_dict(ftj), "spec")
+    return Problem(
+        "Failed",
+        Reason.SPEC_TOO_LARGE,
+        f"the job takes {size} bytes, more than the {contract.JOB_ANNOTATION_BUDGET} a pod "
+        f"annotation can carry to the trainer; shorten {biggest}",
     )
 
 
-def check_secrets(
-    spec: dict,
-    secrets: Mapping[str, frozenset[str]],
-    settings: OperatorSettings | None = None,
-) -> Problem | None:
-    """`secrets`: name -> keys of each Secret that exists in the FineTuneJob's namespace.
-
-    With `settings`, a job without credentialsSecretRef is checked against the operator's
-    default credentials Secret (settings.default_credentials_secret).
-    """
-    creds, where = _credentials(spec, settings)
-    if creds:
-        if creds not in secrets:
-            return Problem("Pending", "SecretNotFound", f"{where}: Secret {creds!r} not found")
-        missing = [k for k in REQUIRED_S3_KEYS if k not in secrets[creds]]
-        if missing:
-            return Problem(
-                "Pending",
-                "SecretKeyMissing",
-                f"{where}: Secret {creds!r} has no key {', '.join(missing)}",
-            )
-    token = spec["model"].get("tokenSecretRef")
-    if token:
-        key = token.get("key", "token")
-        if token["name"] not in secrets:
-            return Problem(
-                "Pending",
-                "SecretNotFound",
-                f"spec.model.tokenSecretRef: Secret {token['name']!r} not found",
-            )
-        if key not in secrets[token["name"]]:
-            return Problem(
-                "Pending",
-                "SecretKeyMissing",
-                f"spec.model.tokenSecretRef: Secret {token['name']!r} has no key {key!r}",
-            )
-    return None
-
-
-def referenced_secrets(spec: dict, settings: OperatorSettings | None = None) -> list[str]:
-    """Secrets the job's pod will read (with `settings`: including the default credentials)."""
-    names = [_credentials(spec, settings)[0]]
-    names.append((spec["model"].get("tokenSecretRef") or {}).get("name"))
-    return sorted({n for n in names if n})
-
-
-def validate(
-    spec: dict, settings: OperatorSettings, secrets: Mapping[str, frozenset[str]]
-) -> Problem | None:
-    """The first problem that keeps this FineTuneJob from starting, or None.
-
-    Permanent problems (Failed) come before ones that may fix themselves (Pending).
-    """
-    return (
-        check_uris(spec, settings)
-        or check_gpus(spec, settings)
-        or check_secrets(spec, secrets, settings)
-    )
+def validate(ftj: FineTuneJob, settings: OperatorSettings) -> Problem | None:
+    """The first problem that keeps this FineTuneJob from starting, or None. All of them are
+    permanent: a Secret that is missing shows from the pod (the operator reads no Secrets)."""
+    return check_uris(ftj.spec, settings) or check_gpus(ftj.spec, settings) or check_size(ftj)

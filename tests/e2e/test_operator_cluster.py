@@ -6,10 +6,10 @@ pods on the local node, S3 = the moto server. Polls conditions; never sleeps to 
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -272,6 +272,17 @@ def test_more_gpus_than_the_node_has_stays_pending_with_the_schedulers_message(
     assert "nvidia.com/gpu" in st["message"]
 
 
+def wait_reason(cluster: DevCluster, ns: str, name: str, reason: str, timeout: float) -> dict:
+    def reached() -> dict | None:
+        st = status_of(cluster, ns, name)
+        return st if st.get("reason") == reason else None
+
+    try:
+        return wait_for(reached, timeout=timeout, interval=0.3, what=f"{name}: {reason}")
+    except TimeoutError:
+        raise AssertionError(f"{name}: {status_of(cluster, ns, name)}") from None
+
+
 def test_operator_checks_reject_at_once_without_a_job(
     k8s_cluster: DevCluster, operator: OperatorProcess, ns: str, assets: str
 ) -> None:
@@ -280,23 +291,38 @@ def test_operator_checks_reject_at_once_without_a_job(
     huge["spec"]["model"]["uri"] = "hf://meta-llama/Llama-2-70b-hf"
     huge["spec"]["resources"]["gpus"] = 1
     create(k8s_cluster, ns, huge)
+    st = wait_phase(k8s_cluster, ns, "huge", "Failed", timeout=30)
+    assert st["reason"] == "InsufficientGPUs" and "spec.resources.gpus >=" in st["message"]
+    assert jobs_of(k8s_cluster, ns) == []
+
+
+def test_a_missing_secret_or_key_shows_within_seconds_naming_it(
+    k8s_cluster: DevCluster, operator: OperatorProcess, ns: str, assets: str
+) -> None:
+    # The operator reads no Secrets: the kubelet's container-config error tells.
     nosecret = ftj_manifest("nosecret", assets)
     nosecret["spec"]["output"]["credentialsSecretRef"]["name"] = "missing"
     create(k8s_cluster, ns, nosecret)
-    st = wait_phase(k8s_cluster, ns, "huge", "Failed", timeout=30)
-    assert st["reason"] == "InsufficientGPUs" and "spec.resources.gpus >=" in st["message"]
-    st = wait_for(
-        lambda: (
-            status_of(k8s_cluster, ns, "nosecret").get("reason") == "SecretNotFound"
-            and status_of(k8s_cluster, ns, "nosecret")
-        ),
-        timeout=30,
-        what="SecretNotFound",
+    halfsecret = ftj_manifest("halfsecret", assets)
+    halfsecret["spec"]["output"]["credentialsSecretRef"]["name"] = "half"
+    k8s_cluster.rest().post(
+        f"/api/v1/namespaces/{ns}/secrets",
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "half"},
+            "stringData": {"AWS_ACCESS_KEY_ID": "only-the-id"},
+        },
     )
-    assert st["phase"] == "Pending" and "'missing'" in st["message"]
-    accepted = next(c for c in st["conditions"] if c["type"] == "Accepted")
-    assert accepted["status"] == "False"
-    assert jobs_of(k8s_cluster, ns) == []
+    create(k8s_cluster, ns, halfsecret)
+    st = wait_reason(k8s_cluster, ns, "nosecret", "SecretNotFound", timeout=30)
+    assert st["phase"] == "Pending"
+    assert st["message"] == "spec.output.credentialsSecretRef: Secret 'missing' not found"
+    st = wait_reason(k8s_cluster, ns, "halfsecret", "SecretKeyMissing", timeout=30)
+    assert st["phase"] == "Pending"
+    assert st["message"] == (
+        "spec.output.credentialsSecretRef: Secret 'half' has no key AWS_SECRET_ACCESS_KEY"
+    )
 
 
 def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(
@@ -414,9 +440,23 @@ def push(url: str, token: str | None, body: bytes) -> int:
         return exc.code
 
 
-def test_queued_job_progress_tokens_and_deletion_cleanup(
-    k8s_cluster: DevCluster, operator: OperatorProcess, ns: str, assets: str, s3_server: S3Server
+def api_writes(operator: OperatorProcess) -> dict[str, float]:
+    return {
+        resource: operator.metric("kubetune_api_writes_total", {"resource": resource})
+        for resource in ("jobs", "finetunejobs/status", "events", "configmaps", "secrets")
+    }
+
+
+def operator_objects(cluster: DevCluster, ns: str, kind: str) -> list[dict]:
+    items = cluster.rest().get(f"/api/v1/namespaces/{ns}/{kind}")["items"]
+    managed = "app.kubernetes.io/managed-by"
+    return [o for o in items if (o["metadata"].get("labels") or {}).get(managed)]
+
+
+def test_queued_job_costs_three_writes_and_deletion_takes_its_job(
+    k8s_cluster: DevCluster, operator: OperatorProcess, ns: str, assets: str
 ) -> None:
+    before = api_writes(operator)
     manifest = ftj_manifest("queued", assets)
     manifest["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpu-queue"}
     create(k8s_cluster, ns, manifest)
@@ -425,55 +465,119 @@ def test_queued_job_progress_tokens_and_deletion_cleanup(
     (job,) = jobs_of(k8s_cluster, ns)
     assert job["spec"]["suspend"] is True  # Kueue admits it; the operator never unsuspends
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    wait_for(lambda: events_for(k8s_cluster, ns, "queued"), timeout=30, what="the Queued event")
+    # From creation to Queued: the Job, one status patch, one Event. Nothing else.
+    after = api_writes(operator)
+    assert {k: after[k] - before[k] for k in after} == {
+        "jobs": 1,
+        "finetunejobs/status": 1,
+        "events": 1,
+        "configmaps": 0,
+        "secrets": 0,
+    }
+    assert operator_objects(k8s_cluster, ns, "configmaps") == []
+    assert operator_objects(k8s_cluster, ns, "secrets") == []
 
-    url = f"{operator.url}/v1/progress/{ns}/queued"
+    k8s_cluster.rest().delete(f"{FTJ_API}/namespaces/{ns}/finetunejobs/queued")
+    wait_for(
+        lambda: (
+            get_or_none(k8s_cluster, f"/apis/batch/v1/namespaces/{ns}/jobs/queued-trainer") is None
+        ),
+        timeout=60,
+        what="the Job of the deleted FineTuneJob gone",
+    )
+
+
+def pod_of_job(cluster: DevCluster, ns: str, name: str) -> dict:
+    def pod() -> dict | None:
+        pods = [
+            p
+            for p in pods_of(cluster, ns)
+            if p["metadata"]["labels"].get("kubetune.io/finetunejob") == name
+        ]
+        return pods[0] if pods else None
+
+    return wait_for(pod, timeout=60, what=f"the pod of {name}")
+
+
+def bound_token(cluster: DevCluster, pod: dict, audience: str | None) -> str:
+    """A token bound to `pod`, as the kubelet requests one for a projected volume."""
+    meta = pod["metadata"]
+    spec: dict[str, Any] = {
+        "expirationSeconds": 600,
+        "boundObjectRef": {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "name": meta["name"],
+            "uid": meta["uid"],
+        },
+    }
+    if audience:
+        spec["audiences"] = [audience]
+    account = pod["spec"].get("serviceAccountName") or "default"
+    path = f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{account}/token"
+    request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
+    return cluster.rest().post(path, request)["status"]["token"]
+
+
+def api_server_status(cluster: DevCluster, ns: str, token: str) -> int:
+    """The API server's answer to a plain read made with `token`."""
+    server = cluster.server.rstrip("/")
+    request = urllib.request.Request(
+        f"{server}/api/v1/namespaces/{ns}/pods", headers={"Authorization": f"Bearer {token}"}
+    )
+    context = ssl.create_default_context(cafile=str(cluster.state_dir / "pki" / "ca.crt"))
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_progress_tokens_open_one_job_and_nothing_on_the_api_server(
+    k8s_cluster: DevCluster, operator: OperatorProcess, ns: str, assets: str
+) -> None:
+    # Two jobs whose pods exist but never run (no node has 8 GPUs): tokens bound to them.
+    for name in ("mine", "other"):
+        manifest = ftj_manifest(name, assets)
+        manifest["spec"]["resources"]["gpus"] = 8
+        create(k8s_cluster, ns, manifest)
+    mine, other = pod_of_job(k8s_cluster, ns, "mine"), pod_of_job(k8s_cluster, ns, "other")
+    (projected,) = [v for v in mine["spec"]["volumes"] if v["name"] == "progress-token"]
+    audience = projected["projected"]["sources"][0]["serviceAccountToken"]["audience"]
+    assert audience == "kubetune.io/progress"
+    assert mine["spec"]["automountServiceAccountToken"] is False
+    my_token, other_token = (
+        bound_token(k8s_cluster, mine, audience),
+        bound_token(k8s_cluster, other, audience),
+    )
+
+    url = f"{operator.url}/v1/progress/{ns}/mine"
     event = b'{"event": "step", "time": "2026-01-01T00:00:00Z", "step": 7, "totalSteps": 50}'
-    version = ftj(k8s_cluster, ns, "queued")["metadata"]["resourceVersion"]
+    version = ftj(k8s_cluster, ns, "mine")["metadata"]["resourceVersion"]
     rejected_before = operator.metric("kubetune_progress_events_total", {"result": "rejected"})
     assert push(url, None, event) == 401
     assert push(url, "not-the-token", event) == 401
-    # Another job's genuine token does not open this one.
-    create(
-        k8s_cluster,
-        ns,
-        {
-            **ftj_manifest("other", assets),
-            "metadata": {"name": "other", "labels": {"kueue.x-k8s.io/queue-name": "q"}},
-        },
-    )
-    wait_phase(k8s_cluster, ns, "other", "Queued", timeout=30)
-    secret = k8s_cluster.rest().get(f"/api/v1/namespaces/{ns}/secrets/other-progress")
-    other_token = base64.b64decode(secret["data"]["token"]).decode()
-    assert push(url, other_token, event) == 401
+    assert push(url, other_token, event) == 401  # genuine, but another job's pod
+    api_token = bound_token(k8s_cluster, mine, None)  # this pod's, for the API server
+    assert push(url, api_token, event) == 401
     rejected = operator.metric("kubetune_progress_events_total", {"result": "rejected"})
-    assert rejected - rejected_before == 3
-    current = ftj(k8s_cluster, ns, "queued")
-    assert current["metadata"]["resourceVersion"] == version  # nothing changed
-    assert "progress" not in current["status"]
-    # The job's own token works, and the status shows it.
-    secret = k8s_cluster.rest().get(f"/api/v1/namespaces/{ns}/secrets/queued-progress")
-    token = base64.b64decode(secret["data"]["token"]).decode()
-    assert push(url, token, event) == 202
+    assert rejected - rejected_before == 4
+    assert ftj(k8s_cluster, ns, "mine")["metadata"]["resourceVersion"] == version
+
+    # The pod's own token works (and is reviewed once, then cached), and the status shows it.
+    reviews = operator.metric("kubetune_token_reviews_total")
+    assert push(url, my_token, event) == 202
+    assert push(url, my_token, event) == 202
+    assert operator.metric("kubetune_token_reviews_total") - reviews == 1
     wait_for(
         lambda: (
-            (status_of(k8s_cluster, ns, "queued").get("progress") or {}).get("summary")
+            (status_of(k8s_cluster, ns, "mine").get("progress") or {}).get("summary")
             == "7/50 (14%)"
         ),
         timeout=30,
         what="pushed progress in status",
     )
-
-    k8s_cluster.rest().delete(f"{FTJ_API}/namespaces/{ns}/finetunejobs/queued")
-
-    def children_gone() -> bool:
-        return all(
-            get_or_none(k8s_cluster, path) is None
-            for path in (
-                f"/apis/batch/v1/namespaces/{ns}/jobs/queued-trainer",
-                f"/api/v1/namespaces/{ns}/configmaps/queued-config",
-                f"/api/v1/namespaces/{ns}/secrets/queued-progress",
-            )
-        )
-
-    wait_for(children_gone, timeout=60, what="children of the deleted FineTuneJob gone")
-    assert get_or_none(k8s_cluster, f"/apis/batch/v1/namespaces/{ns}/jobs/other-trainer")
+    # The trainer's token opens nothing on the API server; the API server's token works there.
+    assert api_server_status(k8s_cluster, ns, my_token) == 401
+    assert api_server_status(k8s_cluster, ns, api_token) == 403  # authenticated, not allowed

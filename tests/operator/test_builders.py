@@ -1,14 +1,13 @@
-"""Pure parts of the operator: child manifests and the checks the schema cannot make."""
+"""Pure parts of the operator: the Job manifest and the checks the schema cannot make."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
-import yaml
 
 from kubetune.api import contract
+from kubetune.api.contract import Reason
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune_operator import __main__ as operator_main
 from kubetune_operator import builders, names, validation
@@ -22,7 +21,8 @@ SETTINGS = OperatorSettings(
 )
 
 
-def make_ftj(name: str = "tune", **spec: object) -> dict:
+def make_ftj(name: str = "tune", labels: dict | None = None, **spec: object) -> FineTuneJob:
+    """A validated FineTuneJob, as the operator's cache holds it."""
     base = {
         "model": {"uri": "s3://models/tiny-llama"},
         "dataset": {"uri": "s3://data/train.jsonl"},
@@ -30,11 +30,8 @@ def make_ftj(name: str = "tune", **spec: object) -> dict:
         "resources": {"gpus": 2, "cpu": "4", "memory": "32Gi"},
     }
     base.update(spec)
-    manifest = FineTuneJob.model_validate(
-        {"metadata": {"name": name, "namespace": "team-a"}, "spec": base}
-    ).wire()
-    manifest["metadata"].update(uid="uid-1234", generation=1)
-    return manifest
+    meta = {"name": name, "namespace": "team-a", "uid": "uid-1234", "generation": 1}
+    return FineTuneJob.model_validate({"metadata": {**meta, "labels": labels}, "spec": base})
 
 
 def env_of(job: dict) -> dict[str, dict]:
@@ -86,6 +83,7 @@ def test_job_runs_the_trainer_with_the_agreed_failure_policy_and_limits() -> Non
     assert sc["runAsUser"] == 1000
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts["/etc/kubetune"]["readOnly"] is True
+    assert mounts[contract.PROGRESS_TOKEN_DIR]["readOnly"] is True
     assert "/dev/shm" in mounts and "/workspace" in mounts
     shm = next(v for v in pod["volumes"] if v["name"] == "shm")
     assert shm["emptyDir"]["medium"] == "Memory"
@@ -101,29 +99,81 @@ def test_defaults_backoff_two_and_no_gpu_limit_for_cpu_jobs() -> None:
 
 def test_credentials_only_through_secret_refs() -> None:
     ftj = make_ftj(model={"uri": "hf://org/m", "tokenSecretRef": {"name": "hf", "key": "tok"}})
-    env = env_of(builders.build_job(ftj, SETTINGS, frozenset({"AWS_ACCESS_KEY_ID"})))
+    env = env_of(builders.build_job(ftj, SETTINGS))
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": key}
         assert "value" not in env[key]
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "tok"}
-    token = env[contract.ENV_PROGRESS_TOKEN]["valueFrom"]["secretKeyRef"]
-    assert token == {"name": "tune-progress", "key": "token"}
     assert env[contract.ENV_PROGRESS_URL]["value"] == (
         "http://op.kubetune-system:8080/v1/progress/team-a/tune"
     )
-    assert env[contract.ENV_JOB_CONFIG]["value"] == "/etc/kubetune/job.yaml"
-    # The Secret has no endpoint key and the operator has no default: no endpoint at all.
-    assert "AWS_ENDPOINT_URL" not in env
+    assert env[contract.ENV_JOB_CONFIG]["value"] == "/etc/kubetune/job.json"
+    # The Secret's endpoint, if it has one; the operator has none to offer.
+    assert env["AWS_ENDPOINT_URL"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    # Nothing else names a Secret: no per-job Secret, no ConfigMap.
+    refs = [e["valueFrom"]["secretKeyRef"]["name"] for e in env.values() if "valueFrom" in e]
+    assert set(refs) == {"s3-creds", "hf"}
 
 
-def test_operator_endpoint_fills_in_only_when_the_secret_has_none() -> None:
+def test_job_is_the_only_object_and_carries_everything_the_trainer_reads() -> None:
+    ftj = make_ftj(nodeSelector={"gpu": "h100"})
+    job = builders.build_job(ftj, SETTINGS)
+    pod = job["spec"]["template"]["spec"]
+    volume_kinds = {v["name"]: set(v) - {"name"} for v in pod["volumes"]}
+    assert volume_kinds == {
+        "job": {"downwardAPI"},
+        "progress-token": {"projected"},
+        "work": {"emptyDir"},
+        "shm": {"emptyDir"},
+    }
+    # The resolved job, in the annotation the downward-API volume turns into job.json.
+    (item,) = next(v for v in pod["volumes"] if v["name"] == "job")["downwardAPI"]["items"]
+    assert item == {
+        "path": "job.json",
+        "fieldRef": {"fieldPath": "metadata.annotations['kubetune.io/job']"},
+    }
+    document = json.loads(job["spec"]["template"]["metadata"]["annotations"]["kubetune.io/job"])
+    parsed = FineTuneJob.model_validate(document)
+    assert parsed.spec.lora is not None and parsed.spec.lora.r == 16  # defaults filled in
+    assert parsed.metadata.name == "tune" and parsed.metadata.namespace == "team-a"
+    assert "uid" not in document["metadata"] and "status" not in document
+    assert "nodeSelector" not in document["spec"]  # placement is the pod's, not the trainer's
+
+
+def test_progress_token_is_projected_for_the_operators_audience_only() -> None:
+    pod = builders.build_job(make_ftj(), SETTINGS)["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False  # no token for the API server
+    (source,) = next(v for v in pod["volumes"] if v["name"] == "progress-token")["projected"][
+        "sources"
+    ]
+    assert source == {
+        "serviceAccountToken": {
+            "audience": "kubetune.io/progress",
+            "expirationSeconds": 600,
+            "path": "token",
+        }
+    }
+    env = env_of(builders.build_job(make_ftj(), SETTINGS))
+    assert env[contract.ENV_PROGRESS_TOKEN_FILE]["value"] == (
+        "/var/run/secrets/kubetune.io/progress/token"
+    )
+    assert contract.ENV_PROGRESS_TOKEN not in env
+
+
+def test_operator_endpoint_comes_first_so_the_secrets_own_wins() -> None:
     settings = SETTINGS.model_copy(update={"s3_endpoint": "http://minio:9000"})
-    ftj = make_ftj()
-    without = env_of(builders.build_job(ftj, settings, frozenset(builders.REQUIRED_S3_KEYS)))
-    assert without["AWS_ENDPOINT_URL"] == {"name": "AWS_ENDPOINT_URL", "value": "http://minio:9000"}
-    keys = frozenset({*builders.REQUIRED_S3_KEYS, "AWS_ENDPOINT_URL"})
-    with_key = env_of(builders.build_job(ftj, settings, keys))
-    assert with_key["AWS_ENDPOINT_URL"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
+    container = builders.build_job(make_ftj(), settings)["spec"]["template"]["spec"]
+    endpoint = [e for e in container["containers"][0]["env"] if e["name"] == "AWS_ENDPOINT_URL"]
+    # The kubelet: a later entry of the same name wins; an absent optional key is skipped.
+    assert endpoint == [
+        {"name": "AWS_ENDPOINT_URL", "value": "http://minio:9000"},
+        {
+            "name": "AWS_ENDPOINT_URL",
+            "valueFrom": {
+                "secretKeyRef": {"name": "s3-creds", "key": "AWS_ENDPOINT_URL", "optional": True}
+            },
+        },
+    ]
 
 
 def test_scheduling_fields_pass_through() -> None:
@@ -145,8 +195,7 @@ def test_scheduling_fields_pass_through() -> None:
 
 
 def test_queue_label_makes_a_suspended_job_with_the_label() -> None:
-    ftj = make_ftj()
-    ftj["metadata"]["labels"] = {names.LABEL_QUEUE: "gpu-queue"}
+    ftj = make_ftj(labels={names.LABEL_QUEUE: "gpu-queue"})
     job = builders.build_job(ftj, SETTINGS)
     assert job["spec"]["suspend"] is True
     assert job["metadata"]["labels"][names.LABEL_QUEUE] == "gpu-queue"
@@ -176,23 +225,6 @@ def test_pvc_uris_mount_claims_read_only_for_inputs() -> None:
     assert mounts["/mnt/pvc/models"] is True and mounts["/mnt/pvc/results"] is False
 
 
-def test_config_map_holds_the_resolved_manifest_the_trainer_can_load() -> None:
-    cm = builders.build_config_map(make_ftj())
-    assert cm["metadata"]["name"] == "tune-config"
-    manifest = yaml.safe_load(cm["data"]["job.yaml"])
-    parsed = FineTuneJob.model_validate(manifest)
-    assert parsed.spec.lora is not None and parsed.spec.lora.r == 16  # defaults filled in
-    assert parsed.metadata.namespace == "team-a"
-    assert "status" not in manifest and "uid" not in manifest["metadata"]
-
-
-def test_token_secret() -> None:
-    secret = builders.build_token_secret(make_ftj(), "s3cr3t")
-    assert secret["metadata"]["name"] == "tune-progress"
-    assert secret["stringData"] == {"token": "s3cr3t"}
-    assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1234"
-
-
 def test_long_names_are_shortened_stably_to_63_characters() -> None:
     long = "a" * 80
     first, second = names.job_name(long), names.job_name(long)
@@ -206,7 +238,7 @@ def test_spec_hashes_tell_which_fields_changed_and_ignore_suspend() -> None:
     recorded = json.loads(
         builders.build_job(ftj, SETTINGS)["metadata"]["annotations"][names.ANNOTATION_SPEC_HASHES]
     )
-    edited = copy.deepcopy(ftj["spec"])
+    edited = builders.spec_dict(ftj)
     edited["suspend"] = True
     assert builders.changed_fields(recorded, edited) == []
     edited["training"]["learningRate"] = 0.1
@@ -233,45 +265,42 @@ def test_model_size_from_uri(uri: str, billions: float | None) -> None:
 
 
 def test_gpu_plausibility() -> None:
-    full70 = make_ftj(model={"uri": "hf://meta-llama/Llama-2-70b-hf"}, method="full")
-    full70["spec"]["resources"]["gpus"] = 1
-    problem = validation.validate(full70["spec"], SETTINGS, {"s3-creds": frozenset()})
+    one_gpu = {"gpus": 1}
+    full70 = make_ftj(
+        model={"uri": "hf://meta-llama/Llama-2-70b-hf"}, method="full", resources=one_gpu
+    )
+    problem = validation.validate(full70, SETTINGS)
     assert problem is not None and problem.phase == "Failed"
-    assert problem.reason == "InsufficientGPUs"
+    assert problem.reason == Reason.INSUFFICIENT_GPUS
     assert "70B" in problem.message and "spec.resources.gpus >=" in problem.message
-    qlora7 = make_ftj(model={"uri": "hf://org/llama-7b"}, method="qlora")
-    qlora7["spec"]["resources"]["gpus"] = 1
-    assert validation.check_gpus(qlora7["spec"], SETTINGS) is None
-    lora70_8 = make_ftj(model={"uri": "hf://org/llama-70b"}, method="lora")
-    lora70_8["spec"]["resources"]["gpus"] = 8
-    assert validation.check_gpus(lora70_8["spec"], SETTINGS) is None
+    qlora7 = make_ftj(model={"uri": "hf://org/llama-7b"}, method="qlora", resources=one_gpu)
+    assert validation.check_gpus(qlora7.spec, SETTINGS) is None
+    lora70_8 = make_ftj(model={"uri": "hf://org/llama-70b"}, method="lora", resources={"gpus": 8})
+    assert validation.check_gpus(lora70_8.spec, SETTINGS) is None
 
 
 def test_uri_schemes_and_bucket_prefixes() -> None:
     ftj = make_ftj(dataset={"uri": "file:///etc/passwd"})
-    problem = validation.check_uris(ftj["spec"], SETTINGS)
+    problem = validation.check_uris(ftj.spec, SETTINGS)
     assert problem and problem.phase == "Failed" and problem.reason == "URISchemeNotAllowed"
     assert problem.message.startswith("spec.dataset.uri: file://")
     restricted = SETTINGS.model_copy(update={"allowed_s3_prefixes": ["s3://models/", "s3://data/"]})
-    problem = validation.check_uris(make_ftj()["spec"], restricted)
+    problem = validation.check_uris(make_ftj().spec, restricted)
     assert problem and problem.reason == "URINotAllowed"
     assert problem.message.startswith("spec.output.uri: s3://out/runs/")
 
 
-def test_missing_secrets_and_keys_leave_the_job_pending() -> None:
-    spec = make_ftj(model={"uri": "hf://o/m", "tokenSecretRef": {"name": "hf"}})["spec"]
-    problem = validation.check_secrets(spec, {})
-    assert problem and problem.phase == "Pending" and problem.reason == "SecretNotFound"
-    assert "'s3-creds'" in problem.message
-    problem = validation.check_secrets(spec, {"s3-creds": frozenset({"AWS_ACCESS_KEY_ID"})})
-    assert problem and problem.reason == "SecretKeyMissing"
-    assert "AWS_SECRET_ACCESS_KEY" in problem.message
-    creds = frozenset(builders.REQUIRED_S3_KEYS)
-    problem = validation.check_secrets(spec, {"s3-creds": creds, "hf": frozenset({"x"})})
-    assert (
-        problem and "spec.model.tokenSecretRef" in problem.message and "'token'" in problem.message
-    )
-    assert validation.check_secrets(spec, {"s3-creds": creds, "hf": frozenset({"token"})}) is None
+def test_a_job_too_large_for_the_annotation_is_refused_naming_the_field() -> None:
+    # The format's JSON Schema is free-form: the one part the CRD cannot bound.
+    schema = {
+        "type": "object",
+        "properties": {f"field{i}": {"type": "string"} for i in range(9000)},
+    }
+    ftj = make_ftj(evaluation={"format": {"type": "jsonSchema", "schema": schema}})
+    problem = validation.validate(ftj, SETTINGS)
+    assert problem and problem.phase == "Failed" and problem.reason == Reason.SPEC_TOO_LARGE
+    assert "shorten spec.evaluation.format.schema" in problem.message
+    assert validation.validate(make_ftj(), SETTINGS) is None
 
 
 def test_settings_from_env() -> None:
@@ -302,8 +331,8 @@ DEFAULTS = SETTINGS.model_copy(
 )
 
 
-def pod_of(ftj: dict, settings: OperatorSettings = DEFAULTS, keys: frozenset[str] | None = None):
-    return builders.build_job(ftj, settings, keys)["spec"]["template"]["spec"]
+def pod_of(ftj: FineTuneJob, settings: OperatorSettings = DEFAULTS) -> dict:
+    return builders.build_job(ftj, settings)["spec"]["template"]["spec"]
 
 
 def test_default_placement_applies_when_the_job_sets_none() -> None:
@@ -334,11 +363,11 @@ def test_queued_jobs_get_no_default_placement() -> None:
 
 def test_default_credentials_secret_for_s3_jobs_without_their_own() -> None:
     no_ref = make_ftj(output={"uri": "s3://out/runs/"})
-    env = env_of(builders.build_job(no_ref, DEFAULTS, None))
+    env = env_of(builders.build_job(no_ref, DEFAULTS))
     for key in builders.REQUIRED_S3_KEYS:
         assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "team-s3", "key": key}
     # The job's own Secret wins.
-    env = env_of(builders.build_job(make_ftj(), DEFAULTS, None))
+    env = env_of(builders.build_job(make_ftj(), DEFAULTS))
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
     # A job that touches no s3:// URI gets no S3 keys at all (the Secret may not exist).
     pvc_only = make_ftj(
@@ -346,31 +375,21 @@ def test_default_credentials_secret_for_s3_jobs_without_their_own() -> None:
         dataset={"uri": "pvc://data/train.jsonl"},
         output={"uri": "pvc://results/out"},
     )
-    assert "AWS_ACCESS_KEY_ID" not in env_of(builders.build_job(pvc_only, DEFAULTS, None))
+    assert "AWS_ACCESS_KEY_ID" not in env_of(builders.build_job(pvc_only, DEFAULTS))
     # An s3:// input alone is enough.
     s3_model = make_ftj(model={"uri": "s3://models/m/"}, output={"uri": "pvc://results/out"})
-    assert builders.credentials_secret(s3_model["spec"], DEFAULTS) == "team-s3"
+    assert builders.credentials_secret(s3_model.spec, DEFAULTS) == "team-s3"
 
 
-def test_default_region_fills_in_only_when_the_secret_has_none() -> None:
-    keys = frozenset(builders.REQUIRED_S3_KEYS)
-    env = env_of(builders.build_job(make_ftj(), DEFAULTS, keys))
-    assert env["AWS_REGION"] == {"name": "AWS_REGION", "value": "eu-west-1"}
-    env = env_of(builders.build_job(make_ftj(), DEFAULTS, keys | {"AWS_REGION"}))
-    assert env["AWS_REGION"]["valueFrom"]["secretKeyRef"] == {
-        "name": "s3-creds",
-        "key": "AWS_REGION",
-        "optional": True,
-    }
-    assert "AWS_REGION" not in env_of(builders.build_job(make_ftj(), SETTINGS, keys))
-
-
-def test_every_env_name_appears_once() -> None:
+def test_only_the_s3_variables_may_repeat_with_the_secrets_value_last() -> None:
     settings = DEFAULTS.model_copy(update={"s3_endpoint": "http://minio:9000"})
-    for keys in (None, frozenset(builders.REQUIRED_S3_KEYS)):
-        container = builders.build_job(make_ftj(), settings, keys)["spec"]["template"]["spec"]
-        env_names = [e["name"] for e in container["containers"][0]["env"]]
-        assert len(env_names) == len(set(env_names)), env_names
+    env = builders.build_job(make_ftj(), settings)["spec"]["template"]["spec"]["containers"][0]
+    names_in_order = [e["name"] for e in env["env"]]
+    repeated = {n for n in names_in_order if names_in_order.count(n) > 1}
+    assert repeated == {"AWS_ENDPOINT_URL", "AWS_REGION"}
+    for name in repeated:
+        first, last = [e for e in env["env"] if e["name"] == name]
+        assert "value" in first and last["valueFrom"]["secretKeyRef"]["optional"] is True
 
 
 def test_trainer_root_filesystem_is_read_only_and_scratch_goes_to_the_work_dir() -> None:
@@ -391,25 +410,6 @@ def test_trainer_root_filesystem_is_read_only_and_scratch_goes_to_the_work_dir()
         pod_of(make_ftj(), off)["containers"][0]["securityContext"]["readOnlyRootFilesystem"]
         is False
     )
-
-
-def test_default_credentials_secret_is_validated() -> None:
-    no_ref = make_ftj(output={"uri": "s3://out/runs/"})["spec"]
-    assert validation.referenced_secrets(no_ref, DEFAULTS) == ["team-s3"]
-    assert validation.referenced_secrets(no_ref) == []  # without settings: only named ones
-    problem = validation.validate(no_ref, DEFAULTS, {})
-    assert problem and problem.phase == "Pending" and problem.reason == "SecretNotFound"
-    assert problem.message == (
-        "spec.output.credentialsSecretRef (unset, so the operator's default): "
-        "Secret 'team-s3' not found"
-    )
-    problem = validation.validate(no_ref, DEFAULTS, {"team-s3": frozenset({"AWS_ACCESS_KEY_ID"})})
-    assert problem and problem.reason == "SecretKeyMissing"
-    assert "AWS_SECRET_ACCESS_KEY" in problem.message
-    creds = {"team-s3": frozenset(builders.REQUIRED_S3_KEYS)}
-    assert validation.validate(no_ref, DEFAULTS, creds) is None
-    # No default configured: nothing to check.
-    assert validation.validate(no_ref, SETTINGS, {}) is None
 
 
 def test_structured_settings_from_env_and_flags() -> None:
@@ -484,3 +484,27 @@ def test_kopf_scans_the_cluster_only_when_serving_all_namespaces() -> None:
         SETTINGS.model_copy(update={"namespaces": ["a"]})
     ).scanning.disabled
     assert not operator_main.kopf_settings(SETTINGS).scanning.disabled
+
+
+def test_every_setting_has_a_flag_that_reads_like_its_variable() -> None:
+    parser = operator_main.build_parser()
+    flags = {a.dest: a.option_strings for a in parser._actions if a.option_strings}
+    assert set(OperatorSettings.model_fields) <= set(flags)
+    argv = [
+        "-n", "a", "--namespace", "b",
+        "--trainer-command", "python -m kubetune_trainer",
+        "--allowed-schemes", "s3,pvc",
+        "--default-tolerations", json.dumps([GPU_TAINT]),
+        "--patch-interval", "2.5",
+        "--progress-token-ttl-s", "900",
+        "--trainer-read-only-root", "false",
+    ]  # fmt: skip
+    settings = operator_main.settings_from_args(parser.parse_args(argv))
+    assert settings.namespaces == ["a", "b"]
+    assert settings.trainer_command == ["python", "-m", "kubetune_trainer"]
+    assert settings.allowed_schemes == ["s3", "pvc"]
+    assert [t.manifest() for t in settings.default_tolerations] == [GPU_TAINT]
+    assert settings.patch_interval_s == 2.5 and settings.progress_token_ttl_s == 900
+    assert settings.trainer_read_only_root is False
+    with pytest.raises(ValueError, match="--default-node-selector: expected a JSON object"):
+        operator_main.settings_from_args(parser.parse_args(["--default-node-selector", "gpu=h100"]))

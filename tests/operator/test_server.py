@@ -1,4 +1,5 @@
-"""The progress endpoint over real HTTP: only the job's own token is accepted."""
+"""The progress endpoint over real HTTP: a push goes through only when `authorize` says the
+token is this job's (the controller's TokenReview-based check is tested on a real cluster)."""
 
 from __future__ import annotations
 
@@ -15,16 +16,18 @@ TOKENS = {("team-a", "tune"): "token-a", ("team-b", "other"): "token-b"}
 EVENT = {"event": "step", "time": "2026-01-01T00:00:00Z", "step": 3, "totalSteps": 10}
 
 
+async def authorize(key: tuple[str, str], token: str) -> bool:
+    if token == "unreviewable":
+        raise OSError("the API server is away")
+    return TOKENS.get(key) == token
+
+
 def run_with_server(check: Callable[[str, list, OperatorMetrics], Awaitable[None]]) -> None:
     async def main() -> None:
         received: list[tuple[tuple[str, str], ProgressEvent]] = []
         metrics = OperatorMetrics()
-
-        async def lookup(key: tuple[str, str]) -> str | None:
-            return TOKENS.get(key)
-
         app = server.build_app(
-            lookup_token=lookup,
+            authorize=authorize,
             on_progress=lambda key, event: received.append((key, event)),
             metrics=metrics,
         )
@@ -80,6 +83,20 @@ def test_missing_wrong_and_other_jobs_tokens_are_rejected_and_counted() -> None:
             assert unknown.status == 401
         assert received == []
         assert counted(metrics, "rejected") == len(attempts) + 1
+
+    run_with_server(check)
+
+
+def test_a_token_that_cannot_be_checked_now_is_a_503_not_a_401() -> None:
+    async def check(base: str, received: list, metrics: OperatorMetrics) -> None:
+        async with aiohttp.ClientSession() as http:
+            response = await http.post(
+                f"{base}/v1/progress/team-a/tune",
+                json=EVENT,
+                headers={"Authorization": "Bearer unreviewable"},
+            )
+            assert response.status == 503
+        assert received == []
 
     run_with_server(check)
 

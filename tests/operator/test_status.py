@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kubetune.api import contract
+from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune_operator import builders, status, validation
 from kubetune_operator.settings import OperatorSettings
 from tests.operator.test_builders import make_ftj
@@ -13,7 +16,9 @@ T0, T1, T2 = "2026-01-01T00:00:00Z", "2026-01-01T00:01:00Z", "2026-01-01T00:02:0
 SETTINGS = OperatorSettings(progress_base_url="http://op:8080")
 
 
-def job_for(ftj: dict, *, suspend: bool = False, conditions=(), failed: int = 0, **st) -> dict:
+def job_for(
+    ftj: FineTuneJob, *, suspend: bool = False, conditions=(), failed: int = 0, **st
+) -> dict:
     job = builders.build_job(ftj, SETTINGS)
     job["metadata"]["uid"] = "job-uid"
     job["spec"]["suspend"] = suspend
@@ -46,9 +51,12 @@ def pod(phase: str, *, terminated=None, waiting=None, running=False, conditions=
     }
 
 
-def derive(ftj, job=None, pods=(), progress=None, problem=None, changed=(), now=T1) -> dict:
+def derive(
+    ftj, job=None, pods=(), progress=None, problem=None, changed=(), now=T1, prev=None
+) -> dict:
     obs = status.Observed(
         ftj=ftj,
+        previous=prev or {},
         job=job,
         pods=list(pods),
         progress=progress,
@@ -141,8 +149,7 @@ def test_succeeded_takes_artifacts_and_metrics_from_the_termination_message() ->
     terminated = {"exitCode": 0, "reason": "Completed", "message": result.model_dump_json()}
     job = job_for(ftj, conditions=[("Complete", "", "")], startTime=T0, completionTime=T2)
     prev = {"phase": "Running", "progress": {"step": 290, "totalSteps": 300, "etaSeconds": 3}}
-    ftj["status"] = prev
-    st = derive(ftj, job, [pod("Succeeded", terminated=terminated)])
+    st = derive(ftj, job, [pod("Succeeded", terminated=terminated)], prev=prev)
     assert st["phase"] == "Succeeded" and st["completionTime"] == T2
     assert st["artifacts"]["model"] == "s3://out/runs/team-a/tune/adapter/"
     assert st["metrics"]["trainLoss"] == 0.5 and st["metrics"]["tokensTrained"] == 1000
@@ -210,13 +217,12 @@ def test_condition_transition_time_moves_only_when_status_flips() -> None:
     ftj = make_ftj()
     job = job_for(ftj, active=1, startTime=T0)
     first = derive(ftj, job, [pod("Running", running=True)], {"step": 1, "totalSteps": 10}, now=T1)
-    ftj["status"] = first
-    second = derive(ftj, job, [pod("Running", running=True)], {"step": 2, "totalSteps": 10}, now=T2)
+    running = [pod("Running", running=True)]
+    second = derive(ftj, job, running, {"step": 2, "totalSteps": 10}, now=T2, prev=first)
     assert cond(second, "Running")["lastTransitionTime"] == T1
     assert second["startTime"] == first["startTime"]
-    ftj["status"] = second
     done = job_for(ftj, conditions=[("Complete", "", "")])
-    third = derive(ftj, done, [pod("Succeeded", terminated={"exitCode": 0})], now=T2)
+    third = derive(ftj, done, [pod("Succeeded", terminated={"exitCode": 0})], now=T2, prev=second)
     assert cond(third, "Running")["status"] == "False"
     assert cond(third, "Running")["lastTransitionTime"] == T2
     assert cond(third, "Accepted")["lastTransitionTime"] == T1
@@ -237,21 +243,17 @@ def test_spec_change_condition_survives_a_moment_without_the_job() -> None:
     # unknown, not undone.
     ftj = make_ftj()
     job = job_for(ftj, active=1, startTime=T0)
-    ftj["status"] = derive(ftj, job, [pod("Running", running=True)], changed=["training"])
-    st = derive(ftj, None, [], changed=None)
+    prev = derive(ftj, job, [pod("Running", running=True)], changed=["training"])
+    st = derive(ftj, None, [], changed=None, prev=prev)
     assert cond(st, "SpecChangedAfterStart")["status"] == "True"
-    st = derive(ftj, job, [pod("Running", running=True)], changed=[])
+    st = derive(ftj, job, [pod("Running", running=True)], changed=[], prev=prev)
     assert cond(st, "SpecChangedAfterStart")["status"] == "False"
 
 
 def test_finished_job_whose_job_was_deleted_keeps_its_outcome() -> None:
     ftj = make_ftj()
-    ftj["status"] = {
-        "phase": "Succeeded",
-        "jobName": "tune-trainer",
-        "artifacts": {"model": "s3://x"},
-    }
-    assert derive(ftj) == ftj["status"]
+    prev = {"phase": "Succeeded", "jobName": "tune-trainer", "artifacts": {"model": "s3://x"}}
+    assert derive(ftj, prev=prev) == prev
 
 
 def test_result_json_is_parsed_only_when_it_is_one() -> None:
@@ -283,3 +285,42 @@ def test_between_pod_end_and_job_verdict_the_job_stays_running() -> None:
     assert (st["phase"], st["reason"]) == ("Running", "Completing")
     retry = derive(ftj, job_for(ftj, failed=1), [pod("Failed", terminated={"exitCode": 137})])
     assert (retry["phase"], retry["reason"]) == ("Running", "Restarting")
+
+
+@pytest.mark.parametrize(
+    ("kubelet_message", "reason", "message"),
+    [
+        (
+            'secret "s3-creds" not found',
+            "SecretNotFound",
+            "spec.output.credentialsSecretRef: Secret 's3-creds' not found",
+        ),
+        (
+            "couldn't find key AWS_SECRET_ACCESS_KEY in Secret team-a/s3-creds",
+            "SecretKeyMissing",
+            "spec.output.credentialsSecretRef: Secret 's3-creds' has no key AWS_SECRET_ACCESS_KEY",
+        ),
+        (
+            "couldn't find key token in Secret team-a/hf",
+            "SecretKeyMissing",
+            "spec.model.tokenSecretRef: Secret 'hf' has no key token",
+        ),
+        (
+            'secret "team-s3" not found',
+            "SecretNotFound",
+            "the operator's default credentials Secret: Secret 'team-s3' not found",
+        ),
+    ],
+)
+def test_a_missing_secret_or_key_shows_from_the_pod_naming_both(
+    kubelet_message: str, reason: str, message: str
+) -> None:
+    # The operator reads no Secrets: the kubelet's CreateContainerConfigError tells.
+    ftj = make_ftj(model={"uri": "hf://org/m", "tokenSecretRef": {"name": "hf"}})
+    waiting = {"reason": "CreateContainerConfigError", "message": kubelet_message}
+    st = derive(ftj, job_for(ftj, active=1), [pod("Pending", waiting=waiting)])
+    assert (st["phase"], st["reason"], st["message"]) == ("Pending", reason, message)
+    # Other container-config errors keep the kubelet's words.
+    other = {"reason": "CreateContainerConfigError", "message": "volume x: no such thing"}
+    st = derive(ftj, job_for(ftj, active=1), [pod("Pending", waiting=other)])
+    assert st["reason"] == "CreateContainerConfigError" and "no such thing" in st["message"]

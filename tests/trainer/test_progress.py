@@ -199,3 +199,22 @@ def test_callback_reports_resume_and_counts_only_new_tokens(tmp_path):
     # Throughput and ETA of this process only: 100 new tokens and 1 step in 2 s.
     assert step.tokensPerSecond == 50.0
     assert step.etaSeconds == 6.0
+
+
+def test_http_reporter_reads_the_projected_token_file_for_every_push(
+    endpoint, tmp_path, monkeypatch
+):
+    # The kubelet renews a projected token in place: a push after the renewal uses the new one.
+    token_file = tmp_path / "token"
+    token_file.write_text("expired-token\n")
+    monkeypatch.setenv("KUBETUNE_PROGRESS_URL", endpoint.url)
+    monkeypatch.setenv("KUBETUNE_PROGRESS_TOKEN_FILE", str(token_file))
+    monkeypatch.delenv("KUBETUNE_PROGRESS_TOKEN", raising=False)
+    reporter = HttpReporter.from_env()
+    reporter.emit(make_event("step", step=1))
+    endpoint.wait_for(1)
+    token_file.write_text(TOKEN + "\n")
+    reporter.emit(make_event("step", step=2))
+    reporter.close()
+    assert endpoint.rejected == 1
+    assert [e["step"] for e in endpoint.received] == [2]

@@ -20,11 +20,17 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from transformers import TrainerCallback
 
-from kubetune.api.contract import ENV_PROGRESS_TOKEN, ENV_PROGRESS_URL, ProgressEvent
+from kubetune.api.contract import (
+    ENV_PROGRESS_TOKEN,
+    ENV_PROGRESS_TOKEN_FILE,
+    ENV_PROGRESS_URL,
+    ProgressEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +95,12 @@ class HttpReporter:
         timeout_s: float = 5.0,
         queue_size: int = 64,
         close_timeout_s: float = 10.0,
+        token_file: str | None = None,
     ) -> None:
         self.url = url
         self._token = token
+        # Read for every push: the kubelet renews the projected token in place.
+        self._token_file = Path(token_file) if token_file else None
         self._timeout_s = timeout_s
         self._close_timeout_s = close_timeout_s
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
@@ -104,7 +113,11 @@ class HttpReporter:
         url = os.environ.get(ENV_PROGRESS_URL)
         if not url:
             return None
-        return cls(url, os.environ.get(ENV_PROGRESS_TOKEN))
+        return cls(
+            url,
+            os.environ.get(ENV_PROGRESS_TOKEN),
+            token_file=os.environ.get(ENV_PROGRESS_TOKEN_FILE),
+        )
 
     def emit(self, event: ProgressEvent) -> None:
         try:
@@ -114,8 +127,9 @@ class HttpReporter:
 
     def _post(self, event: ProgressEvent) -> None:
         headers = {"Content-Type": "application/json"}
-        if self._token:
-            headers["Authorization"] = f"Bearer {self._token}"
+        token = self._token_file.read_text().strip() if self._token_file else self._token
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         body = event.model_dump_json(exclude_none=True).encode()
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         with urllib.request.urlopen(request, timeout=self._timeout_s) as response:

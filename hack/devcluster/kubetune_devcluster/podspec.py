@@ -119,7 +119,12 @@ def _configmap_data(configmap: Mapping[str, Any]) -> dict[str, bytes]:
 
 
 def _lookup(
-    kind: str, objects: Mapping[str, Mapping[str, Any]], name: str, key: str | None, optional: bool
+    kind: str,
+    objects: Mapping[str, Mapping[str, Any]],
+    name: str,
+    key: str | None,
+    optional: bool,
+    namespace: str = "",
 ) -> bytes | dict[str, bytes] | None:
     obj = objects.get(name)
     if obj is None:
@@ -132,7 +137,9 @@ def _lookup(
     if key not in data:
         if optional:
             return None
-        raise ContainerConfigError(f'couldn\'t find key {key} in {kind} "{name}"')
+        # kubelet's words: "couldn't find key KEY in Secret NAMESPACE/NAME"
+        what = {"secret": "Secret", "configmap": "ConfigMap"}[kind]
+        raise ContainerConfigError(f"couldn't find key {key} in {what} {namespace}/{name}")
     return data[key]
 
 
@@ -149,6 +156,7 @@ def build_pod_env(
     then `env` (later wins). `secrets`/`configmaps` map names in the pod's namespace to
     the objects' JSON; a missing non-optional one raises ContainerConfigError."""
     env: dict[str, str] = dict(base or {})
+    namespace = pod.get("metadata", {}).get("namespace", "")
     for source in container.get("envFrom") or []:
         prefix = source.get("prefix", "")
         if "configMapRef" in source:
@@ -170,11 +178,18 @@ def build_pod_env(
         value: bytes | str | None
         if "secretKeyRef" in source:
             ref = source["secretKeyRef"]
-            value = _lookup("secret", secrets, ref["name"], ref["key"], bool(ref.get("optional")))
+            value = _lookup(
+                "secret", secrets, ref["name"], ref["key"], bool(ref.get("optional")), namespace
+            )
         elif "configMapKeyRef" in source:
             ref = source["configMapKeyRef"]
             value = _lookup(
-                "configmap", configmaps, ref["name"], ref["key"], bool(ref.get("optional"))
+                "configmap",
+                configmaps,
+                ref["name"],
+                ref["key"],
+                bool(ref.get("optional")),
+                namespace,
             )
         elif "fieldRef" in source:
             value = field_ref_value(pod, source["fieldRef"]["fieldPath"])

@@ -68,7 +68,9 @@ RBAC rules for the namespaced resources the operator uses (in a Role or a Cluste
 calls in operator/kubetune_operator/controller.py plus kopf's watches. kopf runs standalone
 (no peering objects) with its own event posting off, and only has event handlers (no
 finalizers, no annotations on FineTuneJobs). `get` comes with every `list` (it shows nothing
-more). tests/test_helm.py holds the same table (NAMESPACED_VERBS).
+more). No Secrets and no ConfigMaps at all: the trainer reads its job from its own pod's
+annotation, proves itself with a projected token, and the kubelet resolves the credentials.
+tests/chart/test_helm.py holds the same table (NAMESPACED_VERBS).
 */}}
 {{- define "kubetune.namespacedRules" -}}
 # Watched through kopf; the operator never changes a FineTuneJob's spec or metadata.
@@ -87,21 +89,21 @@ more). tests/test_helm.py holds the same table (NAMESPACED_VERBS).
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Trainer pods: watched, read only (termination message, scheduling state).
+# Trainer pods: watched, read only (status, termination message, which pod a progress
+# token is bound to).
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
-# The job manifest the trainer reads: created once, never read back (an existing one of the
-# same name is the operator's own), deleted by the garbage collector with its owner.
-- apiGroups: [""]
-  resources: ["configmaps"]
+{{- end }}
+
+{{/*
+Cluster-scoped in every mode: the TokenReview API, to check the trainers' progress tokens (a
+TokenReview is a question to the API server, stored nowhere).
+*/}}
+{{- define "kubetune.tokenReviewRules" -}}
+- apiGroups: ["authentication.k8s.io"]
+  resources: ["tokenreviews"]
   verbs: ["create"]
-# The per-job progress token (created, read back after a restart) and the referenced
-# credentials Secrets (read to check they exist and which keys they hold). No list/watch:
-# the operator never sees Secrets it was not pointed at.
-- apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["get", "create"]
 {{- end }}
 
 {{/*
@@ -151,8 +153,27 @@ kubetune_operator.settings.OperatorSettings (tests/test_helm.py keeps the names 
   value: {{ printf "http://%s.%s.svc:%v" (include "kubetune.progressServiceName" .) .Release.Namespace $v.progress.port | quote }}
 - name: KUBETUNE_OPERATOR_PATCH_INTERVAL_S
   value: {{ $v.progress.patchIntervalSeconds | toString | quote }}
+- name: KUBETUNE_OPERATOR_PROGRESS_AUDIENCE
+  value: {{ $v.progress.tokenAudience | quote }}
+- name: KUBETUNE_OPERATOR_PROGRESS_TOKEN_TTL_S
+  value: {{ $v.progress.tokenTTLSeconds | toString | quote }}
 - name: KUBETUNE_OPERATOR_WORKERS
   value: {{ $v.workers | toString | quote }}
 - name: KUBETUNE_OPERATOR_LOG_FORMAT
   value: {{ $v.logFormat | quote }}
+{{- end }}
+
+{{/*
+Refuse a cluster older than compatibility.minKubeVersion. Only against a real cluster: the
+lookup answers only when helm talks to one (install, upgrade, --dry-run=server), so `helm
+template` renders offline whatever its default version is.
+*/}}
+{{- define "kubetune.checkKubeVersion" -}}
+{{- if lookup "v1" "Namespace" "" "kube-system" }}
+{{- $version := .Capabilities.KubeVersion.Version }}
+{{- $minimum := .Values.compatibility.minKubeVersion }}
+{{- if not (semverCompare (printf ">=%s" $minimum) $version) }}
+{{- fail (printf "kubetune needs Kubernetes %s or newer; this cluster runs %s" $minimum $version) }}
+{{- end }}
+{{- end }}
 {{- end }}
