@@ -45,6 +45,7 @@ LONG_TEXT_FIELDS = (
     "evaluation.regressionUri",
     "evaluation.format.pattern",
     "output.uri",
+    "tracking.mlflow.uri",
 )
 LONG_TEXT_BUDGET = 24576
 # Where the trainer pod runs: set on the pod itself, not part of the trainer's copy of the job.
@@ -379,7 +380,7 @@ class MlflowTracking(_Model):
         description="Tracking server, e.g. http://mlflow.mlops:5000.",
     )
     experiment: str = Field(
-        "kubetune", min_length=1, max_length=500, description="Experiment the run is logged in."
+        "kubetune", min_length=1, max_length=256, description="Experiment the run is logged in."
     )
     credentialsSecretRef: SecretRef | None = Field(
         None,
