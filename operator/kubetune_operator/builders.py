@@ -149,6 +149,27 @@ def build_env(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, An
     token_ref = ftj.spec.model.tokenSecretRef
     if token_ref:
         env.append(_secret_env(contract.ENV_HF_TOKEN, token_ref.name, token_ref.key))
+    return env + _tracking_env(ftj.spec)
+
+
+# The keys of spec.tracking.mlflow.credentialsSecretRef the MLflow client reads (each optional:
+# a server takes a user and password, or a token).
+MLFLOW_SECRET_KEYS = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+
+
+def _tracking_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    """Tracking credentials, from the Secrets the spec names (secretKeyRef only)."""
+    tracking, env = spec.tracking, []
+    if tracking and tracking.mlflow and tracking.mlflow.credentialsSecretRef:
+        secret = tracking.mlflow.credentialsSecretRef.name
+        env += [_secret_env(key, secret, key, optional=True) for key in MLFLOW_SECRET_KEYS]
+    if tracking and tracking.wandb and tracking.wandb.apiKeySecretRef:
+        ref = tracking.wandb.apiKeySecretRef
+        env.append(_secret_env("WANDB_API_KEY", ref.name, ref.key))
     return env
 
 

@@ -428,6 +428,9 @@ def derive_status(obs: Observed, now: str) -> dict[str, Any]:
         status["artifacts"] = artifacts
     if metrics:
         status["metrics"] = metrics
+    tracking = [t.model_dump(exclude_none=True) for t in (result.tracking or [])] if result else []
+    if tracking or prev.get("tracking"):
+        status["tracking"] = tracking or prev.get("tracking")
 
     status["conditions"] = merge_conditions(
         prev.get("conditions"),

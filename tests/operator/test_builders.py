@@ -508,3 +508,21 @@ def test_every_setting_has_a_flag_that_reads_like_its_variable() -> None:
     assert settings.trainer_read_only_root is False
     with pytest.raises(ValueError, match="--default-node-selector: expected a JSON object"):
         operator_main.settings_from_args(parser.parse_args(["--default-node-selector", "gpu=h100"]))
+
+
+def test_tracking_credentials_come_only_from_the_named_secrets() -> None:
+    tracking = {
+        "mlflow": {"uri": "http://mlflow:5000", "credentialsSecretRef": {"name": "mlf"}},
+        "wandb": {"project": "p", "apiKeySecretRef": {"name": "wb", "key": "apiKey"}},
+    }
+    env = env_of(builders.build_job(make_ftj(tracking=tracking), SETTINGS))
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        assert env[key]["valueFrom"]["secretKeyRef"] == {
+            "name": "mlf",
+            "key": key,
+            "optional": True,
+        }
+    assert env["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "wb", "key": "apiKey"}
+    assert not any("value" in e for name, e in env.items() if "MLFLOW" in name or "WANDB" in name)
+    untracked = env_of(builders.build_job(make_ftj(), SETTINGS))
+    assert not any("MLFLOW" in name or "WANDB" in name for name in untracked)

@@ -159,6 +159,24 @@ def test_succeeded_takes_artifacts_and_metrics_from_the_termination_message() ->
     assert cond(st, "EvalPassed")["status"] == "True"
 
 
+def test_tracking_state_reaches_the_status() -> None:
+    ftj = make_ftj()
+    result = contract.TrainerResult(
+        tracking=[
+            {"backend": "mlflow", "state": "Unavailable", "message": "start: connection refused"},
+            {"backend": "wandb", "state": "Logged", "run": "https://wandb.ai/t/p/runs/x"},
+        ]
+    )
+    terminated = {"exitCode": 0, "reason": "Completed", "message": result.model_dump_json()}
+    job = job_for(ftj, conditions=[("Complete", "", "")], startTime=T0, completionTime=T2)
+    st = derive(ftj, job, [pod("Succeeded", terminated=terminated)])
+    assert st["phase"] == "Succeeded"
+    assert st["tracking"] == [
+        {"backend": "mlflow", "state": "Unavailable", "message": "start: connection refused"},
+        {"backend": "wandb", "state": "Logged", "run": "https://wandb.ai/t/p/runs/x"},
+    ]
+
+
 def test_bad_input_fails_with_the_trainers_own_line() -> None:
     ftj = make_ftj()
     line = "s3://data/train.jsonl: row 7: field 'output' is missing"

@@ -37,6 +37,7 @@ from kubetune_trainer.modeling import BuiltModel, Hardware, build_model, load_to
 from kubetune_trainer.progress import ProgressCallback, Reporter, make_event
 from kubetune_trainer.storage import ArtifactStore, open_store
 from kubetune_trainer.tokens import TokenizedData, tokenize_training_data
+from kubetune_trainer.tracking import TrackingCallback, flat_params, make_tracking, numeric
 from kubetune_trainer.train import (
     TrainOutcome,
     perplexity,
@@ -224,7 +225,9 @@ def prepare(job: FineTuneJob, reporter: Reporter, options: RunOptions) -> Prepar
     )
 
 
-def train_stage(run: PreparedRun, reporter: Reporter) -> TrainOutcome:
+def train_stage(
+    run: PreparedRun, reporter: Reporter, extra_callbacks: list[Any] | None = None
+) -> TrainOutcome:
     """Resume from the newest matching checkpoint if any, train, upload checkpoints."""
     spec, store, prefix = run.spec, run.store, run.prefix
     # Input is good: from here on, a failure is worth retrying and resuming.
@@ -250,6 +253,7 @@ def train_stage(run: PreparedRun, reporter: Reporter) -> TrainOutcome:
                 fingerprint=fingerprint,
                 reporter=reporter,
             ),
+            *(extra_callbacks or []),
         ]
         outcome = train_model(
             run.built,
@@ -362,21 +366,30 @@ def run_pipeline(job: FineTuneJob, reporter: Reporter, options: RunOptions) -> T
     """Run the whole job; returns the TrainerResult (raises on failure, BadInputError first)."""
     started = time.monotonic()
     run = prepare(job, reporter, options)
-    outcome = train_stage(run, reporter)
-    evaluation, eval_dir = evaluate_stage(run, outcome, reporter)
-    with stage(reporter, "publish"):
-        artifacts, metrics = publish_stage(run, outcome, evaluation, eval_dir, started, options)
-
-    gate = job.spec.evaluation.failOnThresholds
-    if evaluation is not None and gate and evaluation.passed is False:
-        raise EvaluationGateError("evaluation thresholds missed: " + "; ".join(evaluation.missed))
+    tracking = make_tracking(job, run.work)
+    tracking.start(job.metadata.name or "kubetune", flat_params(job))
+    try:
+        outcome = train_stage(run, reporter, [TrackingCallback(tracking)])
+        evaluation, eval_dir = evaluate_stage(run, outcome, reporter)
+        with stage(reporter, "publish"):
+            artifacts, metrics = publish_stage(run, outcome, evaluation, eval_dir, started, options)
+    except BaseException:
+        tracking.finish(succeeded=False)
+        raise
 
     store, prefix = run.store, run.prefix
     uris = {role: store.uri_for(prefix + relative) for role, relative in artifacts.items()}
+    tracking.log_summary(numeric(metrics), {f"artifacts.{role}": uri for role, uri in uris.items()})
+    gate = job.spec.evaluation.failOnThresholds
+    passed = not (evaluation is not None and gate and evaluation.passed is False)
+    tracking.finish(succeeded=passed)
+    if not passed:
+        raise EvaluationGateError("evaluation thresholds missed: " + "; ".join(evaluation.missed))
     return TrainerResult(
         result="succeeded",
         artifacts=Artifacts(manifest=store.uri_for(prefix + publish.MANIFEST), **uris),
         metrics=Metrics(**metrics),
         resumedFromStep=outcome.resumed_from_step,
         totalSteps=outcome.global_step,
+        tracking=tracking.status() or None,
     )
