@@ -41,10 +41,12 @@ def spec_dict(ftj: FineTuneJob) -> dict[str, Any]:
     return ftj.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-def trainer_document(ftj: FineTuneJob) -> str:
+def trainer_document(ftj: FineTuneJob, spec: dict[str, Any] | None = None) -> str:
     """The resolved FineTuneJob as the trainer reads it: compact JSON, every default filled
-    in, without the pod placement fields (they are on the pod itself)."""
-    spec = {k: v for k, v in spec_dict(ftj).items() if k not in PLACEMENT_FIELDS}
+    in, without the pod placement fields (they are on the pod itself). `spec`: spec_dict(ftj)
+    when the caller has it already."""
+    spec = spec if spec is not None else spec_dict(ftj)
+    spec = {k: v for k, v in spec.items() if k not in PLACEMENT_FIELDS}
     document = {
         "apiVersion": ftj.apiVersion,
         "kind": ftj.kind,
@@ -324,7 +326,7 @@ def _pod_failure_policy() -> dict[str, Any]:
 
 def build_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     """The trainer Job, owned by the FineTuneJob (whose metadata.uid must be set)."""
-    spec = ftj.spec
+    spec, resolved = ftj.spec, spec_dict(ftj)
     name = ftj.metadata.name
     queue = names.queue_name(ftj)
     labels = names.child_labels(name)
@@ -336,14 +338,14 @@ def build_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
         "template": {
             "metadata": {
                 "labels": labels,
-                "annotations": {contract.JOB_ANNOTATION: trainer_document(ftj)},
+                "annotations": {contract.JOB_ANNOTATION: trainer_document(ftj, resolved)},
             },
             "spec": build_pod_spec(ftj, settings),
         },
     }
     if spec.activeDeadlineSeconds:
         job_spec["activeDeadlineSeconds"] = spec.activeDeadlineSeconds
-    hashes = json.dumps(spec_hashes(spec_dict(ftj)), sort_keys=True)
+    hashes = json.dumps(spec_hashes(resolved), sort_keys=True)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -76,7 +76,10 @@ def decide(snap: Snapshot, settings: OperatorSettings, now: str) -> Plan:
     if job is None and problem is None and not finished:
         problem = validation.validate(ftj, settings)
         if problem is None:
-            return Plan(create_job=builders.build_job(ftj, settings))
+            manifest = builders.build_job(ftj, settings)
+            problem = validation.check_size(ftj, manifest)
+            if problem is None:
+                return Plan(create_job=manifest)
     observed = status.Observed(
         ftj=ftj,
         previous=current,

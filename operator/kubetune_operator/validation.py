@@ -98,10 +98,12 @@ def _largest_field(value: Any, path: str, depth: int = 3) -> str:
     return _largest_field(child, f"{path}.{key}", depth - 1)
 
 
-def check_size(ftj: FineTuneJob) -> Problem | None:
-    """The job must fit the pod annotation the trainer reads it from. The CRD bounds every field
-    but the free-form JSON Schema of evaluation.format, which only this check can measure."""
-    size = builders.annotation_size(builders.trainer_document(ftj))
+def check_size(ftj: FineTuneJob, job: dict[str, Any]) -> Problem | None:
+    """The job must fit the pod annotation the trainer reads it from (`job`: its Job). The CRD
+    bounds every field but the free-form JSON Schema of evaluation.format, which only this
+    check can measure."""
+    annotations = job["spec"]["template"]["metadata"]["annotations"]
+    size = builders.annotation_size(annotations[contract.JOB_ANNOTATION])
     if size <= contract.JOB_ANNOTATION_BUDGET:
         return None
     biggest = _largest_field(builders.spec_dict(ftj), "spec")
@@ -114,6 +116,7 @@ def check_size(ftj: FineTuneJob) -> Problem | None:
 
 
 def validate(ftj: FineTuneJob, settings: OperatorSettings) -> Problem | None:
-    """The first problem that keeps this FineTuneJob from starting, or None. All of them are
-    permanent: a Secret that is missing shows from the pod (the operator reads no Secrets)."""
-    return check_uris(ftj.spec, settings) or check_gpus(ftj.spec, settings) or check_size(ftj)
+    """The first problem that keeps this FineTuneJob from getting a Job, or None. All of them
+    are permanent: a missing Secret shows from the pod (the operator reads no Secrets); the
+    size of the trainer's copy is checked on the Job itself (check_size)."""
+    return check_uris(ftj.spec, settings) or check_gpus(ftj.spec, settings)

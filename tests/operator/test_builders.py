@@ -297,10 +297,10 @@ def test_a_job_too_large_for_the_annotation_is_refused_naming_the_field() -> Non
         "properties": {f"field{i}": {"type": "string"} for i in range(9000)},
     }
     ftj = make_ftj(evaluation={"format": {"type": "jsonSchema", "schema": schema}})
-    problem = validation.validate(ftj, SETTINGS)
+    problem = validation.check_size(ftj, builders.build_job(ftj, SETTINGS))
     assert problem and problem.phase == "Failed" and problem.reason == Reason.SPEC_TOO_LARGE
     assert "shorten spec.evaluation.format.schema" in problem.message
-    assert validation.validate(make_ftj(), SETTINGS) is None
+    assert validation.check_size(make_ftj(), builders.build_job(make_ftj(), SETTINGS)) is None
 
 
 def test_settings_from_env() -> None:

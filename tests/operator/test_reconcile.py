@@ -73,6 +73,14 @@ def test_a_problem_fails_the_job_without_creating_one() -> None:
     )
 
 
+def test_a_job_too_large_for_its_annotation_fails_without_a_job() -> None:
+    schema = {"properties": {f"field{i}": {"type": "string"} for i in range(9000)}}
+    obj = ftj_object(evaluation={"format": {"type": "jsonSchema", "schema": schema}})
+    plan = decide(snapshot(obj), SETTINGS, NOW)
+    assert plan.create_job is None
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == Reason.SPEC_TOO_LARGE
+
+
 def test_an_object_the_models_reject_fails_naming_the_field() -> None:
     obj = ftj_object(training={"learningRate": -1})
     plan = decide(snapshot(obj), SETTINGS, NOW)
