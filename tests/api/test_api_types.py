@@ -24,10 +24,12 @@ def test_documented_defaults():
     s = spec()
     assert s.method == "lora"
     assert (s.lora.r, s.lora.effective_alpha, s.lora.dropout) == (16, 32, 0.05)
-    assert s.lora.targetModules == ["all-linear"]
+    assert s.lora.targetModules == ["all-linear"]  # fits every architecture
     t = s.training
     assert (t.learningRate, t.epochs, t.batchSize, t.gradientAccumulationSteps) == (2e-4, 3, 4, 4)
     assert (t.maxSeqLength, t.packing, t.seed) == (2048, True, 42)
+    assert (t.trainOnPrompt, s.dataset.promptTemplate) == (False, "auto")
+    assert spec(method="full").training.learningRate == 2e-5  # method-dependent default
     assert s.dataset.validationSplit == 0.05
     assert s.quantization is None
     assert s.backoffLimit == 2

@@ -254,7 +254,8 @@ def test_text_rows_count_every_token_and_have_no_task_metrics(tiny_model_dir, tm
         )
     )
     report = outcome.report
-    token_counts = [len(tokenizer(r["text"])["input_ids"]) - 1 for r in rows]
+    # As in training: the text and eos (TRL's language-modelling rows end with it too).
+    token_counts = [len(tokenizer(r["text"] + tokenizer.eos_token)["input_ids"]) - 1 for r in rows]
     assert report["tuned"]["lossTokens"] == sum(token_counts)
     assert report["lossScope"] == "all tokens (text data)"
     assert report["tuned"]["exactMatch"] is None and report["samples"] == []

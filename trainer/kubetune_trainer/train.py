@@ -1,10 +1,12 @@
 """Training with TRL's SFTTrainer: the FineTuneJob's TrainingSpec mapped onto an SFTConfig.
 
-Packing uses TRL's best-fit-decreasing strategy, which is padding-free: examples are packed
-into rows of `maxSeqLength` tokens, each keeps its own position ids, and attention does not
-cross example boundaries. No compute is spent on pad tokens. The model built for packing
-attends per example (`modeling.packed_attention`: FlashAttention's varlen kernel on GPUs that
-have it, causal SDPA per example on CPU), so no compute is spent between examples either.
+The rows arrive tokenised, with their labels (`kubetune_trainer.tokens`: which tokens carry
+loss, what maxSeqLength cut), so TRL only packs or pads them. Packing uses TRL's
+best-fit-decreasing strategy, which is padding-free: examples are packed into rows of
+`maxSeqLength` tokens, each keeps its own position ids, and attention does not cross example
+boundaries. No compute is spent on pad tokens. The model built for packing attends per
+example (`modeling.packed_attention`: a varlen kernel on GPUs, causal SDPA per example on
+CPU), so no compute is spent between examples either.
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ _WORD = re.compile(r"[a-z0-9]+")
 _NUMBER = re.compile(r"(?<![\w.])[-+]?\d[\d,]*(?:\.\d+)?")
 _CAPITALISED = re.compile(r"\b[A-Z][A-Za-z]+\b")
 _ANY_WORD = re.compile(r"[A-Za-z]+")
-# What may precede a sentence-initial word: the start, an end of sentence or clause (. ! ? :
-# ;) or a line break (with a list marker), then opening quotes or brackets.
-_SENTENCE_START = re.compile(r"(?:\A|[.!?:;]\s+|\n\s*(?:[-*•]\s+|\d+[.)]\s+)?)[\"'(\[]*\Z")
+# What may precede a sentence-initial word: the start, an end of sentence (. ! ?) or a line
+# break (with a list marker), then opening quotes or brackets. Not ":" ("Capital: Paris").
+_SENTENCE_START = re.compile(r"(?:\A|[.!?]\s+|\n\s*(?:[-*•]\s+|\d+[.)]\s+)?)[\"'(\[]*\Z")
 
 
 def normalize_whitespace(text: str) -> str:
