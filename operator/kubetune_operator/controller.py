@@ -75,26 +75,19 @@ class Controller:
             self.queue.add(key)
 
     async def authorize(self, key: Key, token: str) -> bool:
-        """Whether `token` is the progress token of a trainer pod of this very FineTuneJob."""
+        """Whether `token` is the progress token of a running trainer pod of this very
+        FineTuneJob."""
         identity = await self.reviewer.identify(token)
         if identity is None or identity.namespace != key[0]:
             return False
         pod = self.cache.pod(identity.pod_uid) or await self._fetch_pod(
             identity.namespace, identity.pod_name
         )
-        if pod is None or pod["metadata"].get("uid") != identity.pod_uid:
+        if pod is None:
             return False
         job = self.cache.jobs.get((key[0], names.pod_job_name(pod) or ""))
         entry = self.cache.ftjs.get(key)
-        if job is None or entry is None:
-            return False
-        job_owner, pod_owner = names.controller_owner(job), names.controller_owner(pod, "Job")
-        return bool(
-            job_owner
-            and pod_owner
-            and pod_owner.get("uid") == job["metadata"].get("uid")
-            and job_owner.get("uid") == entry.raw["metadata"].get("uid")
-        )
+        return progress_allowed(identity.pod_uid, pod, job, entry.raw if entry else None)
 
     async def _fetch_pod(self, namespace: str, name: str) -> dict | None:
         """A pod the watch has not brought yet (a push right after the pod started)."""
@@ -168,3 +161,20 @@ class Controller:
         )
         if patched:
             self.cache.jobs[(key[0], name)] = slim_job(patched)
+
+
+def progress_allowed(pod_uid: str, pod: dict, job: dict | None, ftj: dict | None) -> bool:
+    """The push's pod is the one its token is bound to, its Job's, whose owner is this
+    FineTuneJob; and it is still running: a token replayed after its pod finished opens
+    nothing, although the API server still vouches for it while the pod object exists."""
+    if pod["metadata"].get("uid") != pod_uid or job is None or ftj is None:
+        return False
+    if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        return False
+    job_owner, pod_owner = names.controller_owner(job), names.controller_owner(pod, "Job")
+    return bool(
+        job_owner
+        and pod_owner
+        and pod_owner.get("uid") == job["metadata"].get("uid")
+        and job_owner.get("uid") == ftj["metadata"].get("uid")
+    )

@@ -10,6 +10,7 @@ else is a 401 and is counted.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -26,6 +27,9 @@ Key = tuple[str, str]
 Authorize = Callable[[Key, str], Awaitable[bool]]
 ProgressSink = Callable[[Key, ProgressEvent], None]
 MAX_BODY = 64 * 1024
+# A progress event is a few hundred bytes: a body still arriving after this long is a client
+# holding a connection open, not a trainer.
+BODY_TIMEOUT_S = 10.0
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -58,7 +62,16 @@ def build_app(
             )
             return web.json_response({"error": "unauthorized"}, status=401)
         try:
-            event = ProgressEvent.model_validate_json(await request.read())
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                body = await request.read()
+        except TimeoutError:
+            metrics.progress_events.labels("invalid").inc()
+            return web.json_response({"error": "request body too slow"}, status=408)
+        except web.HTTPRequestEntityTooLarge:
+            metrics.progress_events.labels("invalid").inc()
+            return web.json_response({"error": f"body over {MAX_BODY} bytes"}, status=413)
+        try:
+            event = ProgressEvent.model_validate_json(body)
         except ValidationError as exc:
             metrics.progress_events.labels("invalid").inc()
             first = exc.errors()[0]
