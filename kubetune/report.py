@@ -113,6 +113,25 @@ def _fenced(text: str) -> str:
     return f"{fence}text\n{text}\n{fence}"
 
 
+def render_usage(usage: dict[str, Any] | None) -> str | None:
+    """The report's usage line. The trainer sees its own attempt's time; the FineTuneJob's
+    status.usage (`kubetune report`, `kubectl get ftj -o wide`) sums every attempt."""
+    if not usage:
+        return None
+    parts = []
+    if usage.get("tokensTrained"):
+        parts.append(f"{usage['tokensTrained']:,} tokens trained (all attempts)")
+    seconds, gpus = usage.get("trainSeconds"), usage.get("gpus") or 0
+    if seconds is not None:
+        parts.append(
+            f"this attempt trained for {seconds:.0f} s on {gpus} GPU(s) "
+            f"({seconds * gpus:.0f} GPU-seconds)"
+        )
+    if not parts:
+        return None
+    return "Usage: " + "; ".join(parts) + "; status.usage sums the GPU time of every attempt."
+
+
 def render_report_markdown(report: dict[str, Any]) -> str:
     """The whole report.md: summary, the base vs tuned table, gates, notes, sample outputs."""
     generation = report.get("generation") or {}
@@ -137,6 +156,9 @@ def render_report_markdown(report: dict[str, Any]) -> str:
     timing = report.get("timing") or {}
     if timing.get("evalSeconds") is not None:
         lines += ["", f"Evaluation took {timing['evalSeconds']:.1f} s."]
+    usage_text = render_usage(report.get("usage"))
+    if usage_text:
+        lines += ["", usage_text]
     lines += ["", "## Notes", ""]
     lines += [f"- {note}" for note in report.get("notes") or [HALLUCINATION_PROXY_NOTE]]
     samples = report.get("samples") or []

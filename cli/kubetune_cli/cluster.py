@@ -66,6 +66,18 @@ def age(timestamp: str | None, now: datetime | None = None) -> str:
     return f"{max(seconds, 0)}s"
 
 
+LIST_COLUMNS = ("NAME", "PHASE", "METHOD", "MODEL", "PROGRESS", "LOSS", "GPU-H", "COST", "AGE")
+
+
+def usage_cells(usage: dict[str, Any] | None) -> tuple[str, str]:
+    """(GPU-hours, estimated cost) of status.usage, e.g. ("1.25", "4.50 USD")."""
+    usage = usage or {}
+    gpu_seconds, cost = usage.get("gpuSeconds"), usage.get("estimatedCost")
+    hours = f"{gpu_seconds / 3600:.2f}" if isinstance(gpu_seconds, int | float) else "-"
+    money = f"{cost:.2f} {usage.get('currency') or ''}".strip() if cost is not None else "-"
+    return hours, money
+
+
 def list_rows(items: list[dict[str, Any]], now: datetime | None = None) -> list[list[str]]:
     rows = []
     for item in sorted(items, key=lambda i: i["metadata"]["name"]):
@@ -80,6 +92,7 @@ def list_rows(items: list[dict[str, Any]], now: datetime | None = None) -> list[
                 spec.get("model", {}).get("uri", "-"),
                 progress.get("summary") or "-",
                 f"{loss:.4f}" if isinstance(loss, int | float) else "-",
+                *usage_cells(st.get("usage")),
                 age(item["metadata"].get("creationTimestamp"), now),
             ]
         )
@@ -180,7 +193,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         )
         items = (await kube.get(path) or {}).get("items", [])
         table = Table(box=None)
-        for column in ("NAME", "PHASE", "METHOD", "MODEL", "PROGRESS", "LOSS", "AGE"):
+        for column in LIST_COLUMNS:
             table.add_column(column)
         for row in list_rows(items):
             table.add_row(*row)
@@ -334,9 +347,23 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise CliError(
                 f"{args.name} has no evaluation report yet (phase {st.get('phase') or 'Pending'})"
             )
-        return show_report(uri, markdown=args.markdown, raw_json=args.json)
+        shown = show_report(uri, markdown=args.markdown, raw_json=args.json)
+        if not (args.markdown or args.json) and st.get("usage"):
+            print(usage_line(st["usage"]))
+        return shown
 
     return run_with_kube(args, body)
+
+
+def usage_line(usage: dict[str, Any]) -> str:
+    """`usage (all attempts): 1.25 GPU-hours, 2 attempts, 1,234,567 tokens, cost 3.75 EUR`."""
+    hours, cost = usage_cells(usage)
+    parts = [f"{hours} GPU-hours", f"{len(usage.get('attempts') or {})} attempt(s)"]
+    if usage.get("tokensTrained"):
+        parts.append(f"{usage['tokensTrained']:,} tokens")
+    if cost != "-":
+        parts.append(f"estimated cost {cost}")
+    return "usage (all attempts): " + ", ".join(parts)
 
 
 def show_report(uri: str, *, markdown: bool, raw_json: bool) -> int:

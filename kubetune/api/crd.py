@@ -110,6 +110,15 @@ PRINTER_COLUMNS = [
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    # `kubectl get ftj -o wide`: what the job used, for chargeback.
+    {
+        "name": "GPU-Seconds",
+        "type": "number",
+        "jsonPath": ".status.usage.gpuSeconds",
+        "priority": 1,
+        "description": "GPU-seconds over all attempts",
+    },
+    {"name": "Cost", "type": "number", "jsonPath": ".status.usage.estimatedCost", "priority": 1},
 ]
 
 

@@ -619,6 +619,21 @@ class Metrics(BaseModel):
     )
 
 
+class Usage(BaseModel):
+    """What the job used, summed over every attempt (restarts and resumes included)."""
+
+    gpuSeconds: float | None = Field(None, description="GPU time: trainer pods' run time x GPUs.")
+    wallSeconds: float | None = Field(None, description="Trainer pods' run time, all attempts.")
+    tokensTrained: int | None = Field(None, description="Non-padding tokens trained.")
+    estimatedCost: float | None = Field(
+        None, description="gpuSeconds x the operator's price per GPU-hour (unset when none)."
+    )
+    currency: str | None = Field(None, description="Currency of estimatedCost, e.g. USD.")
+    attempts: dict[str, float] | None = Field(
+        None, description="Run seconds of each trainer pod so far, by pod name."
+    )
+
+
 class TrackingStatus(BaseModel):
     """Where one tracking backend logged the run, or why it could not."""
 
@@ -645,6 +660,7 @@ class FineTuneJobStatus(BaseModel):
     progress: Progress | None = None
     artifacts: Artifacts | None = None
     metrics: Metrics | None = None
+    usage: Usage | None = Field(None, description="GPU time, tokens and cost, all attempts.")
     tracking: list[TrackingStatus] | None = Field(
         None, description="Experiment tracking: where the run was logged, or why not."
     )

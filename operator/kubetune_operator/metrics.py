@@ -54,6 +54,43 @@ class OperatorMetrics:
             registry=self.registry,
         )
 
+        # Chargeback: what trainer pods used, by namespace. Increased by what each status
+        # write adds to status.usage, which holds the totals: after an operator restart the
+        # counters start again from zero (a counter reset, which rate() and increase() handle)
+        # and nothing is counted twice.
+        self.gpu_seconds = Counter(
+            "kubetune_gpu_seconds",
+            "GPU-seconds of trainer pods, by namespace.",
+            ["namespace"],
+            registry=self.registry,
+        )
+        self.tokens_trained = Counter(
+            "kubetune_tokens_trained",
+            "Tokens trained, by namespace.",
+            ["namespace"],
+            registry=self.registry,
+        )
+        self.estimated_cost = Counter(
+            "kubetune_estimated_cost",
+            "Estimated cost of GPU time, by namespace and currency.",
+            ["namespace", "currency"],
+            registry=self.registry,
+        )
+
+    def count_usage(self, namespace: str, before: dict | None, after: dict | None) -> None:
+        """Add what a status write adds to status.usage."""
+        before, after = before or {}, after or {}
+
+        def grown(name: str) -> float:
+            return max(0.0, float(after.get(name) or 0) - float(before.get(name) or 0))
+
+        if grown("gpuSeconds"):
+            self.gpu_seconds.labels(namespace).inc(grown("gpuSeconds"))
+        if grown("tokensTrained"):
+            self.tokens_trained.labels(namespace).inc(grown("tokensTrained"))
+        if grown("estimatedCost") and after.get("currency"):
+            self.estimated_cost.labels(namespace, after["currency"]).inc(grown("estimatedCost"))
+
     def track_phases(self, count: Callable[[str], int]) -> None:
         """Make the phase gauge read `count(phase)` at scrape time."""
         for phase in PHASES:

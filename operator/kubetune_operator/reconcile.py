@@ -88,6 +88,8 @@ def decide(snap: Snapshot, settings: OperatorSettings, now: str) -> Plan:
         progress=snap.progress,
         problem=problem,
         changed_fields=changed_fields(ftj, job),
+        gpu_hour_price=settings.gpu_hour_price,
+        currency=settings.currency,
     )
     plan = Plan(
         set_suspend=desired_suspend(ftj, job) if job is not None else None,

@@ -122,6 +122,12 @@ class OperatorSettings(BaseModel):
         "8Gi", description="Memory request when spec.resources.memory is unset."
     )
     run_as_user: int = Field(1000, ge=1, description="UID of the trainer container (non-root).")
+    gpu_hour_price: float = Field(
+        0.0,
+        ge=0,
+        description="Price of one GPU-hour, for status.usage.estimatedCost (0 = no estimate).",
+    )
+    currency: str = Field("USD", pattern="^[A-Z]{3}$", description="Currency of that price.")
     workers: int = Field(8, ge=1, le=256, description="Concurrent reconciles.")
     api_threads: int = Field(16, ge=1, le=256, description="Threads for Kubernetes API calls.")
     log_format: str = Field("json", pattern="^(json|text)$", description="Log format.")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -26,7 +27,7 @@ from kubetune_operator.validation import Problem
 _SECRET_NOT_FOUND = re.compile(r'secrets? "(?P<name>[^"]+)" not found')
 _SECRET_KEY_MISSING = re.compile(r"couldn't find key (?P<key>\S+) in Secret [^/\s]+/(?P<name>\S+)")
 # Status keys whose change is worth a patch at once; progress alone waits for the interval.
-_PROGRESS_ONLY = frozenset({"progress", "resumedFromStep"})
+_PROGRESS_ONLY = frozenset({"progress", "resumedFromStep", "usage"})
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class Observed:
     # Spec fields changed since the Job was created; None when unknown (no Job observed yet,
     # e.g. just after an operator restart), which keeps the earlier condition as it was.
     changed_fields: list[str] | None = field(default_factory=list)
+    gpu_hour_price: float = 0.0  # the operator's setting, for usage.estimatedCost
+    currency: str = "USD"
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,26 @@ class Outcome:
 
 
 # --- pods ----------------------------------------------------------------------------
+
+
+def _seconds_between(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    begin = datetime.fromisoformat(start.replace("Z", "+00:00"))
+    finish = datetime.fromisoformat(end.replace("Z", "+00:00"))
+    return max(0.0, (finish - begin).total_seconds())
+
+
+def trainer_seconds(pod: dict, now: str) -> float | None:
+    """How long the pod's trainer container has run (so far, or in all)."""
+    state = _trainer_status(pod).get("state") or {}
+    if "terminated" in state:
+        return _seconds_between(
+            state["terminated"].get("startedAt"), state["terminated"].get("finishedAt")
+        )
+    if "running" in state:
+        return _seconds_between(state["running"].get("startedAt"), now)
+    return None
 
 
 def _trainer_status(pod: dict) -> dict:
@@ -428,6 +451,9 @@ def derive_status(obs: Observed, now: str) -> dict[str, Any]:
         status["artifacts"] = artifacts
     if metrics:
         status["metrics"] = metrics
+    usage = usage_of(obs, metrics, now)
+    if usage:
+        status["usage"] = usage
     tracking = [t.model_dump(exclude_none=True) for t in (result.tracking or [])] if result else []
     if tracking or prev.get("tracking"):
         status["tracking"] = tracking or prev.get("tracking")
@@ -439,6 +465,33 @@ def derive_status(obs: Observed, now: str) -> dict[str, Any]:
         generation,
     )
     return {k: v for k, v in status.items() if v is not None}
+
+
+def usage_of(obs: Observed, metrics: dict, now: str) -> dict[str, Any] | None:
+    """Usage summed over every trainer pod seen so far. Pods of earlier attempts may be gone
+    (the Job controller deletes some, an operator restart forgets them): their seconds stay
+    in the recorded `attempts`, so the sum only grows."""
+    previous = obs.previous.get("usage") or {}
+    attempts = dict(previous.get("attempts") or {})
+    for pod in obs.pods:
+        seconds = trainer_seconds(pod, now)
+        name = pod["metadata"].get("name")
+        if seconds is not None and name:
+            attempts[name] = round(max(attempts.get(name, 0.0), seconds), 1)
+    if not attempts:
+        return None
+    wall = round(sum(attempts.values()), 1)
+    gpu_seconds = round(wall * obs.ftj.spec.resources.gpus, 1)
+    usage: dict[str, Any] = {
+        "gpuSeconds": gpu_seconds,
+        "wallSeconds": wall,
+        "tokensTrained": metrics.get("tokensTrained") or previous.get("tokensTrained"),
+        "attempts": attempts,
+    }
+    if obs.gpu_hour_price > 0:
+        usage["estimatedCost"] = round(gpu_seconds / 3600 * obs.gpu_hour_price, 4)
+        usage["currency"] = obs.currency
+    return {k: v for k, v in usage.items() if v is not None}
 
 
 def needs_immediate_patch(old: dict, new: dict) -> bool:

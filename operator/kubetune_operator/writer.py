@@ -110,6 +110,7 @@ class StatusWriter:
         if not await self.kube.merge_patch_quietly(path, {"status": patch}):
             return None  # deleted meanwhile
         self.metrics.status_patches.inc()
+        self.metrics.count_usage(key[0], current.get("usage"), desired.get("usage"))
         self._last_patch[key] = now
         self.written[key] = desired
         changed = (current.get("phase"), current.get("reason")) != (

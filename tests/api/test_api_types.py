@@ -116,9 +116,12 @@ def test_crd_schema_is_structural():
     assert spec_schema["properties"]["method"]["enum"] == ["full", "lora", "qlora"]
     assert spec_schema["properties"]["training"]["default"] == {}
     assert "default" not in spec_schema["properties"]["lora"]
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+    columns = version["additionalPrinterColumns"]
+    assert [c["name"] for c in columns if not c.get("priority")] == [
         "Phase", "Method", "Model", "Progress", "Loss", "Age",
     ]  # fmt: skip
+    # `-o wide` adds what the job used.
+    assert [c["name"] for c in columns if c.get("priority")] == ["GPU-Seconds", "Cost"]
     assert {r["fieldPath"] for r in root["x-kubernetes-validations"]} == {
         ".spec.model", ".spec.method", ".spec.dataset",
     }  # fmt: skip

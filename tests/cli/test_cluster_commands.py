@@ -54,19 +54,23 @@ def test_missing_file_is_one_line(tmp_path: Path) -> None:
         usercli.load_manifests(tmp_path / "nope.yaml")
 
 
-def test_list_rows_show_phase_progress_loss_and_age() -> None:
+def test_list_rows_show_phase_progress_loss_usage_and_age() -> None:
     now = datetime(2026, 1, 1, 2, 0, 0, tzinfo=UTC)
     items = [
         {
             "metadata": {"name": "b", "creationTimestamp": "2026-01-01T00:00:00Z"},
             "spec": {"method": "qlora", "model": {"uri": "hf://m"}},
-            "status": {"phase": "Running", "progress": {"summary": "3/10 (30%)", "loss": 1.23456}},
+            "status": {
+                "phase": "Running",
+                "progress": {"summary": "3/10 (30%)", "loss": 1.23456},
+                "usage": {"gpuSeconds": 4500.0, "estimatedCost": 3.75, "currency": "EUR"},
+            },
         },
         {"metadata": {"name": "a", "creationTimestamp": "2026-01-01T01:59:30Z"}, "spec": {}},
     ]
     assert usercli.list_rows(items, now) == [
-        ["a", "-", "-", "-", "-", "-", "30s"],
-        ["b", "Running", "qlora", "hf://m", "3/10 (30%)", "1.2346", "2h"],
+        ["a", "-", "-", "-", "-", "-", "-", "-", "30s"],
+        ["b", "Running", "qlora", "hf://m", "3/10 (30%)", "1.2346", "1.25", "3.75 EUR", "2h"],
     ]
 
 
@@ -75,3 +79,17 @@ def test_report_json_sits_next_to_report_md() -> None:
     assert usercli.split_s3("s3://b/k/report.json") == ("b", "k/report.json")
     with pytest.raises(usercli.CliError, match="only s3://"):
         usercli.split_s3("file:///tmp/report.json")
+
+
+def test_usage_line_for_kubetune_report() -> None:
+    usage = {
+        "gpuSeconds": 4500.0,
+        "tokensTrained": 1234567,
+        "estimatedCost": 3.75,
+        "currency": "EUR",
+        "attempts": {"a": 1000.0, "b": 1250.0},
+    }
+    assert usercli.usage_line(usage) == (
+        "usage (all attempts): 1.25 GPU-hours, 2 attempt(s), 1,234,567 tokens, "
+        "estimated cost 3.75 EUR"
+    )

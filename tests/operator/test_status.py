@@ -342,3 +342,63 @@ def test_a_missing_secret_or_key_shows_from_the_pod_naming_both(
     other = {"reason": "CreateContainerConfigError", "message": "volume x: no such thing"}
     st = derive(ftj, job_for(ftj, active=1), [pod("Pending", waiting=other)])
     assert st["reason"] == "CreateContainerConfigError" and "no such thing" in st["message"]
+
+
+def test_usage_sums_every_attempt_and_prices_gpu_hours() -> None:
+    ftj = make_ftj()  # 2 GPUs per pod
+    first = pod(
+        "Failed",
+        name="tune-trainer-a",
+        terminated={"exitCode": 137, "startedAt": T0, "finishedAt": T1},
+    )
+    second = pod("Running", name="tune-trainer-b", running=True)
+    job = job_for(ftj, active=1, failed=1)
+    obs = status.Observed(
+        ftj=ftj, job=job, pods=[first, second], gpu_hour_price=3.6, currency="EUR"
+    )
+    usage = status.derive_status(obs, T2)["usage"]
+    # 60 s of the first attempt, 120 s so far of the second (running since T0).
+    assert usage["attempts"] == {"tune-trainer-a": 60.0, "tune-trainer-b": 120.0}
+    assert (usage["wallSeconds"], usage["gpuSeconds"]) == (180.0, 360.0)
+    assert (usage["estimatedCost"], usage["currency"]) == (0.36, "EUR")
+
+    # The first attempt's pod is gone (deleted, or an operator restart forgot it): its
+    # seconds stay, and the usage never shrinks.
+    later = status.Observed(
+        ftj=ftj, job=job, pods=[second], previous={"usage": usage}, gpu_hour_price=3.6
+    )
+    again = status.derive_status(later, "2026-01-01T00:03:00Z")["usage"]
+    assert again["attempts"] == {"tune-trainer-a": 60.0, "tune-trainer-b": 180.0}
+    assert again["gpuSeconds"] == 480.0
+
+
+def test_usage_has_no_cost_without_a_price_and_is_throttled_like_progress() -> None:
+    ftj = make_ftj()
+    running = pod("Running", name="tune-trainer-a", running=True)
+    obs = status.Observed(ftj=ftj, job=job_for(ftj, active=1), pods=[running])
+    first = status.derive_status(obs, T1)
+    assert "estimatedCost" not in first["usage"] and first["usage"]["gpuSeconds"] == 120.0
+    later = status.Observed(ftj=ftj, job=obs.job, pods=[running], previous=first)
+    second = status.derive_status(later, T2)
+    assert second["usage"] != first["usage"]
+    assert not status.needs_immediate_patch(first, second)  # ticking seconds wait their turn
+
+
+def test_chargeback_counters_grow_by_what_each_write_adds() -> None:
+    from kubetune_operator.metrics import OperatorMetrics
+
+    metrics = OperatorMetrics()
+    first = {"gpuSeconds": 100.0, "tokensTrained": 5000, "estimatedCost": 0.1, "currency": "USD"}
+    second = {"gpuSeconds": 160.0, "tokensTrained": 8000, "estimatedCost": 0.16, "currency": "USD"}
+    metrics.count_usage("team-a", None, first)
+    metrics.count_usage("team-a", first, second)
+    metrics.count_usage("team-a", second, second)  # a write that added nothing
+    metrics.count_usage("team-b", None, {"gpuSeconds": 7.0})
+
+    def sample(name: str, **labels: str) -> float:
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert sample("kubetune_gpu_seconds_total", namespace="team-a") == 160.0
+    assert sample("kubetune_tokens_trained_total", namespace="team-a") == 8000
+    assert sample("kubetune_estimated_cost_total", namespace="team-a", currency="USD") == 0.16
+    assert sample("kubetune_gpu_seconds_total", namespace="team-b") == 7.0

@@ -292,3 +292,16 @@ def test_write_report_files_and_loss_curves(tmp_path: Path):
         "report.json",
         "report.md",
     ]
+
+
+def test_report_md_states_usage_and_where_all_attempts_are_summed():
+    report = {
+        **REPORT,
+        "usage": {"gpus": 2, "trainSeconds": 90.4, "tokensTrained": 123456},
+    }
+    text = render_report_markdown(report)
+    assert (
+        "Usage: 123,456 tokens trained (all attempts); this attempt trained for 90 s on 2 GPU(s) "
+        "(181 GPU-seconds); status.usage sums the GPU time of every attempt."
+    ) in text
+    assert "Usage:" not in render_report_markdown({k: v for k, v in REPORT.items() if k != "usage"})

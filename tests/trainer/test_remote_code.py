@@ -16,7 +16,7 @@ from kubetune.api.v1alpha1 import ModelSource
 from kubetune_trainer.errors import BadInputError
 from kubetune_trainer.model_source import resolve_model
 
-CONFIG_CODE = '''
+CONFIG_CODE = """
 from pathlib import Path
 from transformers import PretrainedConfig
 
@@ -25,7 +25,7 @@ Path(MARKER).write_text("yes")
 
 class RemoteConfig(PretrainedConfig):
     model_type = "kubetune-remote-test"
-'''
+"""
 
 
 def remote_code_repo(root: Path) -> Path:

@@ -288,6 +288,7 @@ def evaluate_stage(
                 out_dir=eval_dir,
                 log_history=outcome.log_history,
                 train_seconds=outcome.seconds,
+                tokens_trained=outcome.tokens_trained,
                 alpaca_as_chat=run.alpaca_as_chat,
             )
         )

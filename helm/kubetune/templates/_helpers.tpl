@@ -157,6 +157,10 @@ kubetune_operator.settings.OperatorSettings (tests/test_helm.py keeps the names 
   value: {{ $v.progress.tokenAudience | quote }}
 - name: KUBETUNE_OPERATOR_PROGRESS_TOKEN_TTL_S
   value: {{ $v.progress.tokenTTLSeconds | toString | quote }}
+- name: KUBETUNE_OPERATOR_GPU_HOUR_PRICE
+  value: {{ $v.usage.gpuHourPrice | toString | quote }}
+- name: KUBETUNE_OPERATOR_CURRENCY
+  value: {{ $v.usage.currency | quote }}
 - name: KUBETUNE_OPERATOR_WORKERS
   value: {{ $v.workers | toString | quote }}
 - name: KUBETUNE_OPERATOR_LOG_FORMAT

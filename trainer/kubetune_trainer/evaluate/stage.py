@@ -46,6 +46,7 @@ class EvalInputs:
     out_dir: Path  # local folder for report.json, report.md, PNGs; published by the pipeline
     log_history: list[dict] = field(default_factory=list)  # trainer.state.log_history
     train_seconds: float | None = None
+    tokens_trained: int | None = None  # all attempts (a resumed run counts what it resumed)
     # Where datasetUri / regressionUri data is downloaded (default: a temporary folder).
     cache_dir: Path | None = None
     # Examples per forward pass (loss) and per generate() call.
@@ -396,6 +397,11 @@ def build_report(
             "baseLossSeconds": base.loss_seconds,
             "trainSeconds": train_seconds,
             "evalShareOfRun": seconds / (train_seconds + seconds) if train_seconds else None,
+        },
+        "usage": {
+            "gpus": inputs.spec.resources.gpus,
+            "trainSeconds": train_seconds,
+            "tokensTrained": inputs.tokens_trained,
         },
         "notes": notes,
     }
