@@ -4,6 +4,7 @@
 //	testbox serve [PORT]      HTTP server: GET / answers "<hostname> <path>"
 //	testbox get URL           prints the body of GET URL (exit 1 on failure)
 //	testbox lookup NAME       prints NAME's addresses, one a line
+//	testbox dial HOST:PORT    opens a TCP connection, prints "connected HOST:PORT"
 //	testbox write PATH TEXT   writes TEXT to PATH
 //	testbox id                prints "uid=N gid=N"
 //	testbox cat PATH          prints the file
@@ -27,7 +28,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fail("usage: testbox serve|get|lookup|write|id|cat|echo|sleep ...")
+		fail("usage: testbox serve|get|lookup|dial|write|id|cat|echo|sleep ...")
 	}
 	args := os.Args[2:]
 	switch os.Args[1] {
@@ -43,6 +44,12 @@ func main() {
 	case "lookup":
 		need(args, 1)
 		lookup(args[0])
+	case "dial":
+		need(args, 1)
+		conn, err := net.DialTimeout("tcp", args[0], 10*time.Second)
+		check(err)
+		conn.Close()
+		fmt.Println("connected", args[0])
 	case "write":
 		need(args, 2)
 		check(os.WriteFile(args[0], []byte(args[1]), 0o644))
