@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,7 @@ from kubetune_devcluster import cli, realnode
 from kubetune_devcluster.binaries import (
     CONTAINERD_VERSION,
     MODULES_DIR,
+    image_archive,
     image_program,
     image_ref,
     missing_node_parts,
@@ -63,6 +65,8 @@ def real_cluster() -> Iterator[DevCluster]:
         yield cluster
     finally:
         cluster.stop()
+        if not os.environ.get("KUBETUNE_KEEP_CLUSTER_STATE"):
+            shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -386,8 +390,8 @@ def test_dev_up_status_load_image_down_and_up_again(
             assert cli.main([*base, "up", "--runtime", "containerd", "--gpus", "1"]) == 0
             assert cli.main([*base, "status"]) == 0
             assert "(containerd)" in capsys.readouterr().out
-            archive = Path(tempfile.gettempdir()) / "unused"
-            assert cli.main([*base, "load-image", str(archive)]) == 1  # not an archive
+            assert cli.main([*base, "load-image", str(image_archive("pause"))]) == 0
+            assert cli.main([*base, "load-image", str(tmp_path / "missing.tar")]) == 1
         finally:
             assert cli.main([*base, "down"]) == 0
         assert leftovers(state_dir, []) == {

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 from dataclasses import dataclass
@@ -49,6 +50,16 @@ SYSCTLS = {
     "net/ipv4/ip_forward": "1",
     "net/bridge/bridge-nf-call-iptables": "1",
 }
+# The kubelet sets these machine-wide (vm.overcommit_memory=1, kernel.panic=10, ...);
+# their values before it ran are restored on teardown.
+KUBELET_SYSCTLS = (
+    "vm/overcommit_memory",
+    "vm/panic_on_oom",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
+)
 COREDNS_PORT = 1053  # unprivileged: CoreDNS runs as a non-root user
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -124,9 +135,10 @@ def create_network(paths: NodePaths) -> None:
     address the API server also listens on."""
     record: dict[str, Any] = {"bridge": BRIDGE, "sysctls": {}}
     paths.root.mkdir(parents=True, exist_ok=True)
-    for name, value in SYSCTLS.items():
+    for name in (*SYSCTLS, *KUBELET_SYSCTLS):
         record["sysctls"][name] = _sysctl_path(name).read_text().strip()
-        paths.network_record.write_text(json.dumps(record))
+    paths.network_record.write_text(json.dumps(record))
+    for name, value in SYSCTLS.items():
         _sysctl_path(name).write_text(value)
     _run("ip", "link", "add", BRIDGE, "type", "bridge")
     _run("ip", "addr", "add", f"{GATEWAY}/{POD_CIDR.split('/')[1]}", "dev", BRIDGE)
@@ -188,9 +200,9 @@ def containerd_config(paths: NodePaths) -> str:
     local pause image, Debian's runc and CNI plugins."""
     runc = _which("runc")
     return f"""version = 4
-root = "{paths.containerd / 'root'}"
-state = "{paths.containerd / 'state'}"
-temp = "{paths.containerd / 'tmp'}"
+root = "{paths.containerd / "root"}"
+state = "{paths.containerd / "state"}"
+temp = "{paths.containerd / "tmp"}"
 imports = []
 disabled_plugins = [
   "io.containerd.nri.v1.nri",
@@ -216,6 +228,9 @@ disabled_plugins = [
   enable_selinux = false
   disable_apparmor = true
   netns_mounts_under_state_dir = true
+  # This machine refuses a negative oom_score_adj (EIO), which the kubelet asks for
+  # sandboxes (-998) and Guaranteed pods (-997): clamp to containerd's own (0).
+  restrict_oom_score_adj = true
   cdi_spec_dirs = []
   [plugins."io.containerd.cri.v1.runtime".containerd]
     default_runtime_name = "runc"
@@ -387,13 +402,44 @@ def kube_proxy_argv(
     return [str(_binary("kube-proxy")), f"--config={config_path}", "--v=1"]
 
 
-def cleanup_kube_proxy_rules() -> None:
-    """kube-proxy's own cleanup of its iptables (and ipvs/nftables) rules."""
+def cleanup_kube_rules() -> None:
+    """kube-proxy's own cleanup of its rules, then what it leaves and the kubelet made
+    (KUBE-FIREWALL, KUBE-KUBELET-CANARY, KUBE-IPTABLES-HINT), IPv4 and IPv6."""
     kube_proxy = find_binary("kube-proxy")
     if kube_proxy is not None:
         subprocess.run(
             [str(kube_proxy), "--cleanup", "--v=0"], capture_output=True, timeout=60, check=False
         )
+    for tool in ("iptables", "ip6tables"):
+        remove_chains(tool, "KUBE-")
+
+
+def remove_chains(tool: str, prefix: str) -> None:
+    """Delete the rules that jump to chains named `prefix*`, then those chains."""
+    dump = _run(f"{tool}-save", check=False).stdout
+    tables = [line[1:] for line in dump.splitlines() if line.startswith("*")]
+    for table in tables:
+        lines = _table_lines(dump, table)
+        ours = [c[1:].split()[0] for c in lines if c.startswith(f":{prefix}")]
+        for rule in (line for line in lines if line.startswith("-A ")):
+            words = shlex.split(rule)
+            target = words[words.index("-j") + 1] if "-j" in words else None
+            if words[1] not in ours and target in ours:
+                _run(tool, "-w", "-t", table, "-D", *words[1:], check=False)
+        for chain in ours:
+            _run(tool, "-w", "-t", table, "-F", chain, check=False)
+        for chain in ours:
+            _run(tool, "-w", "-t", table, "-X", chain, check=False)
+
+
+def _table_lines(dump: str, table: str) -> list[str]:
+    lines, inside = [], False
+    for line in dump.splitlines():
+        if line.startswith("*"):
+            inside = line[1:] == table
+        elif inside:
+            lines.append(line)
+    return lines
 
 
 # ---- on the API: extended resources, CoreDNS ------------------------------------------------
@@ -648,7 +694,7 @@ def teardown(paths: NodePaths) -> None:
     if not paths.network_record.exists():
         return
     kill_containers(paths)
-    cleanup_kube_proxy_rules()
+    cleanup_kube_rules()
     unmount_under(paths.root)
     remove_network(paths)
     remove_pod_cgroups()
