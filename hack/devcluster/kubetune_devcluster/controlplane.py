@@ -56,6 +56,19 @@ SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 DEFAULT_NODE_NAME = "kubetune-local"
 STATE_FILE = "state.json"
 NODE_RUNTIMES = ("local", "containerd")
+# Each on 127.0.0.1, except the API server's and the kubelet's (`node_agent`), which
+# are on the bridge's gateway address with the real node.
+PORTS = (
+    "etcd_client",
+    "etcd_peer",
+    "apiserver",
+    "controller_manager",
+    "scheduler",
+    "node_agent",
+    "kubelet_healthz",
+    "proxy_healthz",
+    "proxy_metrics",
+)
 
 
 @dataclass
@@ -123,20 +136,7 @@ class DevCluster:
             raise RuntimeError(f"{state_dir} already holds a cluster (state.json); stop it first")
         for sub in ("pki", "logs", "etcd", "kubeconfigs", "node"):
             (state_dir / sub).mkdir(exist_ok=True)
-        ports = {
-            name: free_port()
-            for name in (
-                "etcd_client",
-                "etcd_peer",
-                "apiserver",
-                "controller_manager",
-                "scheduler",
-                "node_agent",
-                "kubelet_healthz",
-                "proxy_healthz",
-                "proxy_metrics",
-            )
-        }
+        ports = {name: free_port() for name in PORTS}
         host_address = realnode.GATEWAY if node.runtime == "containerd" else "127.0.0.1"
         cluster = cls(
             state_dir=state_dir,
@@ -474,12 +474,23 @@ class DevCluster:
             server=True,
         )
         paths["node.crt"], paths["node.key"] = pki.write_pair(node_serving, pki_dir, "node")
+        paths.update(self._write_service_account_key(pki_dir))
+        paths.update(self._write_user_kubeconfigs(ca, pki_dir))
+        return paths
+
+    @staticmethod
+    def _write_service_account_key(pki_dir: Path) -> dict[str, Path]:
+        paths: dict[str, Path] = {}
         sa_private, sa_public = pki.new_service_account_key()
         paths["sa.key"], paths["sa.pub"] = pki_dir / "sa.key", pki_dir / "sa.pub"
         paths["sa.key"].touch(mode=0o600)
         paths["sa.key"].write_bytes(sa_private)
         paths["sa.pub"].write_bytes(sa_public)
+        return paths
 
+    def _write_user_kubeconfigs(self, ca: pki.KeyPair, pki_dir: Path) -> dict[str, Path]:
+        """A client certificate and kubeconfig for each user of the API server."""
+        paths: dict[str, Path] = {}
         users = {
             # O=system:masters: the admin is authorized for everything.
             "admin": ("kubetune-admin", ("system:masters",), self.kubeconfig),

@@ -23,6 +23,7 @@ import json
 import os
 import shlex
 import signal
+import string
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -451,138 +452,33 @@ def advertise_gpus(api: KubeRest, node_name: str, gpus: int) -> None:
     api.patch(f"/api/v1/nodes/{node_name}/status", patch, MERGE)
 
 
-def coredns_objects() -> list[tuple[str, dict]]:
-    """(collection path, object) for the cluster DNS: RBAC, Corefile, Deployment, Service."""
-    ns = "kube-system"
-    labels = {"k8s-app": "kube-dns"}
-    corefile = f""".:{COREDNS_PORT} {{
-    errors
-    health :8080
-    ready :8181
-    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
-        pods insecure
-        fallthrough in-addr.arpa ip6.arpa
-        ttl 30
-    }}
-    cache 30
-    loadbalance
-}}
-"""
-    rules = [
-        {
-            "apiGroups": [""],
-            "resources": ["endpoints", "services", "pods", "namespaces"],
-            "verbs": ["list", "watch"],
-        },
-        {
-            "apiGroups": ["discovery.k8s.io"],
-            "resources": ["endpointslices"],
-            "verbs": ["list", "watch"],
-        },
-    ]
-    container = {
-        "name": "coredns",
-        "image": image_ref("coredns"),
-        "imagePullPolicy": "Never",
-        "args": ["-conf", "/etc/coredns/Corefile"],
-        "ports": [
-            {"name": "dns", "containerPort": COREDNS_PORT, "protocol": "UDP"},
-            {"name": "dns-tcp", "containerPort": COREDNS_PORT, "protocol": "TCP"},
-        ],
-        "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
-        "volumeMounts": [{"name": "config", "mountPath": "/etc/coredns", "readOnly": True}],
-        "readinessProbe": {"httpGet": {"path": "/ready", "port": 8181}, "periodSeconds": 2},
-        "livenessProbe": {"httpGet": {"path": "/health", "port": 8080}, "periodSeconds": 10},
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": 65532,
-            "readOnlyRootFilesystem": True,
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-        },
-    }
-    return [
-        (
-            f"/api/v1/namespaces/{ns}/serviceaccounts",
-            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "coredns"}},
-        ),
-        (
-            "/apis/rbac.authorization.k8s.io/v1/clusterroles",
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "ClusterRole",
-                "metadata": {"name": "system:coredns"},
-                "rules": rules,
-            },
-        ),
-        (
-            "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "ClusterRoleBinding",
-                "metadata": {"name": "system:coredns"},
-                "roleRef": {
-                    "apiGroup": "rbac.authorization.k8s.io",
-                    "kind": "ClusterRole",
-                    "name": "system:coredns",
-                },
-                "subjects": [{"kind": "ServiceAccount", "name": "coredns", "namespace": ns}],
-            },
-        ),
-        (
-            f"/api/v1/namespaces/{ns}/configmaps",
-            {
-                "apiVersion": "v1",
-                "kind": "ConfigMap",
-                "metadata": {"name": "coredns"},
-                "data": {"Corefile": corefile},
-            },
-        ),
-        (
-            f"/apis/apps/v1/namespaces/{ns}/deployments",
-            {
-                "apiVersion": "apps/v1",
-                "kind": "Deployment",
-                "metadata": {"name": "coredns", "labels": labels},
-                "spec": {
-                    "replicas": 1,
-                    "selector": {"matchLabels": labels},
-                    "template": {
-                        "metadata": {"labels": labels},
-                        "spec": {
-                            "serviceAccountName": "coredns",
-                            "dnsPolicy": "Default",
-                            "priorityClassName": "system-cluster-critical",
-                            "containers": [container],
-                            "volumes": [{"name": "config", "configMap": {"name": "coredns"}}],
-                        },
-                    },
-                },
-            },
-        ),
-        (
-            f"/api/v1/namespaces/{ns}/services",
-            {
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": {"name": "kube-dns", "labels": labels},
-                "spec": {
-                    "clusterIP": DNS_SERVICE_IP,
-                    "selector": labels,
-                    "ports": [
-                        {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": "dns"},
-                        {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": "dns-tcp"},
-                    ],
-                },
-            },
-        ),
-    ]
+COLLECTIONS = {
+    "ServiceAccount": "/api/v1/namespaces/{namespace}/serviceaccounts",
+    "ConfigMap": "/api/v1/namespaces/{namespace}/configmaps",
+    "Service": "/api/v1/namespaces/{namespace}/services",
+    "Deployment": "/apis/apps/v1/namespaces/{namespace}/deployments",
+    "ClusterRole": "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+    "ClusterRoleBinding": "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+}
+
+
+def coredns_objects() -> list[dict]:
+    """The cluster DNS (coredns.yaml beside this file): RBAC, Corefile, Deployment, Service."""
+    template = string.Template((Path(__file__).parent / "coredns.yaml").read_text())
+    text = template.substitute(
+        image=image_ref("coredns"),
+        port=COREDNS_PORT,
+        dns_ip=DNS_SERVICE_IP,
+        domain=CLUSTER_DOMAIN,
+    )
+    return [obj for obj in yaml.safe_load_all(text) if obj]
 
 
 def deploy_coredns(api: KubeRest) -> None:
-    for collection, obj in coredns_objects():
+    for obj in coredns_objects():
+        namespace = obj["metadata"].get("namespace", "")
         try:
-            api.post(collection, obj)
+            api.post(COLLECTIONS[obj["kind"]].format(namespace=namespace), obj)
         except ApiError as exc:
             if exc.status != 409:  # already there (a restarted node)
                 raise
