@@ -71,7 +71,7 @@ for arg in "$@"; do
     --control-plane) scope=control-plane ;;
     --print-dir) echo "$BUILD_DIR"; exit 0 ;;
     --check) mode=check ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg" >&2; exit 2 ;;
   esac
 done

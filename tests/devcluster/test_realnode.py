@@ -156,7 +156,7 @@ def leftovers(state_dir: Path, interfaces: list[str]) -> dict[str, list]:
             if line.startswith(":KUBE-") or line.startswith(f":{realnode.FORWARD_CHAIN}")
         ],
         "mounts": [line for line in mounts.splitlines() if str(state_dir) in line],
-        "shims": realnode._shim_pids(realnode.NodePaths(state_dir / "node")),
+        "shims": realnode.shim_pids(realnode.NodePaths(state_dir / "node")),
         "cgroups": [str(p) for p in Path("/sys/fs/cgroup").glob("*/kubepods")],
     }
 
@@ -176,6 +176,28 @@ def test_node_is_ready_with_containerd_and_real_capacity(real_cluster: DevCluste
     assert capacity["cpu"] == str(os.cpu_count())  # the machine's, not NodeConfig.cpu
     memory_kib = int(capacity["memory"].removesuffix("Ki"))
     assert memory_kib * 1024 == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def test_pod_traffic_cannot_leave_the_machine(real_cluster: DevCluster) -> None:
+    """The network rule, checked on the node's configuration (never by sending)."""
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, capture_output=True, text=True)
+
+    # Anything from the pod range that would leave through another interface is dropped.
+    assert run("iptables", "-C", "FORWARD", "-j", realnode.FORWARD_CHAIN).returncode == 0
+    drop = ("-s", realnode.POD_CIDR, "!", "-o", realnode.BRIDGE, "-j", "DROP")
+    assert run("iptables", "-C", realnode.FORWARD_CHAIN, *drop).returncode == 0
+    # No masquerading by the CNI plugin; an unknown ClusterIP goes to the bridge.
+    conflist = json.loads(
+        (real_cluster.node_paths.cni_conf_dir / "10-kubetune.conflist").read_text()
+    )
+    assert conflist["plugins"][0]["ipMasq"] is False
+    route = run("ip", "route", "get", "10.0.0.250").stdout
+    assert f"dev {realnode.BRIDGE}" in route
+    # CoreDNS is linked and configured without an upstream.
+    corefile = real_cluster.rest().get("/api/v1/namespaces/kube-system/configmaps/coredns")
+    assert "forward" not in corefile["data"]["Corefile"]
 
 
 def test_gpus_are_advertised_and_a_pod_asking_for_one_is_admitted(
@@ -367,7 +389,7 @@ def test_pods_reach_the_api_server_and_the_host_address(
 def test_stopping_leaves_nothing_behind(real_cluster: DevCluster, namespace: str) -> None:
     create(real_cluster, namespace, pod_manifest("left", ["sleep", "300"]))
     wait_running(real_cluster, namespace, "left")
-    assert realnode._shim_pids(real_cluster.node_paths)  # something to clean up
+    assert realnode.shim_pids(real_cluster.node_paths)  # something to clean up
     pod_interfaces = bridge_ports()
     assert pod_interfaces
     real_cluster.stop()
@@ -387,15 +409,18 @@ def test_dev_up_status_load_image_down_and_up_again(
     """After the module's cluster is gone: the command drives a second one, twice."""
     state_dir = tmp_path / "dev"
     base = ["dev", "--state-dir", str(state_dir)]
-    for _ in range(2):
+    for lose_state in (False, True):
         try:
             assert cli.main([*base, "up", "--runtime", "containerd", "--gpus", "1"]) == 0
             assert cli.main([*base, "status"]) == 0
             assert "(containerd)" in capsys.readouterr().out
             assert cli.main([*base, "load-image", str(image_archive("pause"))]) == 0
             assert cli.main([*base, "load-image", str(tmp_path / "missing.tar")]) == 1
+            if lose_state:  # as after an `up` killed half way: no process records
+                (state_dir / "state.json").unlink()
         finally:
             assert cli.main([*base, "down"]) == 0
+        assert not realnode.pids_naming(state_dir)
         assert leftovers(state_dir, []) == {
             "interfaces": [],
             "iptables": [],

@@ -46,6 +46,8 @@ def up(args: argparse.Namespace) -> int:
         )
         return 1
     # Every `up` is a fresh cluster: new certificates would not match old etcd data.
+    # What a lost earlier run left (mounts, network) goes first.
+    stop_cluster(state_dir)
     shutil.rmtree(state_dir, ignore_errors=True)
     node = NodeConfig(
         name=args.node_name,
@@ -54,7 +56,11 @@ def up(args: argparse.Namespace) -> int:
         memory=args.memory,
         gpus=args.gpus,
     )
-    cluster = DevCluster.start(state_dir, node=node, detached=True)
+    try:
+        cluster = DevCluster.start(state_dir, node=node, detached=True)
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        print(f"dev up: {exc} (logs in {state_dir / 'logs'})", file=sys.stderr)
+        return 1
     offers = f"{node.cpu} CPU, {node.memory}, " if node.runtime == "local" else ""
     print(
         f"cluster ready in {cluster.ready_seconds}s at {cluster.server} "

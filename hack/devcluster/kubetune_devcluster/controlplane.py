@@ -688,10 +688,20 @@ class DevCluster:
 
 
 def stop_cluster(state_dir: Path, timeout: float = 15.0) -> bool:
-    """Stop the cluster recorded in `state_dir`; False if none is recorded there."""
-    if not (Path(state_dir) / STATE_FILE).exists():
+    """Stop the cluster recorded in `state_dir`; False if none is recorded there.
+
+    A real node whose state file is gone (an `up` killed half way) still left its
+    network record: then its processes, mounts and network are removed all the same."""
+    state_dir = Path(state_dir)
+    if (state_dir / STATE_FILE).exists():
+        DevCluster.from_state(state_dir).stop(timeout=timeout)
+        return True
+    node_paths = realnode.NodePaths(state_dir / "node")
+    if not node_paths.network_record.exists():
         return False
-    DevCluster.from_state(state_dir).stop(timeout=timeout)
+    realnode.kill_containers(node_paths)
+    realnode.kill_processes_naming(state_dir.resolve())
+    realnode.teardown(node_paths)
     return True
 
 

@@ -447,8 +447,11 @@ def _table_lines(dump: str, table: str) -> list[str]:
 
 
 def advertise_gpus(api: KubeRest, node_name: str, gpus: int) -> None:
-    """Offer `nvidia.com/gpu` as an extended resource (no device plugin: a count only)."""
-    patch = {"status": {"capacity": {"nvidia.com/gpu": str(gpus)}}}
+    """Offer `nvidia.com/gpu` as an extended resource (no device plugin: a count only).
+    Allocatable too: the kubelet would copy it from capacity only at its next status
+    update, and until then the scheduler would see no GPU."""
+    count = {"nvidia.com/gpu": str(gpus)}
+    patch = {"status": {"capacity": count, "allocatable": count}}
     api.patch(f"/api/v1/nodes/{node_name}/status", patch, MERGE)
 
 
@@ -495,7 +498,7 @@ def coredns_ready(api: KubeRest) -> bool:
 def kill_containers(paths: NodePaths) -> None:
     """SIGKILL every container process and the shims of this node's containerd (shims
     daemonize, so stopping containerd's process group does not reach them)."""
-    shims = _shim_pids(paths)
+    shims = shim_pids(paths)
     children = _children_by_parent()
     victims: list[int] = []
     pending = list(shims)
@@ -508,20 +511,34 @@ def kill_containers(paths: NodePaths) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(TimeoutError):
-        wait_for(lambda: not _shim_pids(paths), timeout=10, interval=0.1, what="shims gone")
+        wait_for(lambda: not shim_pids(paths), timeout=10, interval=0.1, what="shims gone")
 
 
-def _shim_pids(paths: NodePaths) -> list[int]:
+def shim_pids(paths: NodePaths) -> list[int]:
+    """This node's shims: their command line names its containerd socket."""
+    return pids_naming(paths.root, also=b"containerd-shim")
+
+
+def kill_processes_naming(directory: Path) -> None:
+    """SIGKILL every process whose command line names a path under `directory`: for a
+    cluster whose process records are lost (etcd, the API server, containerd, kubelet
+    and the rest all name files in the state dir)."""
+    for pid in pids_naming(directory):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def pids_naming(directory: Path, also: bytes = b"") -> list[int]:
     pids = []
-    marker = str(paths.socket).encode()
+    marker = f"{directory}/".encode()
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"containerd-shim" in cmdline and marker in cmdline:
+        if marker in cmdline and also in cmdline:
             pids.append(int(entry.name))
     return pids
 
