@@ -256,6 +256,10 @@ def test_pod_from_an_imported_archive_has_its_own_ip_logs_and_exec(
     # The image's user (65532:65532) runs it; its group does not: the kubelet passes the
     # numeric user on and the runtime finds no /etc/passwd entry for a group, so 0.
     assert exec_in(real_cluster, namespace, "web", "/testbox", "id") == "uid=65532 gid=0\n"
+    # Its process, as the host sees it: the image's program, in its own PID namespace.
+    (pid,) = real_cluster.pod_pids(namespace, "web")
+    assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2] == [b"/testbox", b"serve"]
+    assert os.readlink(f"/proc/{pid}/ns/pid") != os.readlink("/proc/self/ns/pid")
     # The pod's own network namespace: it reaches itself on its IP.
     body = exec_in(real_cluster, namespace, "web", "/testbox", "get", f"http://{pod_ip}:8080/me")
     assert body == "web /me\n"
