@@ -308,6 +308,14 @@ def test_runtime_enforces_read_only_root_and_user_ids(
     wait_for(refused, timeout=POD_TIMEOUT, what="runAsNonRoot refusal")
 
 
+def test_memory_limit_is_enforced_as_oom_kill(real_cluster: DevCluster, namespace: str) -> None:
+    limits = {"resources": {"limits": {"memory": "32Mi"}}}
+    manifest = pod_manifest("hog", ["alloc", "256"], container=limits, restartPolicy="Never")
+    create(real_cluster, namespace, manifest)
+    ended = wait_terminated(real_cluster, namespace, "hog")
+    assert (ended["reason"], ended["exitCode"]) == ("OOMKilled", 137)
+
+
 # ---- Services, DNS, reaching the host ---------------------------------------------------------
 
 

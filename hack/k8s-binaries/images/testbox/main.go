@@ -6,6 +6,7 @@
 //	testbox lookup NAME       prints NAME's addresses, one a line
 //	testbox dial HOST:PORT    opens a TCP connection, prints "connected HOST:PORT"
 //	testbox write PATH TEXT   writes TEXT to PATH
+//	testbox alloc MIB         allocates and touches MIB mebibytes, then sleeps
 //	testbox id                prints "uid=N gid=N"
 //	testbox cat PATH          prints the file
 //	testbox echo WORDS...     prints the words
@@ -28,7 +29,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fail("usage: testbox serve|get|lookup|dial|write|id|cat|echo|sleep ...")
+		fail("usage: testbox serve|get|lookup|dial|write|alloc|id|cat|echo|sleep ...")
 	}
 	args := os.Args[2:]
 	switch os.Args[1] {
@@ -50,6 +51,11 @@ func main() {
 		check(err)
 		conn.Close()
 		fmt.Println("connected", args[0])
+	case "alloc":
+		need(args, 1)
+		mib, err := strconv.Atoi(args[0])
+		check(err)
+		alloc(mib)
 	case "write":
 		need(args, 2)
 		check(os.WriteFile(args[0], []byte(args[1]), 0o644))
@@ -111,6 +117,24 @@ func lookup(name string) {
 	for _, addr := range addrs {
 		fmt.Println(addr)
 	}
+}
+
+// alloc holds mib MiB of touched memory (so it is resident, and a memory limit below
+// it ends the process), printing its progress, then sleeps until SIGTERM.
+func alloc(mib int) {
+	held := make([][]byte, 0, mib)
+	for i := 0; i < mib; i++ {
+		chunk := make([]byte, 1<<20)
+		for j := range chunk {
+			chunk[j] = byte(j)
+		}
+		held = append(held, chunk)
+		if (i+1)%64 == 0 {
+			fmt.Println("allocated MiB:", i+1)
+		}
+	}
+	fmt.Println("holding MiB:", len(held))
+	sleep(24 * time.Hour)
 }
 
 func sleep(d time.Duration) {
