@@ -158,6 +158,10 @@ def leftovers(state_dir: Path, interfaces: list[str]) -> dict[str, list]:
         "mounts": [line for line in mounts.splitlines() if str(state_dir) in line],
         "shims": realnode.shim_pids(realnode.NodePaths(state_dir / "node")),
         "cgroups": [str(p) for p in Path("/sys/fs/cgroup").glob("*/kubepods")],
+        "runtime files": [
+            *(p.name for p in realnode.SHIM_SOCKET_DIR.glob("*")),
+            *(p.name for p in realnode.CNI_CACHE_DIR.glob(f"{realnode.CNI_NETWORK}-*")),
+        ],
     }
 
 
@@ -412,6 +416,7 @@ def test_stopping_leaves_nothing_behind(real_cluster: DevCluster, namespace: str
         "mounts": [],
         "shims": [],
         "cgroups": [],
+        "runtime files": [],
     }
 
 
@@ -439,4 +444,5 @@ def test_dev_up_status_load_image_down_and_up_again(
             "mounts": [],
             "shims": [],
             "cgroups": [],
+            "runtime files": [],
         }

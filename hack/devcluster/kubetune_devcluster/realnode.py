@@ -19,6 +19,7 @@ ClusterIP never goes to the default gateway.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shlex
@@ -43,6 +44,10 @@ DNS_SERVICE_IP = "10.0.0.10"
 CLUSTER_DOMAIN = "cluster.local"
 CNI_BIN_DIR = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
 CNI_NETWORK = "kubetune"
+# Fixed paths outside the state dir (shim sockets, CNI's result cache): see
+# remove_runtime_files.
+SHIM_SOCKET_DIR = Path("/run/containerd/s")
+CNI_CACHE_DIR = Path("/var/lib/cni/results")
 FORWARD_CHAIN = "KUBETUNE-FORWARD"
 # Set for the node's life, restored on teardown: forwarding between the bridge and the
 # host (Services), and netfilter on bridged traffic (a reply from a Service's pod to a
@@ -599,6 +604,29 @@ def remove_container_log_links(paths: NodePaths) -> None:
                 link.unlink()
 
 
+def remove_runtime_files(paths: NodePaths) -> None:
+    """Files containerd's shims and CNI keep outside the state dir, at fixed paths: the
+    shims' sockets (/run/containerd/s/<sha256 of socket/namespace/id>) and CNI's cached
+    results (/var/lib/cni/results/<network>-<sandbox id>-<interface>), normally removed
+    when a pod stops cleanly, which a teardown's SIGKILL skips."""
+    tasks = paths.containerd / "state" / "io.containerd.runtime.v2.task" / "k8s.io"
+    sandboxes = paths.containerd / "root" / "io.containerd.grpc.v1.cri" / "sandboxes"
+    ids: set[str] = set()
+    for parent in (tasks, sandboxes):
+        if parent.is_dir():
+            ids.update(entry.name for entry in parent.iterdir())
+    for task_id in ids:
+        for suffix in ("", "/debug"):
+            digest = hashlib.sha256(f"{paths.socket}/k8s.io/{task_id}{suffix}".encode())
+            Path(SHIM_SOCKET_DIR, digest.hexdigest()).unlink(missing_ok=True)
+        for network in (CNI_NETWORK, "cni-loopback"):
+            for cached in CNI_CACHE_DIR.glob(f"{network}-{task_id}-*"):
+                cached.unlink(missing_ok=True)
+    for directory in (SHIM_SOCKET_DIR, SHIM_SOCKET_DIR.parent):
+        with contextlib.suppress(OSError):  # only if empty: another runtime may use it
+            directory.rmdir()
+
+
 def teardown(paths: NodePaths) -> None:
     """After kubelet, containerd and kube-proxy are stopped: what they leave behind.
     Only for a node that made its network (the record says so): a start refused because
@@ -609,6 +637,7 @@ def teardown(paths: NodePaths) -> None:
     kill_containers(paths)
     cleanup_kube_rules()
     unmount_under(paths.root)
+    remove_runtime_files(paths)
     remove_network(paths)
     remove_pod_cgroups()
     remove_container_log_links(paths)
