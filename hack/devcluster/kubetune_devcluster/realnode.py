@@ -48,6 +48,7 @@ CNI_NETWORK = "kubetune"
 # remove_runtime_files.
 SHIM_SOCKET_DIR = Path("/run/containerd/s")
 CNI_CACHE_DIR = Path("/var/lib/cni/results")
+DEVICE_PLUGIN_DIR = Path("/var/lib/kubelet/device-plugins")  # fixed in the kubelet
 FORWARD_CHAIN = "KUBETUNE-FORWARD"
 # Set for the node's life, restored on teardown: forwarding between the bridge and the
 # host (Services), and netfilter on bridged traffic (a reply from a Service's pod to a
@@ -593,15 +594,22 @@ def remove_pod_cgroups() -> None:
                 directory.rmdir()
 
 
-def remove_container_log_links(paths: NodePaths) -> None:
-    """The kubelet links each container's log into /var/log/containers (a fixed path)."""
+def remove_kubelet_files(paths: NodePaths) -> None:
+    """What the kubelet keeps at fixed paths whatever its root dir: links to container
+    logs in /var/log/containers and the device-plugin socket and checkpoint in
+    /var/lib/kubelet/device-plugins. The directories go too when nothing else is left
+    in them."""
     links = Path("/var/log/containers")
-    if not links.is_dir():
-        return
-    for link in links.iterdir():
+    if links.is_dir():
+        for link in links.iterdir():
+            with contextlib.suppress(OSError):
+                if link.is_symlink() and os.readlink(link).startswith(str(paths.pod_logs)):
+                    link.unlink()
+    for name in ("kubelet.sock", "kubelet_internal_checkpoint"):
+        (DEVICE_PLUGIN_DIR / name).unlink(missing_ok=True)
+    for directory in (links, DEVICE_PLUGIN_DIR, DEVICE_PLUGIN_DIR.parent):
         with contextlib.suppress(OSError):
-            if link.is_symlink() and os.readlink(link).startswith(str(paths.pod_logs)):
-                link.unlink()
+            directory.rmdir()
 
 
 def remove_runtime_files(paths: NodePaths) -> None:
@@ -640,7 +648,7 @@ def teardown(paths: NodePaths) -> None:
     remove_runtime_files(paths)
     remove_network(paths)
     remove_pod_cgroups()
-    remove_container_log_links(paths)
+    remove_kubelet_files(paths)
 
 
 # ---- helpers --------------------------------------------------------------------------------
