@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import string
 import subprocess
@@ -205,7 +206,7 @@ def write_cni_config(paths: NodePaths) -> None:
 def containerd_config(paths: NodePaths) -> str:
     """containerd's config (version 4): everything under the state dir, cgroupfs, the
     local pause image, Debian's runc and CNI plugins."""
-    runc = _which("runc")
+    runc = shutil.which("runc", path=SYSTEM_PATH) or "/usr/sbin/runc"  # Debian's
     return f"""version = 4
 root = "{paths.containerd / "root"}"
 state = "{paths.containerd / "state"}"
@@ -659,14 +660,6 @@ def _binary(name: str) -> Path:
     if path is None:
         raise FileNotFoundError(f"{name} not found: build it with `bash hack/k8s-binaries.sh`")
     return path
-
-
-def _which(tool: str) -> str:
-    for directory in SYSTEM_PATH.split(":"):
-        candidate = Path(directory) / tool
-        if os.access(candidate, os.X_OK):
-            return str(candidate)
-    raise FileNotFoundError(f"{tool} not found: `apt-get install {tool}`")
 
 
 def preload_images(paths: NodePaths) -> None:
