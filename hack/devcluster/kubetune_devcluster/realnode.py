@@ -4,9 +4,10 @@ Driven by DevCluster (`NodeConfig(runtime="containerd")`); see docs/local-node.m
 
 Everything it makes lives under `<state-dir>/node/` (containerd's root and state, the
 kubelet's root dir, pod logs, CNI config and IP allocations, network namespaces) except
-what cannot: the bridge, the iptables rules, the cgroups and two sysctls. `teardown`
-removes all of it, from another process too (`kubetune dev down`): what it must undo is
-recorded in `<state-dir>/node/network.json`.
+what cannot: the bridge, the iptables rules, the cgroups, sysctls, and a few files at
+paths fixed in containerd's shims, CNI and the kubelet. `teardown` removes all of it,
+from another process too (`kubetune dev down`): what it must undo is recorded in
+`<state-dir>/node/network.json`.
 
 Network rule: traffic stays on this machine. Pods live on a bridge whose gateway address
 is the host's; the API server listens there too, so pods reach it through the
