@@ -14,21 +14,26 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import mimetypes
 import os
 import shutil
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError, NoCredentialsError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from kubetune.api import uris
 from kubetune_trainer.errors import BadInputError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ENV_PVC_ROOT = "KUBETUNE_PVC_ROOT"
 DEFAULT_PVC_ROOT = "/mnt/pvc"
@@ -136,6 +141,51 @@ def s3_errors(bucket: str) -> Iterator[None]:
         if bad is None:
             raise
         raise bad from None
+
+
+# How long an S3 outage is ridden out (retrying with backoff) before the trainer gives up:
+# long enough for an endpoint restart or a network blip, short enough that a dead endpoint
+# fails the attempt (it is retried, and resumes from the last complete checkpoint).
+ENV_S3_OUTAGE_SECONDS = "KUBETUNE_S3_OUTAGE_SECONDS"
+DEFAULT_S3_OUTAGE_SECONDS = 600.0
+_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown"}
+
+
+class StorageUnavailableError(Exception):
+    """S3 stayed unreachable past the outage bound; the message names the bucket."""
+
+
+def _transient(error: Exception) -> bool:
+    if isinstance(error, ClientError):
+        return _error_code(error) in _TRANSIENT_CODES
+    return isinstance(error, BotoCoreError) and not isinstance(error, NoCredentialsError)
+
+
+def outage_bound() -> float:
+    return float(os.environ.get(ENV_S3_OUTAGE_SECONDS) or DEFAULT_S3_OUTAGE_SECONDS)
+
+
+def ride_out_outage(call: Callable[[], T], bucket: str, what: str) -> T:
+    """`call()`, retried with exponential backoff (1 s doubling to 30 s) while S3 fails
+    transiently, up to the outage bound; then StorageUnavailableError naming the bucket."""
+    deadline = time.monotonic() + outage_bound()
+    delay = 1.0
+    while True:
+        try:
+            return call()
+        except Exception as error:
+            if not _transient(error):
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StorageUnavailableError(
+                    f"S3 unavailable: s3://{bucket} did not answer for {outage_bound():.0f} s "
+                    f"({what}: {' '.join(str(error).split())[:200]}); checkpoints already "
+                    "uploaded are intact"
+                ) from None
+            log.warning("s3://%s: %s failed (%s); retrying in %.0f s", bucket, what, error, delay)
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 30.0)
 
 
 @dataclass(frozen=True)
@@ -342,39 +392,66 @@ class S3Store(ArtifactStore):
         with s3_errors(self.bucket):
             self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
 
+    def _ride(self, call: Callable[[], T], what: str) -> T:
+        return ride_out_outage(call, self.bucket, what)
+
     def put_file(self, local: Path, key: str) -> str:
         content_type = mimetypes.guess_type(str(local))[0] or "application/octet-stream"
         with s3_errors(self.bucket):
-            self._client.upload_file(
-                str(local), self.bucket, self._key(key), ExtraArgs={"ContentType": content_type}
+            self._ride(
+                lambda: self._client.upload_file(
+                    str(local),
+                    self.bucket,
+                    self._key(key),
+                    ExtraArgs={"ContentType": content_type},
+                ),
+                f"upload of {key}",
             )
         return self.uri_for(key)
 
     def list_keys(self, prefix: str = "") -> list[str]:
-        objects = list_s3_objects(self._client, self.bucket, self._key(prefix))
+        objects = self._ride(
+            lambda: list_s3_objects(self._client, self.bucket, self._key(prefix)), "listing"
+        )
         return [o.key[len(self.prefix) :] for o in objects]
 
     def get_file(self, key: str, local: Path) -> Path:
         with self._missing_as_not_found(key), s3_errors(self.bucket):
-            _download_atomically(self._client, self.bucket, self._key(key), Path(local))
+            self._ride(
+                lambda: _download_atomically(
+                    self._client, self.bucket, self._key(key), Path(local)
+                ),
+                f"download of {key}",
+            )
         return Path(local)
 
     def read_bytes(self, key: str) -> bytes:
         with self._missing_as_not_found(key), s3_errors(self.bucket):
-            return self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            return self._ride(
+                lambda: self._client.get_object(Bucket=self.bucket, Key=self._key(key))[
+                    "Body"
+                ].read(),
+                f"read of {key}",
+            )
 
     def write_bytes(self, key: str, data: bytes) -> str:
         content_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
         with s3_errors(self.bucket):
-            self._client.put_object(
-                Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type
+            self._ride(
+                lambda: self._client.put_object(
+                    Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type
+                ),
+                f"write of {key}",
             )
         return self.uri_for(key)
 
     def exists(self, key: str) -> bool:
         try:
             with s3_errors(self.bucket):
-                self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+                self._ride(
+                    lambda: self._client.head_object(Bucket=self.bucket, Key=self._key(key)),
+                    f"check of {key}",
+                )
         except ClientError as error:
             if _error_code(error) in ("404", "NoSuchKey", "NotFound"):
                 return False
@@ -385,7 +462,12 @@ class S3Store(ArtifactStore):
         with s3_errors(self.bucket):
             for start in range(0, len(keys), 1000):  # the DeleteObjects limit
                 batch = [{"Key": self._key(k)} for k in keys[start : start + 1000]]
-                self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
+                self._ride(
+                    lambda batch=batch: self._client.delete_objects(
+                        Bucket=self.bucket, Delete={"Objects": batch}
+                    ),
+                    "delete",
+                )
 
     def uri_for(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
