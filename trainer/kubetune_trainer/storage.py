@@ -59,17 +59,8 @@ class NotFoundError(BadInputError):
 
 
 @dataclass(frozen=True)
-class ParsedUri:
-    """A storage URI taken apart.
-
-    s3://bucket/key, pvc://claim/path, hf://org/name (bucket=org, key=name) and
-    file:///abs/path (bucket="", key="/abs/path"; file://rel/path is relative).
-    """
-
-    uri: str
-    scheme: str
-    bucket: str
-    key: str
+class ParsedUri(uris.StorageUri):
+    """A storage URI taken apart (kubetune.api.uris), plus where a local one is mounted."""
 
     @property
     def local_path(self) -> Path:
@@ -80,11 +71,6 @@ class ParsedUri:
             root = Path(os.environ.get(ENV_PVC_ROOT) or DEFAULT_PVC_ROOT)
             return root / self.bucket / self.key if self.key else root / self.bucket
         raise ValueError(f"{self.uri}: not a local (file:// or pvc://) URI")
-
-    @property
-    def repo_id(self) -> str:
-        """The Hugging Face repository of an hf:// URI: `org/name` (or `name`)."""
-        return f"{self.bucket}/{self.key}" if self.key else self.bucket
 
 
 def parse_uri(uri: str) -> ParsedUri:
