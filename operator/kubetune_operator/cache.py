@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from kubetune.api import v1alpha1 as api
 from kubetune.api.contract import ProgressEvent, Reason
 from kubetune_operator import names
+from kubetune_operator.settings import describe_error
 from kubetune_operator.validation import Problem
 
 Key = tuple[str, str]  # (namespace, name)
@@ -62,9 +63,7 @@ def parse(ftj: dict) -> api.FineTuneJob | Problem:
             }
         )
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        return Problem("Failed", Reason.INVALID_SPEC, f"{where}: {first['msg']}")
+        return Problem("Failed", Reason.INVALID_SPEC, describe_error(exc, first_only=True))
 
 
 @dataclass

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from kubetune.api.contract import ProgressEvent
 from kubetune_operator.metrics import OperatorMetrics
+from kubetune_operator.settings import describe_error
 
 logger = logging.getLogger("kubetune.operator.server")
 
@@ -74,9 +75,8 @@ def build_app(
             event = ProgressEvent.model_validate_json(body)
         except ValidationError as exc:
             metrics.progress_events.labels("invalid").inc()
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "body"
-            return web.json_response({"error": f"{where}: {first['msg']}"}, status=400)
+            message = describe_error(exc, first_only=True, whole="body")
+            return web.json_response({"error": message}, status=400)
         metrics.progress_events.labels("accepted").inc()
         on_progress(key, event)
         return web.json_response({"accepted": True}, status=202)

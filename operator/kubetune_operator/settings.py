@@ -188,11 +188,11 @@ def parse_env_value(variable: str, raw: str, annotation: object) -> object:
     return raw
 
 
-def describe_error(error: Exception) -> str:
-    """A settings error as one line: each bad field with pydantic's reason."""
-    if isinstance(error, ValidationError):
-        return "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"
-            for e in error.errors()
-        )
-    return str(error)
+def describe_error(error: Exception, *, first_only: bool = False, whole: str = "settings") -> str:
+    """A pydantic error as one line, `<field>: <reason>` for each bad field (or the first
+    only); `whole` names the object when the error is about all of it. Used for settings,
+    FineTuneJobs that do not validate and progress pushes."""
+    if not isinstance(error, ValidationError):
+        return str(error)
+    errors = error.errors()[:1] if first_only else error.errors()
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or whole}: {e['msg']}" for e in errors)

@@ -1,0 +1,125 @@
+"""The controller's parts that need no API server: the cache's bookkeeping and the work
+queue's promises (a key queued once, handled by one worker at a time, retried on failure)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from kubetune.api.contract import ProgressEvent
+from kubetune_operator.cache import Cache
+from kubetune_operator.workqueue import WorkQueue
+
+FTJ = {
+    "metadata": {"name": "tune", "namespace": "team-a", "uid": "ftj-1"},
+    "spec": {
+        "model": {"uri": "s3://m/"},
+        "dataset": {"uri": "s3://d/x.jsonl"},
+        "output": {"uri": "s3://o/"},
+    },
+}
+JOB = {
+    "metadata": {
+        "name": "tune-trainer",
+        "namespace": "team-a",
+        "uid": "job-1",
+        "ownerReferences": [
+            {"kind": "FineTuneJob", "name": "tune", "uid": "ftj-1", "controller": True}
+        ],
+    },
+    "spec": {"suspend": False},
+}
+POD = {
+    "metadata": {
+        "name": "tune-trainer-x",
+        "namespace": "team-a",
+        "uid": "pod-1",
+        "labels": {"batch.kubernetes.io/job-name": "tune-trainer"},
+        "ownerReferences": [
+            {"kind": "Job", "name": "tune-trainer", "uid": "job-1", "controller": True}
+        ],
+    },
+    "status": {"phase": "Running"},
+}
+
+
+def test_job_and_pod_events_lead_to_their_finetunejob() -> None:
+    cache = Cache()
+    assert cache.observe_ftj("ADDED", FTJ) == (("team-a", "tune"), False)
+    assert cache.observe_job("ADDED", JOB) == ("team-a", "tune")
+    assert cache.observe_pod("ADDED", POD) == ("team-a", "tune")
+    assert cache.pod("pod-1")["metadata"]["name"] == "tune-trainer-x"
+    assert [
+        p["metadata"]["uid"] for p in cache.job_pods(cache.jobs[("team-a", "tune-trainer")])
+    ] == ["pod-1"]
+    cache.observe_pod("DELETED", POD)
+    assert cache.pod("pod-1") is None
+
+
+def test_a_pod_of_an_earlier_job_of_the_same_name_is_not_counted() -> None:
+    cache = Cache()
+    cache.observe_job("ADDED", JOB)
+    old = {
+        **POD,
+        "metadata": {
+            **POD["metadata"],
+            "uid": "pod-0",
+            "ownerReferences": [{"kind": "Job", "uid": "job-0", "controller": True}],
+        },
+    }
+    cache.observe_pod("ADDED", old)
+    cache.observe_pod("ADDED", POD)
+    pods = cache.job_pods(cache.jobs[("team-a", "tune-trainer")])
+    assert [p["metadata"]["uid"] for p in pods] == ["pod-1"]
+
+
+def test_a_finetunejob_created_again_under_its_name_starts_afresh() -> None:
+    cache = Cache()
+    cache.observe_ftj("ADDED", FTJ)
+    event = ProgressEvent(event="step", time="2026-01-01T00:00:00Z", step=3)
+    assert cache.observe_progress(("team-a", "tune"), event)
+    again = {**FTJ, "metadata": {**FTJ["metadata"], "uid": "ftj-2"}}
+    assert cache.observe_ftj("ADDED", again) == (("team-a", "tune"), True)
+    assert ("team-a", "tune") not in cache.progress
+    assert not cache.observe_progress(("team-a", "other"), event)  # unknown job: ignored
+
+
+def test_deletion_is_remembered_until_forgotten() -> None:
+    cache = Cache()
+    cache.observe_ftj("ADDED", FTJ)
+    cache.observe_ftj("DELETED", FTJ)
+    assert ("team-a", "tune") in cache.deleted and ("team-a", "tune") not in cache.ftjs
+    cache.forget(("team-a", "tune"))
+    assert ("team-a", "tune") not in cache.deleted
+
+
+def test_work_queue_coalesces_serialises_and_retries() -> None:
+    async def main() -> None:
+        handled: list[str] = []
+        running: set[str] = set()
+        overlaps: list[str] = []
+        done = asyncio.Event()
+        failures = {"flaky": 1}
+
+        async def handle(key: str) -> None:
+            if key in running:
+                overlaps.append(key)
+            running.add(key)
+            await asyncio.sleep(0)  # let other workers run meanwhile
+            running.discard(key)
+            handled.append(key)
+            if failures.get(key):
+                failures[key] -= 1
+                raise RuntimeError("transient")
+            if handled.count("flaky") == 2:
+                done.set()
+
+        queue = WorkQueue(handle)
+        for key in ("a", "a", "a", "flaky"):
+            queue.add(key)
+        queue.start(workers=4)
+        await asyncio.wait_for(done.wait(), timeout=5)  # the retry comes after 1 s
+        await queue.stop()
+        assert handled.count("a") == 1  # three adds before it ran: one reconcile
+        assert handled.count("flaky") == 2 and overlaps == []
+
+    asyncio.run(main())
