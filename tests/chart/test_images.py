@@ -333,6 +333,14 @@ def readable_dir(path: Path, mode: int = 0o755) -> Path:
     return path
 
 
+def world_readable_copy(source: Path, target: Path) -> Path:
+    """A copy the image's user can read (safetensors writes its files private to root)."""
+    shutil.copytree(source, target)
+    for path in [target, *target.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return target
+
+
 @pytest.mark.slow
 def test_trainer_image_trains_as_uid_1000_on_a_read_only_root(
     trainer_image: BuiltImage, tiny_model_dir: Path, demo_dataset_path: Path, tmp_path: Path
@@ -348,14 +356,16 @@ def test_trainer_image_trains_as_uid_1000_on_a_read_only_root(
     config = readable_dir(tmp_path / "config") / Path(DEFAULT_JOB_CONFIG).name
     config.write_text(yaml.safe_dump(manifest))
     out = readable_dir(tmp_path / "out", 0o777)
+    work = readable_dir(tmp_path / "work", 0o777)  # as the kubelet makes an emptyDir
     termination_log = tmp_path / "termination-log"
-    termination_log.touch(mode=0o666)
+    termination_log.touch()
+    termination_log.chmod(0o666)
     run = image.podman(
         "run", "--rm", *POD_SECURITY,
         "--network=none",  # everything it needs is mounted: nothing is downloaded
-        f"--mount=type=tmpfs,destination={DEFAULT_WORK_DIR},tmpfs-mode=1777",  # the emptyDir
+        f"--volume={work}:{DEFAULT_WORK_DIR}",  # the emptyDir
         f"--volume={config.parent}:{Path(DEFAULT_JOB_CONFIG).parent}:ro",
-        f"--volume={tiny_model_dir}:/models/tiny:ro",
+        f"--volume={world_readable_copy(tiny_model_dir, tmp_path / 'model')}:/models/tiny:ro",
         f"--volume={demo_dataset_path}:/data/train.jsonl:ro",
         f"--volume={out}:/out",
         f"--volume={termination_log}:{DEFAULT_TERMINATION_LOG}",
