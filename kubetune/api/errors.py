@@ -25,19 +25,29 @@ def field_path(loc: tuple[int | str, ...]) -> str:
     return path
 
 
-def error_text(error: dict[str, Any]) -> str:
-    """One pydantic error as `field.path: reason`."""
+def error_text(error: dict[str, Any], whole: str | None = None) -> str:
+    """One pydantic error as `field.path: reason` (`whole: reason` for an error about the
+    whole object, when `whole` names it)."""
     message = str(error["msg"])
     for prefix in _VALIDATOR_PREFIXES:
         message = message.removeprefix(prefix)
     path = field_path(tuple(error["loc"]))
+    if not path:
+        return f"{whole}: {message}" if whole else message
     # A model-level validator names its fields itself ("spec.lora settings are not valid ...").
-    if not path or message.startswith(f"{path}."):
+    if message.startswith(f"{path}."):
         return message
     return f"{path}: {message}"
 
 
-def describe_validation_error(error: ValidationError, source: str | None = None) -> str:
-    """All of pydantic's errors on one line: `job.yaml: spec.x: msg; spec.y: msg`."""
-    text = "; ".join(error_text(e) for e in error.errors())
+def describe_validation_error(
+    error: ValidationError,
+    source: str | None = None,
+    *,
+    first_only: bool = False,
+    whole: str | None = None,
+) -> str:
+    """Pydantic's errors (or the first) on one line: `job.yaml: spec.x: msg; spec.y: msg`."""
+    errors = error.errors()[:1] if first_only else error.errors()
+    text = "; ".join(error_text(e, whole) for e in errors)
     return f"{source}: {text}" if source else text

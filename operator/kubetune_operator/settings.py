@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from kubetune.api.errors import describe_validation_error
+
 ENV_PREFIX = "KUBETUNE_OPERATOR_"
 
 
@@ -194,5 +196,4 @@ def describe_error(error: Exception, *, first_only: bool = False, whole: str = "
     FineTuneJobs that do not validate and progress pushes."""
     if not isinstance(error, ValidationError):
         return str(error)
-    errors = error.errors()[:1] if first_only else error.errors()
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or whole}: {e['msg']}" for e in errors)
+    return describe_validation_error(error, first_only=first_only, whole=whole)

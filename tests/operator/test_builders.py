@@ -454,7 +454,7 @@ def test_structured_settings_from_env_and_flags() -> None:
         ),
         (
             {"KUBETUNE_OPERATOR_DEFAULT_TOLERATIONS": '[{"key": "x", "effect": "Never"}]'},
-            "default_tolerations.0.effect: Input should be 'NoSchedule'",
+            "default_tolerations[0].effect: Input should be 'NoSchedule'",
         ),
     ],
 )

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune_trainer.config import field_path, load_job
+from kubetune.api.errors import field_path
+from kubetune_trainer.config import load_job
 from kubetune_trainer.errors import BadInputError, termination_log_path, write_termination_message
 
 MANIFEST = {

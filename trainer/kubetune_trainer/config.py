@@ -9,38 +9,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from kubetune.api.errors import describe_validation_error
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune_trainer.errors import BadInputError
-
-# Pydantic prefixes the messages of errors raised by validators; the field path says enough.
-_VALIDATOR_PREFIXES = ("Value error, ", "Assertion failed, ")
-
-
-def field_path(loc: tuple[int | str, ...]) -> str:
-    """Pydantic's error location as a dotted path, list items as `[i]`: `spec.tolerations[0]`."""
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        else:
-            path += f".{part}" if path else str(part)
-    return path
-
-
-def _error_text(error: dict[str, Any]) -> str:
-    message = str(error["msg"])
-    for prefix in _VALIDATOR_PREFIXES:
-        message = message.removeprefix(prefix)
-    path = field_path(tuple(error["loc"]))
-    # A model-level validator names its fields itself ("spec.lora settings are not valid ...").
-    if not path or message.startswith(f"{path}."):
-        return message
-    return f"{path}: {message}"
-
-
-def format_validation_error(error: ValidationError, source: str) -> str:
-    """All of pydantic's errors on one line: `job.yaml: spec.x: msg; spec.y: msg`."""
-    return f"{source}: " + "; ".join(_error_text(e) for e in error.errors())
 
 
 def parse_job(manifest: Any, source: str) -> FineTuneJob:
@@ -51,7 +22,7 @@ def parse_job(manifest: Any, source: str) -> FineTuneJob:
     try:
         return FineTuneJob.model_validate(manifest)
     except ValidationError as error:
-        raise BadInputError(format_validation_error(error, source)) from None
+        raise BadInputError(describe_validation_error(error, source)) from None
 
 
 def load_job(path: Path) -> FineTuneJob:
