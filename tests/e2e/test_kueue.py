@@ -34,7 +34,7 @@ from kubetune_devcluster.kueue import (
     missing_kueue,
 )
 from kubetune_devcluster.processes import wait_for
-from kubetune_devcluster.rest import ApiError
+from kubetune_devcluster.rest import ApiError, KubeRest
 from kubetune_trainer.demo_assets import write_demo_dataset, write_tiny_model
 from tests.fixtures.cluster import cluster_or_skip
 from tests.fixtures.operator import OperatorProcess, install_crd
@@ -308,7 +308,8 @@ def test_one_gpu_of_quota_runs_one_job_and_queues_the_other_until_it_finishes(
 )
 def test_multi_node_job_is_admitted_as_one_unit(queued: QueuedCluster) -> None:
     """Two nodes of one GPU each against one GPU of quota: Kueue admits all or nothing, so
-    no trainer pod starts at all (rather than one of two, waiting for its peer)."""
+    no trainer pod starts at all (rather than one of two, waiting for its peer); with two
+    GPUs of quota both pods start together."""
     cluster, api = queued.cluster, queued.cluster.rest()
     manifest = ftj_manifest("gang", queued.bucket)
     manifest["spec"]["resources"]["nodes"] = 2
@@ -325,7 +326,25 @@ def test_multi_node_job_is_admitted_as_one_unit(queued: QueuedCluster) -> None:
     assert sum(p["count"] for p in pod_sets) == 2, pod_sets  # one unit of two pods
     assert condition(workload, "Admitted").get("status") != "True"
     assert pods_of(cluster, "gang") == []
-    api.delete(f"{FTJ_API}/namespaces/{NAMESPACE}/finetunejobs/gang")
+
+    # With two GPUs of quota the whole gang is admitted at once: both pods are created.
+    set_gpu_quota(api, 2)
+    try:
+        wait_condition(cluster, "gang", "Admitted")
+        wait_for(lambda: len(pods_of(cluster, "gang")) == 2, timeout=60, what="both gang pods")
+    finally:
+        api.delete(f"{FTJ_API}/namespaces/{NAMESPACE}/finetunejobs/gang")
+        set_gpu_quota(api, 1)
+
+
+def set_gpu_quota(api: KubeRest, gpus: int) -> None:
+    """Change the ClusterQueue's nominal GPU quota (through Kueue's webhooks)."""
+    path = f"{KUEUE_API}/clusterqueues/gpu"
+    cluster_queue = api.get(path)
+    for resource in cluster_queue["spec"]["resourceGroups"][0]["flavors"][0]["resources"]:
+        if resource["name"] == "nvidia.com/gpu":
+            resource["nominalQuota"] = gpus
+    api.request("PUT", path, cluster_queue)
 
 
 def test_kueue_version_is_the_pinned_release(queued: QueuedCluster) -> None:
