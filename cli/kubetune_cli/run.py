@@ -172,6 +172,13 @@ def run_gang(job: Any, processes: int, work_dir: Path, reporter: Any) -> tuple[i
     from kubetune_trainer.distributed import free_port, gang_exit_code, launch, torchrun_argv
 
     work_dir.mkdir(parents=True, exist_ok=True)
+    # The job as it runs here: `processes` ranks on one machine (the strategy and the
+    # checkpoint fingerprint follow the world size).
+    resources = job.spec.resources
+    if resources.gpus == 0:
+        resources.nodes = processes
+    else:
+        resources.nodes, resources.gpus = 1, processes
     config = work_dir / "job.yaml"
     config.write_text(yaml.safe_dump(job.wire()))
     program = ["-m", "kubetune_trainer", "--config", str(config), "--work-dir", str(work_dir)]

@@ -92,6 +92,21 @@ def current(environ: dict[str, str] | None = None) -> Rank:
     )
 
 
+CPU_FSDP_NOTE = (
+    "distributed.strategy fsdp runs as ddp on CPU workers: accelerate shards models on "
+    "accelerators only (its FSDP mode is never enabled for multi-CPU), so each CPU worker "
+    "holds the whole model"
+)
+
+
+def effective_strategy(strategy: str, device: str) -> str:
+    """What the gang actually runs: the spec's resolved strategy, except FSDP on CPU workers
+    (accelerate would silently fall back to DDP; this says so)."""
+    if strategy == "fsdp" and device != "cuda":
+        return "ddp"
+    return strategy
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

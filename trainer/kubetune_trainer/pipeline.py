@@ -248,6 +248,11 @@ def train_stage(
             "resuming from %s", store.uri_for(f"{prefix}checkpoints/checkpoint-{resume_step}/")
         )
 
+    strategy = distributed.effective_strategy(spec.strategy, run.built.hardware.device)
+    if strategy != spec.strategy:
+        log.warning("%s", distributed.CPU_FSDP_NOTE)
+        if distributed.CPU_FSDP_NOTE not in run.built.warnings:
+            run.built.warnings.append(distributed.CPU_FSDP_NOTE)  # in the manifest's notes
     with stage(reporter, "train"):
         local_checkpoints = run.work / "checkpoints"
         if rank.is_local_main:
@@ -275,9 +280,9 @@ def train_stage(
             resume_from=resume_dir,
             resumed_from_step=resume_step,
             tokenized=run.tokenized,
-            strategy=spec.strategy,
+            strategy=strategy,
         )
-    if spec.strategy == "fsdp":
+    if strategy == "fsdp":
         outcome.final_model = gather_full_model(outcome, run)
     # Evaluation needs the model, not the optimizer state (two fp32 values per parameter).
     release_training_state(outcome.trainer)
