@@ -545,6 +545,12 @@ class FineTuneJobSpec(_Model):
             return "fsdp" if self.method == "full" else "ddp"
         return chosen
 
+    @property
+    def effective_batch_size(self) -> int:
+        """Rows per optimizer step over the whole gang."""
+        training = self.training
+        return training.batchSize * training.gradientAccumulationSteps * self.world_size
+
     def uris(self) -> dict[str, str]:
         """Every URI the job reads or writes (model, data, evaluation, output), by field."""
         candidates = {
@@ -704,6 +710,13 @@ class FineTuneJobStatus(BaseModel):
     )
     restarts: int | None = None
     resumedFromStep: int | None = None
+    worldSize: int | None = Field(
+        None, description="Trainer processes in the gang: nodes x max(gpus, 1)."
+    )
+    effectiveBatchSize: int | None = Field(
+        None,
+        description="Rows per optimizer step: batchSize x gradientAccumulationSteps x worldSize.",
+    )
 
 
 class FineTuneJob(BaseModel):

@@ -58,6 +58,11 @@ def failure_summary(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kubetune_trainer import distributed
+
+    if distributed.is_gang_pod():
+        # The pod of a gang: start torchrun, whose workers run this program again.
+        return distributed.main(argv)
     args = parse_args(argv)
     config = args.config or Path(os.environ.get(ENV_JOB_CONFIG) or DEFAULT_JOB_CONFIG)
     work_dir = args.work_dir or Path(os.environ.get(ENV_WORK_DIR) or DEFAULT_WORK_DIR)

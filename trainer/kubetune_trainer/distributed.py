@@ -26,6 +26,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.contract import (  # set by the operator on a gang's pods
+    ENV_MASTER_ADDR,
+    ENV_MASTER_PORT,
+    ENV_NNODES,
+    ENV_NODE_RANK,
+    ENV_NPROC_PER_NODE,
+    GANG_PORT,
+)
+
 log = logging.getLogger(__name__)
 
 # Set by torchrun in every worker.
@@ -33,19 +42,13 @@ ENV_RANK = "RANK"
 ENV_LOCAL_RANK = "LOCAL_RANK"
 ENV_WORLD_SIZE = "WORLD_SIZE"
 ENV_LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
-# Set by the operator on trainer pods of a gang (read by `main` below).
-ENV_NNODES = "KUBETUNE_NNODES"
-ENV_NPROC_PER_NODE = "KUBETUNE_NPROC_PER_NODE"
-ENV_MASTER_ADDR = "KUBETUNE_MASTER_ADDR"
-ENV_MASTER_PORT = "KUBETUNE_MASTER_PORT"
-ENV_NODE_RANK = "JOB_COMPLETION_INDEX"  # an Indexed Job's pod index: its node rank
 ENV_TIMEOUT = "KUBETUNE_COLLECTIVE_TIMEOUT_S"
 ENV_EXIT_CODES = "KUBETUNE_EXIT_CODE_DIR"  # where each worker leaves its exit code
 
 # Worker exit codes that decide the gang's (contract: 3 bad input, 4 thresholds missed).
 NON_RETRYABLE = (3, 4)
 
-DEFAULT_MASTER_PORT = 29500
+DEFAULT_MASTER_PORT = GANG_PORT
 # How long a collective may wait for a peer before the process group gives up. Inside training
 # every optimizer step is a collective; the longest stretch without one is a checkpoint save
 # (seconds to a few minutes: rank 0 writes the model and optimizer to local disk; uploads run
@@ -263,6 +266,14 @@ def launch(command: list[str], **popen: Any) -> tuple[Any, Path]:
     folder = Path(tempfile.mkdtemp(prefix="kubetune-exit-"))
     env = {**(popen.pop("env", None) or os.environ), ENV_EXIT_CODES: str(folder)}
     return subprocess.Popen(command, env=env, **popen), folder
+
+
+def is_gang_pod(environ: dict[str, str] | None = None) -> bool:
+    """A trainer pod of a gang, not yet under torchrun (whose workers have LOCAL_RANK)."""
+    env = os.environ if environ is None else environ
+    if ENV_LOCAL_RANK in env:
+        return False
+    return int(env.get(ENV_NNODES) or 1) * int(env.get(ENV_NPROC_PER_NODE) or 1) > 1
 
 
 def main(argv: list[str] | None = None) -> int:
