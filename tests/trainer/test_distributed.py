@@ -104,7 +104,7 @@ def test_checkpoints_are_resumed_by_the_same_gang_only() -> None:
 # --- real gangs -----------------------------------------------------------------------------
 
 # Global batch 4 rows per optimizer step in every run below: 1 process x 4, or 2 x 2.
-STEPS = 6
+STEPS = 24  # long enough that a kill after the first checkpoint lands mid-run
 LORA = {"r": 8, "dropout": 0.0}  # no dropout: no random numbers differ between the layouts
 
 
@@ -167,7 +167,7 @@ def test_two_rank_ddp_lora_matches_one_process(two_rank_lora, tiny_job, tmp_path
     """Same global batch, same rows in the same order (accelerate hands consecutive
     per-rank batches to consecutive ranks), so the same gradients: the only difference is
     the order of the float32 sums (all-reduce of two halves vs one batch), about 1e-7
-    relative per step; a 1e-4 relative tolerance allows that to grow over 6 Adam steps and
+    relative per step; a 1e-4 relative tolerance allows that to grow over 24 Adam steps and
     still fails for any real difference (a lost rank halves the batch: ~1e-2)."""
     out2, _ = two_rank_lora
     manifest = _manifest(tiny_job, tmp_path / "out", name="single", processes=1)
