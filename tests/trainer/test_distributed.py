@@ -5,6 +5,7 @@ The process tests run the same launcher code as a trainer pod and `kubetune run 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -144,6 +145,21 @@ def _kubetune_run(manifest: dict, tmp_path: Path, processes: int) -> subprocess.
     return done
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def _metrics(out: Path, name: str) -> dict:
     return json.loads((out / "local" / name / "metrics.json").read_text())
 
@@ -216,7 +232,6 @@ def test_killed_gang_resumes_with_the_same_remaining_steps(two_rank_lora, tmp_pa
             stdout=subprocess.PIPE,
             stderr=(tmp_path / log_name).open("w"),
             text=True,
-            start_new_session=True,  # its own process group: the kill reaches every rank
         )
         return gang, EventStream(gang)
 
@@ -224,7 +239,11 @@ def test_killed_gang_resumes_with_the_same_remaining_steps(two_rank_lora, tmp_pa
     try:
         events.wait_for(lambda e: e["event"] == "checkpoint", timeout=600)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
+        # torchrun starts each worker in its own session: kill them by pid, as the kubelet
+        # kills a pod's whole cgroup.
+        for pid in [first.pid, *descendants(first.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         first.wait(timeout=60)
     checkpoints = tmp_path / "out" / "local" / "ddp-killed" / "checkpoints"
     for later in sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name[11:]))[1:]:
