@@ -67,7 +67,8 @@ def path_for(manifest: dict[str, Any]) -> str:
     kind = manifest["kind"]
     if kind == "Job":
         return job_path(ns)
-    return core_path({"ConfigMap": "configmaps", "Secret": "secrets", "Event": "events"}[kind], ns)
+    plurals = {"ConfigMap": "configmaps", "Secret": "secrets", "Event": "events"}
+    return core_path({**plurals, "Service": "services"}[kind], ns)
 
 
 def proxy_for(url: str) -> str | None:

@@ -12,7 +12,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kubetune.api.contract import ENV_WORK_DIR, EXIT_BAD_INPUT, EXIT_FAILURE
+from kubetune.api.contract import (
+    ENV_WORK_DIR,
+    EXIT_BAD_INPUT,
+    EXIT_EVAL_THRESHOLDS,
+    EXIT_FAILURE,
+)
 from kubetune.formatting import human_size
 
 LOCAL_NAMESPACE = "local"  # artifacts of local runs go to <output>/local/<name>/
@@ -37,6 +42,13 @@ def register(subparsers: Any) -> None:
         type=Path,
         default=None,
         help=f"scratch space (default: ${ENV_WORK_DIR} or {DEFAULT_LOCAL_WORK_DIR}/<name>)",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="trainer processes on this machine (one per GPU; gloo on CPU), launched with "
+        "torchrun as in a multi-GPU pod; rank 0 reports, evaluates and publishes",
     )
     parser.set_defaults(func=run_command)
 
@@ -119,7 +131,18 @@ def run_command(args: argparse.Namespace) -> int:
         reporter = RichReporter(errors)
         failure = None
         try:
-            run_pipeline(job, reporter, RunOptions(work_dir=work_dir, namespace=LOCAL_NAMESPACE))
+            if args.processes > 1:
+                code, message = run_gang(job, args.processes, work_dir, reporter)
+                if code == EXIT_BAD_INPUT:
+                    raise BadInputError(message or "bad input")
+                if code != 0:
+                    error_line(message or f"the trainer processes failed (exit code {code})")
+                    if code != EXIT_EVAL_THRESHOLDS:
+                        return code
+                    failure = message
+            else:
+                options = RunOptions(work_dir=work_dir, namespace=LOCAL_NAMESPACE)
+                run_pipeline(job, reporter, options)
         except EvaluationGateError as error:
             failure = str(error)  # the artifacts were published: show them, then fail
         finally:
@@ -135,3 +158,43 @@ def run_command(args: argparse.Namespace) -> int:
         error_line(failure)
         return EXIT_FAILURE
     return 0
+
+
+def run_gang(job: Any, processes: int, work_dir: Path, reporter: Any) -> tuple[int, str | None]:
+    """`processes` trainer ranks under torchrun, through the launcher the trainer pods use.
+    Rank 0's JSON-line events drive the progress bar; the ranks' logs go to
+    <work-dir>/trainer.log. Returns torchrun's exit code and the `failed` event's message."""
+    import subprocess
+
+    import yaml
+
+    from kubetune.api.contract import ProgressEvent
+    from kubetune_trainer.distributed import free_port, gang_exit_code, launch, torchrun_argv
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    # The job as it runs here: `processes` ranks on one machine (the strategy and the
+    # checkpoint fingerprint follow the world size).
+    resources = job.spec.resources
+    if resources.gpus == 0:
+        resources.nodes = processes
+    else:
+        resources.nodes, resources.gpus = 1, processes
+    config = work_dir / "job.yaml"
+    config.write_text(yaml.safe_dump(job.wire()))
+    program = ["-m", "kubetune_trainer", "--config", str(config), "--work-dir", str(work_dir)]
+    program += ["--namespace", LOCAL_NAMESPACE]
+    command = torchrun_argv(processes, program, master_port=free_port())
+    failed_message = None
+    with (work_dir / "trainer.log").open("w") as log_file:
+        gang, codes = launch(command, stdout=subprocess.PIPE, stderr=log_file, text=True)
+        assert gang.stdout is not None
+        for line in gang.stdout:
+            try:
+                event = ProgressEvent.model_validate_json(line)
+            except ValueError:
+                continue  # not an event (stdout of a library that escaped the redirect)
+            if event.event == "failed":
+                failed_message = event.message
+            reporter.emit(event)
+        code = gang_exit_code(gang.wait(), codes)
+    return code, failed_message

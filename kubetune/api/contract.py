@@ -35,6 +35,13 @@ ENV_PROGRESS_TOKEN = "KUBETUNE_PROGRESS_TOKEN"  # a fixed token instead (tests, 
 ENV_WORK_DIR = "KUBETUNE_WORK_DIR"  # scratch space: model/dataset cache, local checkpoints
 ENV_TERMINATION_LOG = "KUBETUNE_TERMINATION_LOG"  # override of DEFAULT_TERMINATION_LOG
 ENV_HF_TOKEN = "HF_TOKEN"
+# A gang (world size above 1): the trainer's launcher starts torchrun from these.
+ENV_NNODES = "KUBETUNE_NNODES"  # pods in the gang (spec.resources.nodes)
+ENV_NPROC_PER_NODE = "KUBETUNE_NPROC_PER_NODE"  # trainer processes per pod
+ENV_MASTER_ADDR = "KUBETUNE_MASTER_ADDR"  # where rank 0 listens (index 0's DNS name)
+ENV_MASTER_PORT = "KUBETUNE_MASTER_PORT"
+ENV_NODE_RANK = "JOB_COMPLETION_INDEX"  # an Indexed Job's pod index: its node rank
+GANG_PORT = 29500
 
 DEFAULT_WORK_DIR = "/workspace"
 

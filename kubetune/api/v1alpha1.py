@@ -209,6 +209,25 @@ class DatasetSpec(_Model):
     )
 
 
+MAX_NODES = 64
+DistributedStrategy = Literal["auto", "ddp", "fsdp"]
+QLORA_FSDP_MESSAGE = (
+    "distributed.strategy fsdp is not supported with method: qlora; use ddp (or auto): "
+    "the 4-bit base is replicated on every GPU and only the adapter's gradients are averaged"
+)
+
+
+class DistributedSpec(_Model):
+    """How several trainer processes share the work (world size above 1 only)."""
+
+    strategy: DistributedStrategy = Field(
+        "auto",
+        description="ddp: every process holds the whole model and gradients are averaged; "
+        "fsdp: parameters, gradients and optimizer state are sharded across processes. "
+        "auto: ddp for lora and qlora, fsdp for full.",
+    )
+
+
 LrScheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 
 
@@ -276,9 +295,18 @@ class OutputSpec(_Model):
 
 
 class ResourcesSpec(_Model):
-    """Compute for the trainer pod."""
+    """Compute for the trainer pods."""
 
-    gpus: int = Field(1, ge=0, le=64, description="GPUs (nvidia.com/gpu) for the trainer pod.")
+    gpus: int = Field(
+        1, ge=0, le=64, description="GPUs (nvidia.com/gpu) per node: one trainer process each."
+    )
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=MAX_NODES,
+        description="Trainer pods (one per node), trained as one gang over torch.distributed. "
+        "World size: nodes x max(gpus, 1) processes; gpus: 0 runs CPU workers over gloo.",
+    )
     cpu: str | None = Field(
         None,
         pattern=r"^[0-9]+(\.[0-9]+)?m?$",
@@ -455,6 +483,12 @@ class FineTuneJobSpec(_Model):
                     "lora settings are not valid with method: full",
                     ".lora",
                 ),
+                _cel(
+                    "!(self.method == 'qlora' && has(self.distributed) && "
+                    "self.distributed.strategy == 'fsdp')",
+                    QLORA_FSDP_MESSAGE,
+                    ".distributed.strategy",
+                ),
                 _cel(_long_text_rule(), LONG_TEXT_MESSAGE),
             ]
         },
@@ -471,6 +505,9 @@ class FineTuneJobSpec(_Model):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Evaluation.")
     output: OutputSpec = Field(description="Where artifacts go.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Compute.")
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="Multi-process training (world size > 1)."
+    )
     tracking: TrackingSpec | None = Field(None, description="Experiment tracking.")
 
     # Scheduling and lifecycle (used by the operator; ignored by `kubetune run`).
@@ -493,6 +530,27 @@ class FineTuneJobSpec(_Model):
     affinity: FreeForm | None = Field(None, description="Trainer pod affinity.")
     imagePullSecrets: list[LocalObjectReference] | None = Field(None)
 
+    @property
+    def world_size(self) -> int:
+        """Trainer processes in the gang: one per GPU, or one per node on CPU nodes."""
+        return self.resources.nodes * max(self.resources.gpus, 1)
+
+    @property
+    def strategy(self) -> Literal["none", "ddp", "fsdp"]:
+        """The resolved strategy: none for one process; auto -> fsdp for full, else ddp."""
+        if self.world_size == 1:
+            return "none"
+        chosen = self.distributed.strategy
+        if chosen == "auto":
+            return "fsdp" if self.method == "full" else "ddp"
+        return chosen
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Rows per optimizer step over the whole gang."""
+        training = self.training
+        return training.batchSize * training.gradientAccumulationSteps * self.world_size
+
     def uris(self) -> dict[str, str]:
         """Every URI the job reads or writes (model, data, evaluation, output), by field."""
         candidates = {
@@ -513,6 +571,8 @@ class FineTuneJobSpec(_Model):
             raise ValueError("spec.quantization is only valid with method: qlora")
         if self.lora is not None and self.method == "full":
             raise ValueError("spec.lora settings are not valid with method: full")
+        if self.method == "qlora" and self.distributed.strategy == "fsdp":
+            raise ValueError(f"spec.distributed.strategy: {QLORA_FSDP_MESSAGE}")
         if long_text_size(self) > LONG_TEXT_BUDGET:
             raise ValueError(f"spec: {LONG_TEXT_MESSAGE}")
         if self.method in ("lora", "qlora") and self.lora is None:
@@ -666,6 +726,13 @@ class FineTuneJobStatus(BaseModel):
     )
     restarts: int | None = None
     resumedFromStep: int | None = None
+    worldSize: int | None = Field(
+        None, description="Trainer processes in the gang: nodes x max(gpus, 1)."
+    )
+    effectiveBatchSize: int | None = Field(
+        None,
+        description="Rows per optimizer step: batchSize x gradientAccumulationSteps x worldSize.",
+    )
 
 
 class FineTuneJob(BaseModel):

@@ -151,7 +151,7 @@ def build_env(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, An
     token_ref = ftj.spec.model.tokenSecretRef
     if token_ref:
         env.append(_secret_env(contract.ENV_HF_TOKEN, token_ref.name, token_ref.key))
-    return env + _tracking_env(ftj.spec)
+    return env + _tracking_env(ftj.spec) + gang_env(ftj)
 
 
 # The keys of spec.tracking.mlflow.credentialsSecretRef the MLflow client reads (each optional:
@@ -173,6 +173,57 @@ def _tracking_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
         ref = tracking.wandb.apiKeySecretRef
         env.append(_secret_env("WANDB_API_KEY", ref.name, ref.key))
     return env
+
+
+GANG_PORT = contract.GANG_PORT  # torchrun's static rendezvous and store, on index 0
+
+
+def gang_env(ftj: FineTuneJob) -> list[dict[str, Any]]:
+    """What the trainer's launcher needs to start torchrun (nothing for one process): the
+    gang's shape and where rank 0 listens. The node rank is the pod's completion index
+    (JOB_COMPLETION_INDEX, set by the Job controller)."""
+    spec = ftj.spec
+    if spec.world_size == 1:
+        return []
+    nodes = spec.resources.nodes
+    master = "127.0.0.1"
+    if nodes > 1:
+        # Index 0's stable name through the headless Service (pod hostname.subdomain).
+        service = names.service_name(ftj.metadata.name)
+        master = f"{names.job_name(ftj.metadata.name)}-0.{service}.{ftj.namespace}.svc"
+    return [
+        {"name": contract.ENV_NNODES, "value": str(nodes)},
+        {"name": contract.ENV_NPROC_PER_NODE, "value": str(max(spec.resources.gpus, 1))},
+        {"name": contract.ENV_MASTER_ADDR, "value": master},
+        {"name": contract.ENV_MASTER_PORT, "value": str(GANG_PORT)},
+    ]
+
+
+def build_service(job: dict[str, Any]) -> dict[str, Any] | None:
+    """The headless Service of a multi-node gang's Job (None for one pod): it gives each pod
+    the DNS name <job>-<index>.<service>, published before the pods are ready, since the
+    rendezvous happens before anything could report ready. Owned by the FineTuneJob, like
+    the Job, and created before it."""
+    subdomain = job["spec"]["template"]["spec"].get("subdomain")
+    if not subdomain:
+        return None
+    meta = job["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": subdomain,
+            "namespace": meta["namespace"],
+            "labels": {k: v for k, v in meta["labels"].items() if k != names.LABEL_QUEUE},
+            "ownerReferences": meta["ownerReferences"],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {names.POD_JOB_LABELS[0]: meta["name"]},
+            "ports": [{"name": "rendezvous", "port": GANG_PORT, "targetPort": GANG_PORT}],
+        },
+    }
 
 
 def build_resources(spec: FineTuneJobSpec, settings: OperatorSettings) -> dict[str, Any]:
@@ -345,6 +396,12 @@ def build_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     }
     if spec.activeDeadlineSeconds:
         job_spec["activeDeadlineSeconds"] = spec.activeDeadlineSeconds
+    if spec.resources.nodes > 1:
+        # One pod per node, all at once (Kueue admits the Job, hence the gang, as one unit);
+        # each pod's completion index is its node rank and names its hostname.
+        nodes = spec.resources.nodes
+        job_spec.update(completionMode="Indexed", completions=nodes, parallelism=nodes)
+        job_spec["template"]["spec"]["subdomain"] = names.service_name(name)
     hashes = json.dumps(spec_hashes(resolved), sort_keys=True)
     return {
         "apiVersion": "batch/v1",

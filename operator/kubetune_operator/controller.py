@@ -14,7 +14,7 @@ import logging
 
 from kubetune.api.contract import ProgressEvent
 from kubetune.kube import Kube, core_path, job_path
-from kubetune_operator import names
+from kubetune_operator import builders, names
 from kubetune_operator.auth import TokenReviewer
 from kubetune_operator.cache import Cache, Key, slim_job, slim_pod
 from kubetune_operator.metrics import OperatorMetrics
@@ -139,6 +139,9 @@ class Controller:
     async def _create_job(self, key: Key, manifest: dict) -> bool:
         """Create the Job (or find the one already there) and put it in the cache; False
         when there is none to go on with yet."""
+        service = builders.build_service(manifest)
+        if service is not None:
+            await self.kube.create_quietly(service)  # one that exists already is fine
         created, was_created = await self.kube.create(manifest)
         if was_created and created:
             self.metrics.jobs_created.inc()

@@ -37,6 +37,11 @@ def job_name(ftj_name: str) -> str:
     return child_name(ftj_name, "trainer")
 
 
+def service_name(ftj_name: str) -> str:
+    """The headless Service that gives a multi-node gang's pods stable DNS names."""
+    return child_name(ftj_name, "workers")
+
+
 def child_labels(ftj_name: str) -> dict[str, str]:
     # Label values are limited to 63 characters too; the owner reference is the real link.
     value = ftj_name if len(ftj_name) <= _MAX_NAME else child_name(ftj_name, "x")[:-2]

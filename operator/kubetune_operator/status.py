@@ -218,13 +218,23 @@ def _job_conditions(job: dict) -> dict[str, dict]:
     }
 
 
+def _result(pods: list[dict]) -> contract.TrainerResult | None:
+    """The TrainerResult of a finished Job: from the newest succeeded pod that holds one (in a
+    gang only rank 0's pod, index 0, writes it; the others end without a message)."""
+    succeeded = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
+    for pod in sorted(succeeded, key=_pod_time, reverse=True):
+        result = parse_result((_terminated(pod) or {}).get("message"))
+        if result is not None:
+            return result
+    return None
+
+
 def job_outcome(ftj: FineTuneJob, job: dict, pods: list[dict]) -> Outcome:
     spec = ftj.spec
     conds = _job_conditions(job)
     memory = spec.resources.memory
     if "Complete" in conds or "SuccessCriteriaMet" in conds:
-        pod = _latest(pods, "Succeeded")
-        result = parse_result(_terminated(pod).get("message")) if pod and _terminated(pod) else None
+        result = _result(pods)
         if result and result.result == "failed":
             return Outcome(
                 "Failed", Reason.TRAINER_FAILED, result.message or "the trainer failed", result
@@ -441,6 +451,8 @@ def derive_status(obs: Observed, now: str) -> dict[str, Any]:
     )
     if resumed:
         status["resumedFromStep"] = resumed
+    status["worldSize"] = ftj.spec.world_size
+    status["effectiveBatchSize"] = ftj.spec.effective_batch_size
 
     artifacts = dict(prev.get("artifacts") or {})
     metrics = dict(prev.get("metrics") or {})

@@ -46,28 +46,49 @@ def model_size_billions(uri: str) -> float | None:
     return experts * float(match.group(2))
 
 
-def estimate_gpu_memory_gib(method: str, billions: float) -> float:
-    return billions * 1e9 * BYTES_PER_PARAM[method] * OVERHEAD / 2**30
+def estimate_gpu_memory_gib(method: str, billions: float, shards: int = 1) -> float:
+    """GPU memory per GPU: the whole estimate on each (one process, or DDP, which replicates
+    the model), or 1/shards of it with FSDP (weights, gradients and optimizer state sharded)."""
+    return billions * 1e9 * BYTES_PER_PARAM[method] * OVERHEAD / 2**30 / shards
 
 
 def check_gpus(spec: FineTuneJobSpec, settings: OperatorSettings) -> Problem | None:
     billions = model_size_billions(spec.model.uri)
     if billions is None:
         return None  # unknown size: nothing to say
-    method, gpus = spec.method, spec.resources.gpus
-    need = estimate_gpu_memory_gib(method, billions)
-    have = gpus * settings.gpu_memory_gib
-    if need <= have:
+    method, gpus, nodes = spec.method, spec.resources.gpus, spec.resources.nodes
+    if gpus == 0:
+        return None  # CPU workers: no GPU memory to check
+    world, per_gpu = spec.world_size, settings.gpu_memory_gib
+    sharded = spec.strategy == "fsdp"
+    need = estimate_gpu_memory_gib(method, billions, world if sharded else 1)
+    if need <= per_gpu:
         return None
-    least = math.ceil(need / settings.gpu_memory_gib)
-    hint = " or use method: qlora" if method != "qlora" else ""
+    layout = f"{nodes} node(s) x {gpus} GPU(s)" if nodes > 1 else f"{gpus} GPU(s)"
+    how = "sharded (fsdp) over" if sharded else "replicated on each of"
     return Problem(
         "Failed",
         Reason.INSUFFICIENT_GPUS,
-        f"method {method} on a ~{billions:g}B model needs about {need:.0f} GiB of GPU memory "
-        f"but {gpus} GPU(s) of {settings.gpu_memory_gib:g} GiB give {have:.0f} GiB: "
-        f"request spec.resources.gpus >= {least}{hint}",
+        f"method {method} on a ~{billions:g}B model needs about {need:.0f} GiB per GPU, "
+        f"{how} {layout} of {per_gpu:g} GiB: {advice(spec, billions, per_gpu)}",
     )
+
+
+def advice(spec: FineTuneJobSpec, billions: float, per_gpu: float) -> str:
+    """A configuration that fits: full fine-tuning shards (fsdp) over enough GPUs; an
+    adapter's frozen base is replicated (ddp), so it needs a smaller footprint per GPU."""
+    method, gpus = spec.method, max(spec.resources.gpus, 1)
+    if method == "full":
+        world = math.ceil(estimate_gpu_memory_gib("full", billions) / per_gpu)
+        nodes = math.ceil(world / gpus)
+        fsdp = "" if spec.distributed.strategy == "auto" else ", spec.distributed.strategy: fsdp"
+        return (
+            f"shard it over >= {world} GPUs (spec.resources.gpus >= {min(world, gpus)}, "
+            f"spec.resources.nodes >= {nodes}{fsdp}) or use method: qlora"
+        )
+    if method == "lora" and estimate_gpu_memory_gib("qlora", billions) <= per_gpu:
+        return "use method: qlora (a 4-bit base fits one GPU; ddp replicates it)"
+    return "use GPUs with more memory (an adapter's base model is replicated on every GPU)"
 
 
 def check_uris(spec: FineTuneJobSpec, settings: OperatorSettings) -> Problem | None:

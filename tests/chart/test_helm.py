@@ -43,6 +43,7 @@ NAMESPACED_VERBS: dict[tuple[str, str], set[str]] = {
     ("", "events"): {"create"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "pods"): {"get", "list", "watch"},
+    ("", "services"): {"create"},
 }
 # In both modes, cluster-scoped: TokenReviews, to check the trainers' progress tokens.
 TOKEN_REVIEW_VERBS: dict[tuple[str, str], set[str]] = {

@@ -275,8 +275,31 @@ def test_gpu_plausibility() -> None:
     assert "70B" in problem.message and "spec.resources.gpus >=" in problem.message
     qlora7 = make_ftj(model={"uri": "hf://org/llama-7b"}, method="qlora", resources=one_gpu)
     assert validation.check_gpus(qlora7.spec, SETTINGS) is None
+    # DDP replicates: an adapter on a 70B base needs the whole base on each of the 8 GPUs.
     lora70_8 = make_ftj(model={"uri": "hf://org/llama-70b"}, method="lora", resources={"gpus": 8})
-    assert validation.check_gpus(lora70_8.spec, SETTINGS) is None
+    problem = validation.check_gpus(lora70_8.spec, SETTINGS)
+    assert problem is not None and "replicated on each of 8 GPU(s)" in problem.message
+    assert "use method: qlora" in problem.message
+    qlora70_8 = make_ftj(model={"uri": "hf://org/llama-70b"}, method="qlora", resources={"gpus": 8})
+    assert validation.check_gpus(qlora70_8.spec, SETTINGS) is None
+
+
+def test_gpu_plausibility_with_fsdp_sharding() -> None:
+    """Full fine-tuning of 70B (~1.25 TiB with optimizer state): FSDP over one node of 8 GPUs
+    does not fit 80 GiB GPUs (~156 GiB each); over 2 x 8 it does. The advice names a gang
+    that fits."""
+    settings = SETTINGS.model_copy(update={"gpu_memory_gib": 80.0})
+    full70 = {"model": {"uri": "hf://meta-llama/Llama-2-70b-hf"}, "method": "full"}
+    small = make_ftj(**full70, resources={"gpus": 8})
+    problem = validation.check_gpus(small.spec, settings)
+    assert problem is not None and "sharded (fsdp) over 8 GPU(s)" in problem.message
+    assert "spec.resources.nodes >= 2" in problem.message, problem.message
+    big = make_ftj(**full70, resources={"gpus": 8, "nodes": 2})
+    assert validation.check_gpus(big.spec, settings) is None
+    ddp = make_ftj(**full70, resources={"gpus": 8, "nodes": 2}, distributed={"strategy": "ddp"})
+    problem = validation.check_gpus(ddp.spec, settings)
+    assert problem is not None and "replicated" in problem.message
+    assert "spec.distributed.strategy: fsdp" in problem.message
 
 
 def test_uri_schemes_and_bucket_prefixes() -> None:

@@ -58,6 +58,11 @@ def failure_summary(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kubetune_trainer import distributed
+
+    if distributed.is_gang_pod():
+        # The pod of a gang: start torchrun, whose workers run this program again.
+        return distributed.main(argv)
     args = parse_args(argv)
     config = args.config or Path(os.environ.get(ENV_JOB_CONFIG) or DEFAULT_JOB_CONFIG)
     work_dir = args.work_dir or Path(os.environ.get(ENV_WORK_DIR) or DEFAULT_WORK_DIR)
@@ -66,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # Imported here so that `--help` is instant and import failures are reported like the rest.
+    from kubetune_trainer.distributed import current
     from kubetune_trainer.progress import (
         HttpReporter,
         JsonLinesReporter,
@@ -74,11 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries,
     )
 
+    rank = current()
     events_out = sys.stdout
-    reporters = [JsonLinesReporter(events_out)]
-    http = HttpReporter.from_env()
-    if http is not None:
-        reporters.append(http)
+    reporters = []
+    # In a gang rank 0 alone reports, and alone writes the termination message on success.
+    if rank.is_main:
+        reporters.append(JsonLinesReporter(events_out))
+        http = HttpReporter.from_env()
+        if http is not None:
+            reporters.append(http)
     reporter = MultiReporter(reporters)
     quiet_libraries()
     try:
@@ -90,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             job = load_job(config)
             namespace = args.namespace or job.namespace
             result = run_pipeline(job, reporter, RunOptions(work_dir=work_dir, namespace=namespace))
+            if result is None:  # a rank other than 0: rank 0 published and reported
+                return 0
     except BadInputError as error:
         message = str(error)
         print(message, file=sys.stderr)
@@ -98,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         reporter.close()
         return EXIT_BAD_INPUT
     except Exception as error:  # noqa: BLE001 - every failure must end in a termination message
-        from kubetune_trainer.pipeline import EvaluationGateError
+        from kubetune_trainer.pipeline import EvaluationGateError, GangFailedError
 
         gate_missed = isinstance(error, EvaluationGateError)
         if gate_missed:
@@ -106,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             traceback.print_exc(file=sys.stderr)
             message = failure_summary(error)
-        write_termination_message(message)
+        # A rank echoing rank 0's outcome leaves rank 0's message in place.
+        if rank.is_main or not isinstance(error, EvaluationGateError | GangFailedError):
+            write_termination_message(message)
         reporter.emit(make_event("failed", message=message))
         reporter.close()
         return EXIT_EVAL_THRESHOLDS if gate_missed else EXIT_FAILURE
@@ -126,5 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main_recording_exit() -> int:
+    """`main`, leaving its exit code where a gang launcher reads it: torchrun itself exits 1
+    for any failed worker, and the pod's exit code must still say "bad input, do not retry"."""
+    from kubetune_trainer.distributed import record_exit_code
+
+    code = main()
+    record_exit_code(code)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_recording_exit())

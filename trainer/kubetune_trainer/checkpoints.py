@@ -26,6 +26,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from kubetune.api.v1alpha1 import FineTuneJobSpec
+from kubetune_trainer import distributed
 from kubetune_trainer.progress import Reporter, make_event, now_rfc3339
 from kubetune_trainer.storage import ArtifactStore
 
@@ -49,6 +50,10 @@ def training_fingerprint(
     )
     parts["training"] = {k: v for k, v in parts["training"].items() if k not in _NOT_TRAJECTORY}
     parts["dataDigest"] = data_digest
+    if spec.world_size > 1:
+        # The data order and the optimizer's shards follow the gang's shape: a checkpoint is
+        # resumed by the same world size and strategy only (a changed gang starts over).
+        parts["gang"] = {"worldSize": spec.world_size, "strategy": spec.strategy}
     if resolved_revision is not None:
         parts["resolvedRevision"] = resolved_revision
     canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"))
@@ -167,12 +172,16 @@ class CheckpointUploader(TrainerCallback):
         fingerprint: str,
         reporter: Reporter,
         queue_size: int = 1,
+        is_main: bool | None = None,
     ) -> None:
         self.store = store
         self.run_prefix = run_prefix
         self.keep = keep
         self.fingerprint = fingerprint
         self.reporter = reporter
+        # In a gang, rank 0 alone uploads: the checkpoint folder on its node is complete
+        # (DDP and FSDP's full state dict are written by rank 0).
+        self.is_main = distributed.current().is_main if is_main is None else is_main
         self._queue: queue.Queue[tuple[int, int, Path] | None] = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -187,6 +196,10 @@ class CheckpointUploader(TrainerCallback):
             raise RuntimeError(f"checkpoint upload failed: {self._error}") from self._error
 
     def on_save(self, args, state, control, **kwargs):
+        # Every rank has written its part (its RNG state) before rank 0 snapshots the folder.
+        distributed.barrier()
+        if not self.is_main:
+            return
         self._raise_upload_error()
         step = state.global_step
         local = Path(args.output_dir) / f"checkpoint-{step}"

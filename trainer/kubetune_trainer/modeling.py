@@ -102,8 +102,11 @@ class Hardware:
         return self.device == "cuda" and native_bf16(self.capability)
 
     def device_map(self) -> dict[str, Any] | None:
-        """Load weights straight onto the GPU (no full copy in host memory first)."""
-        return {"": 0} if self.device == "cuda" else None
+        """Load weights straight onto this process's GPU (no full copy in host memory first):
+        under a distributed launcher each process owns the GPU of its LOCAL_RANK."""
+        if self.device != "cuda":
+            return None
+        return {"": int(os.environ.get("LOCAL_RANK") or 0)}
 
 
 def check_single_process(hardware: Hardware, environ: dict[str, str] | None = None) -> None:
@@ -121,8 +124,8 @@ def check_single_process(hardware: Hardware, environ: dict[str, str] | None = No
         return
     raise BadInputError(
         f"spec.resources.gpus: this trainer sees {hardware.device_count} GPUs in one process; "
-        "it trains on one GPU per process and has no distributed launch yet "
-        "(set spec.resources.gpus: 1)"
+        "it trains on one GPU per process: run it under torchrun (the operator does for "
+        "gpus > 1; locally `kubetune run --processes N`)"
     )
 
 
@@ -447,14 +450,17 @@ def load_base_model(
     dtype: torch.dtype | None = None,
     quantization: BitsAndBytesConfig | None = None,
     trust_remote_code: bool = False,
+    sharded: bool = False,
 ) -> Any:
     """The base model, loaded straight onto its device: on a GPU the weights go from the
-    files to GPU memory shard by shard, so host memory never holds the whole model."""
+    files to GPU memory shard by shard, so host memory never holds the whole model.
+    `sharded` (FSDP): load into host memory; FSDP moves each process's shard to its GPU, so
+    no GPU ever holds the whole model."""
     kwargs: dict[str, Any] = {
         "dtype": dtype or hardware.weights_dtype,
         "trust_remote_code": trust_remote_code,
     }
-    device_map = hardware.device_map()
+    device_map = None if sharded else hardware.device_map()
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         # bitsandbytes quantises while loading, on the device the weights land on.
@@ -519,6 +525,7 @@ def build_model(
         dtype=hardware.train_dtype(spec.method),
         quantization=bnb,
         trust_remote_code=trust,
+        sharded=spec.strategy == "fsdp",
     )
     packing = spec.training.packing and packing_supported(model, hardware, notes, warnings)
     for warning in warnings:

@@ -17,7 +17,7 @@ from typing import Any
 
 from kubetune.api.contract import TrainerResult
 from kubetune.api.v1alpha1 import Artifacts, FineTuneJob, Metrics
-from kubetune_trainer import publish
+from kubetune_trainer import distributed, publish
 from kubetune_trainer.checkpoints import (
     CheckpointUploader,
     download_checkpoint,
@@ -197,12 +197,13 @@ def prepare(job: FineTuneJob, reporter: Reporter, options: RunOptions) -> Prepar
     spec = job.spec
     work = Path(options.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    with stage(reporter, "model-download"):
+    # Local ranks share the node's scratch: one downloads, the others find the files there.
+    with distributed.node_lock(work), stage(reporter, "model-download"):
         store: ArtifactStore = open_store(spec.output.uri)
         store.check_access()  # a wrong bucket or key must fail now, not after hours of training
         model_path = resolve_model(spec.model, work / "models")
 
-    with stage(reporter, "dataset"):
+    with distributed.node_lock(work), stage(reporter, "dataset"):
         tokenizer, data, tokenized, eval_rows = load_data(job, model_path, work)
 
     with stage(reporter, "model-build"):
@@ -230,22 +231,37 @@ def train_stage(
 ) -> TrainOutcome:
     """Resume from the newest matching checkpoint if any, train, upload checkpoints."""
     spec, store, prefix = run.spec, run.store, run.prefix
+    rank = distributed.current()
     # Input is good: from here on, a failure is worth retrying and resuming.
-    publish.remove_stale_manifest(store, prefix)
+    if rank.is_main:
+        publish.remove_stale_manifest(store, prefix)
     fingerprint = training_fingerprint(spec, run.data.digest, run.revision)
     resume_step = latest_resumable(store, prefix, fingerprint)
+    # Every rank agrees on the step (rank 0 could upload a newer one while another lists).
+    resume_step = distributed.agree(resume_step)
     resume_dir = None
     if resume_step is not None:
-        resume_dir = download_checkpoint(store, prefix, resume_step, run.work / "resume")
+        # One copy per rank: each reads it on its own schedule, no rank deletes another's.
+        resume_root = run.work / "resume" / f"rank-{rank.rank}"
+        resume_dir = download_checkpoint(store, prefix, resume_step, resume_root)
         log.info(
             "resuming from %s", store.uri_for(f"{prefix}checkpoints/checkpoint-{resume_step}/")
         )
 
+    strategy = distributed.effective_strategy(spec.strategy, run.built.hardware.device)
+    if strategy != spec.strategy:
+        log.warning("%s", distributed.CPU_FSDP_NOTE)
+        if distributed.CPU_FSDP_NOTE not in run.built.warnings:
+            run.built.warnings.append(distributed.CPU_FSDP_NOTE)  # in the manifest's notes
     with stage(reporter, "train"):
         local_checkpoints = run.work / "checkpoints"
-        shutil.rmtree(local_checkpoints, ignore_errors=True)
+        if rank.is_local_main:
+            shutil.rmtree(local_checkpoints, ignore_errors=True)
+        distributed.barrier()  # nobody writes a checkpoint into the folder being cleared
+        # Rank 0 alone reports: its step count and the gathered token count are the gang's.
+        progress = [ProgressCallback(reporter, resumed_from_step=resume_step)]
         callbacks = [
-            ProgressCallback(reporter, resumed_from_step=resume_step),
+            *(progress if rank.is_main else []),
             CheckpointUploader(
                 store,
                 prefix,
@@ -264,10 +280,33 @@ def train_stage(
             resume_from=resume_dir,
             resumed_from_step=resume_step,
             tokenized=run.tokenized,
+            strategy=strategy,
         )
+    if strategy == "fsdp":
+        outcome.final_model = gather_full_model(outcome, run)
     # Evaluation needs the model, not the optimizer state (two fp32 values per parameter).
     release_training_state(outcome.trainer)
     return outcome
+
+
+def gather_full_model(outcome: TrainOutcome, run: PreparedRun) -> Any:
+    """FSDP: every rank holds a shard. All ranks gather the full state dict into HF files
+    (rank 0 writes them); rank 0 loads them as an ordinary model to evaluate and publish."""
+    final_dir = run.work / "fsdp-final"
+    outcome.trainer.save_model(str(final_dir))
+    distributed.barrier()
+    if not distributed.current().is_main:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    hardware = run.built.hardware
+    model = AutoModelForCausalLM.from_pretrained(
+        final_dir,
+        dtype=hardware.train_dtype(run.spec.method),
+        device_map=hardware.device_map(),
+        trust_remote_code=run.spec.model.trustRemoteCode,
+    )
+    return model.eval()
 
 
 def evaluate_stage(
@@ -363,10 +402,45 @@ def publish_stage(
     return artifacts, metrics
 
 
-def run_pipeline(job: FineTuneJob, reporter: Reporter, options: RunOptions) -> TrainerResult:
-    """Run the whole job; returns the TrainerResult (raises on failure, BadInputError first)."""
+def run_pipeline(job: FineTuneJob, reporter: Reporter, options: RunOptions) -> TrainerResult | None:
+    """Run the whole job; returns the TrainerResult (raises on failure, BadInputError first).
+    In a gang, the ranks other than 0 train, wait for rank 0 to publish and return None."""
     started = time.monotonic()
     run = prepare(job, reporter, options)
+    distributed.init_process_group(run.built.hardware.device)
+    if not distributed.current().is_main:
+        return follow(run, reporter)
+    try:
+        result = lead(job, run, reporter, options, started)
+    except EvaluationGateError:
+        distributed.announce_outcome(distributed.GATE_MISSED)
+        raise
+    except BaseException:
+        distributed.announce_outcome(distributed.FAILED)
+        raise
+    distributed.announce_outcome(distributed.SUCCEEDED)
+    return result
+
+
+def follow(run: PreparedRun, reporter: Reporter) -> None:
+    """A rank other than 0: train, then wait for rank 0's evaluation and publishing."""
+    train_stage(run, reporter)
+    outcome = distributed.wait_for_outcome()
+    if outcome == distributed.GATE_MISSED:
+        raise EvaluationGateError("evaluation thresholds missed (see rank 0)")
+    if outcome != distributed.SUCCEEDED:
+        raise GangFailedError("rank 0 failed after training; see its log")
+    return None
+
+
+class GangFailedError(Exception):
+    """Rank 0 failed: the other ranks fail with it, so the gang is restarted as a whole."""
+
+
+def lead(
+    job: FineTuneJob, run: PreparedRun, reporter: Reporter, options: RunOptions, started: float
+) -> TrainerResult:
+    """Rank 0 (or the only process): train, evaluate, publish, track."""
     tracking = make_tracking(job, run.work)
     tracking.start(job.metadata.name or "kubetune", flat_params(job))
     try:

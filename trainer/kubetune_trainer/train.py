@@ -50,10 +50,11 @@ class TrainOutcome:
     seconds: float  # wall time of this process's training
     cpu_seconds: float  # CPU time of this process's training (all threads)
     resumed_from_step: int | None
+    final_model: Any = None  # FSDP: the gathered full model on rank 0 (shards stay sharded)
 
     @property
     def model(self) -> Any:
-        return self.trainer.model
+        return self.final_model if self.final_model is not None else self.trainer.model
 
 
 def eval_strategy(training: TrainingSpec, has_validation: bool) -> dict[str, Any]:
@@ -72,6 +73,34 @@ def dataloader_workers(hardware: Hardware, cpus: int | None = None) -> int:
     return max(0, min(4, (cpus or os.cpu_count() or 1) // 2))
 
 
+def distributed_settings(strategy: str, gradient_checkpointing: bool) -> dict[str, Any]:
+    """The Trainer's settings for the resolved strategy (none, ddp or fsdp).
+
+    DDP: every process holds the model; `find_unused_parameters` off (LoRA's frozen base has no
+    gradients by design, and the search costs a graph traversal per step). FSDP2: parameters,
+    gradients and optimizer state sharded per decoder layer (the model's `_no_split_modules`);
+    checkpoints hold the full state dict, gathered on rank 0, so the one folder rank 0 uploads
+    is complete whatever the number of nodes, and the final model saves as ordinary HF files.
+    FSDP does its own activation checkpointing (the Trainer's would all-gather twice).
+    """
+    from kubetune_trainer.distributed import collective_timeout
+
+    if strategy == "none":
+        return {}
+    settings: dict[str, Any] = {"ddp_timeout": int(collective_timeout().total_seconds())}
+    if strategy == "ddp":
+        settings["ddp_find_unused_parameters"] = False
+        return settings
+    settings["fsdp"] = True
+    settings["fsdp_config"] = {
+        "version": 2,
+        "reshard_after_forward": True,
+        "state_dict_type": "FULL_STATE_DICT",
+        "activation_checkpointing": gradient_checkpointing,
+    }
+    return settings
+
+
 def sft_config(
     training: TrainingSpec,
     *,
@@ -79,10 +108,12 @@ def sft_config(
     has_validation: bool,
     hardware: Hardware,
     packing: bool | None = None,
+    strategy: str = "none",
 ) -> SFTConfig:
     """The SFTConfig for a TrainingSpec. Checkpoints go to `output_dir` (local scratch);
     uploading and pruning them in the output location is the checkpoint callback's job.
-    `packing`: what the built model supports (default: the spec's)."""
+    `packing`: what the built model supports (default: the spec's). `strategy`: the resolved
+    distributed strategy (none, ddp, fsdp)."""
     precision = hardware.precision
     learning_rate = training.learningRate
     if learning_rate is None:  # a bare TrainingSpec; a FineTuneJobSpec resolves it by method
@@ -102,7 +133,7 @@ def sft_config(
         max_length=training.maxSeqLength,
         packing=training.packing if packing is None else packing,
         packing_strategy="bfd",
-        activation_checkpointing=training.gradientCheckpointing,
+        activation_checkpointing=training.gradientCheckpointing and strategy != "fsdp",
         seed=training.seed,
         data_seed=training.seed,
         logging_strategy="steps",
@@ -122,6 +153,7 @@ def sft_config(
         dataloader_pin_memory=hardware.device == "cuda",
         dataloader_num_workers=workers,
         dataloader_persistent_workers=workers > 0,
+        **distributed_settings(strategy, training.gradientCheckpointing),
     )
 
 
@@ -164,6 +196,7 @@ def train_model(
     resume_from: Path | None = None,
     resumed_from_step: int | None = None,
     tokenized: TokenizedData | None = None,
+    strategy: str = "none",
 ) -> TrainOutcome:
     """Train `built.model` on `data` (tokenised here unless `tokenized` is given); resume
     from the local checkpoint folder `resume_from`."""
@@ -180,6 +213,7 @@ def train_model(
         has_validation=tokenized.validation is not None,
         hardware=built.hardware,
         packing=built.packing,
+        strategy=strategy,
     )
     trainer = SFTTrainer(
         model=built.model,

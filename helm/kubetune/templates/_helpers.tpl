@@ -89,6 +89,11 @@ tests/chart/test_helm.py holds the same table (NAMESPACED_VERBS).
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# A multi-node gang's headless Service (stable DNS names for its pods): created, owned by
+# the FineTuneJob and garbage-collected with it.
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["create"]
 # Trainer pods: watched, read only (status, termination message, which pod a progress
 # token is bound to).
 - apiGroups: [""]

@@ -1,0 +1,95 @@
+"""A FineTuneJob with world size above 1 as Kubernetes objects: one pod running torchrun over
+its GPUs, or an Indexed Job (one pod per node) plus a headless Service for the rendezvous."""
+
+from __future__ import annotations
+
+from kubetune.api import contract
+from kubetune_operator import builders, names, status
+from tests.operator.test_builders import SETTINGS, env_of, make_ftj
+
+
+def test_one_gpu_is_not_a_gang() -> None:
+    job = builders.build_job(make_ftj(resources={"gpus": 1}), SETTINGS)
+    assert contract.ENV_NNODES not in env_of(job)
+    assert "completionMode" not in job["spec"]
+    assert builders.build_service(job) is None
+
+
+def test_several_gpus_run_torchrun_in_one_pod() -> None:
+    job = builders.build_job(make_ftj(resources={"gpus": 4}), SETTINGS)
+    env = env_of(job)
+    assert env[contract.ENV_NPROC_PER_NODE]["value"] == "4"
+    assert env[contract.ENV_NNODES]["value"] == "1"
+    assert env[contract.ENV_MASTER_ADDR]["value"] == "127.0.0.1"
+    assert "completionMode" not in job["spec"] and builders.build_service(job) is None
+    limits = job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "4"
+
+
+def test_nodes_make_an_indexed_job_and_a_headless_service() -> None:
+    ftj = make_ftj(name="big", method="full", resources={"gpus": 8, "nodes": 4})
+    job = builders.build_job(ftj, SETTINGS)
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 4, 4)
+    service_name = names.service_name("big")
+    assert spec["template"]["spec"]["subdomain"] == service_name
+    env = env_of(job)
+    assert env[contract.ENV_NNODES]["value"] == "4"
+    assert env[contract.ENV_NPROC_PER_NODE]["value"] == "8"
+    # Index 0's stable name: <job>-0.<service>.<namespace>.svc
+    master = f"{names.job_name('big')}-0.{service_name}.team-a.svc"
+    assert env[contract.ENV_MASTER_ADDR]["value"] == master
+    assert env[contract.ENV_MASTER_PORT]["value"] == str(contract.GANG_PORT)
+
+    service = builders.build_service(job)
+    assert service is not None and service["metadata"]["name"] == service_name
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True  # rendezvous before readiness
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
+    assert service["metadata"]["ownerReferences"] == [names.owner_reference(ftj)]
+
+
+def test_cpu_gang_one_process_per_node() -> None:
+    job = builders.build_job(make_ftj(resources={"gpus": 0, "nodes": 2}), SETTINGS)
+    env = env_of(job)
+    assert env[contract.ENV_NPROC_PER_NODE]["value"] == "1"
+    assert job["spec"]["completions"] == 2
+    limits = job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert "nvidia.com/gpu" not in limits
+
+
+def _pod(name: str, finished: str, message: str | None) -> dict:
+    terminated = {"exitCode": 0, "finishedAt": finished}
+    if message is not None:
+        terminated["message"] = message
+    return {
+        "metadata": {"name": name, "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "status": {
+            "phase": "Succeeded",
+            "containerStatuses": [
+                {"name": names.TRAINER_CONTAINER, "state": {"terminated": terminated}}
+            ],
+        },
+    }
+
+
+def test_the_result_comes_from_rank_0_pod_even_when_another_ends_last() -> None:
+    ftj = make_ftj(resources={"gpus": 0, "nodes": 2})
+    job = builders.build_job(ftj, SETTINGS)
+    job["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
+    result = contract.TrainerResult(result="succeeded", totalSteps=12)
+    pods = [
+        _pod("index-0", "2026-01-01T00:10:00Z", result.model_dump_json(exclude_none=True)),
+        _pod("index-1", "2026-01-01T00:10:05Z", None),  # waited for rank 0, no message
+    ]
+    outcome = status.job_outcome(ftj, job, pods)
+    assert outcome.phase == "Succeeded"
+    assert outcome.result is not None and outcome.result.totalSteps == 12
+
+
+def test_status_shows_world_size_and_effective_batch() -> None:
+    ftj = make_ftj(
+        resources={"gpus": 4, "nodes": 2},
+        training={"batchSize": 2, "gradientAccumulationSteps": 8},
+    )
+    assert (ftj.spec.world_size, ftj.spec.effective_batch_size) == (8, 2 * 8 * 8)
