@@ -11,20 +11,16 @@ import asyncio
 import logging
 import socket
 import time
-from datetime import UTC, datetime
 
 from kubetune.api import v1alpha1 as api
 from kubetune.api.contract import WARNING_REASONS
+from kubetune.formatting import now_rfc3339
 from kubetune.kube import Kube, ftj_path
 from kubetune_operator import names, status
 from kubetune_operator.metrics import OperatorMetrics
 
 logger = logging.getLogger("kubetune.operator")
 Key = tuple[str, str]
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def event_manifest(ftj: dict, desired: dict, instance: str, stamp: str) -> dict:

@@ -19,12 +19,12 @@ import urllib.request
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from transformers import TrainerCallback
 
+from kubetune import formatting
 from kubetune.api.contract import (
     ENV_PROGRESS_TOKEN,
     ENV_PROGRESS_TOKEN_FILE,
@@ -34,12 +34,9 @@ from kubetune.api.contract import (
 
 log = logging.getLogger(__name__)
 
-# Stage names, in pipeline order.
-STAGES = ("model-download", "dataset", "model-build", "train", "evaluate", "publish")
-
 
 def now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return formatting.now_rfc3339(milliseconds=True)
 
 
 def make_event(kind: str, **fields: Any) -> ProgressEvent:

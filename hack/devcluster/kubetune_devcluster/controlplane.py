@@ -535,20 +535,9 @@ class DevCluster:
         ) as response:
             return response.status == 200
 
-    def api_client(self) -> Any:
-        """A `kubernetes.client.ApiClient` for the admin user (a new one per call)."""
-        from kubernetes import config
-
-        return config.new_client_from_config(config_file=str(self.kubeconfig))
-
     def rest(self) -> KubeRest:
         """A plain JSON client (dicts in and out) for the admin user."""
         return KubeRest(self.kubeconfig)
-
-    def core_v1(self) -> Any:
-        from kubernetes import client
-
-        return client.CoreV1Api(self.api_client())
 
     def env(self) -> dict[str, str]:
         """Environment for a subprocess that should talk to this cluster."""

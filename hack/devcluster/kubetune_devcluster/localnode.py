@@ -44,6 +44,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from kubetune.formatting import now_rfc3339
 from kubetune_devcluster import podspec
 from kubetune_devcluster.binaries import K8S_VERSION
 from kubetune_devcluster.podspec import ContainerConfigError, Pod
@@ -56,10 +57,6 @@ LEASE_DURATION_SECONDS = 40
 LEASE_RENEW_SECONDS = 10
 NODE_STATUS_SECONDS = 60
 MAX_GRACE_SECONDS = 30
-
-
-def now_rfc3339() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def now_micro() -> str:

@@ -16,7 +16,6 @@ from kubetune_trainer.errors import BadInputError
 from kubetune_trainer.tokens import chat_ids, row_tokens
 
 # Formats the evaluation understands (alpaca rows arrive converted to prompt-completion).
-GENERATIVE_FORMATS = ("prompt-completion", "chat")
 
 
 @dataclass(frozen=True)
