@@ -32,8 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubetune_devcluster import pki
-from kubetune_devcluster.binaries import K8S_VERSION, find_binary, require_binaries
+from kubetune_devcluster import pki, realnode
+from kubetune_devcluster.binaries import (
+    K8S_VERSION,
+    NODE_BINARIES,
+    find_binary,
+    require_binaries,
+)
 from kubetune_devcluster.kubeconfig import render_kubeconfig, write_kubeconfig
 from kubetune_devcluster.processes import (
     ProcessRecord,
@@ -46,17 +51,38 @@ from kubetune_devcluster.processes import (
 )
 from kubetune_devcluster.rest import KubeRest
 
-SERVICE_CIDR = "10.0.0.0/24"
+SERVICE_CIDR = realnode.SERVICE_CIDR
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 DEFAULT_NODE_NAME = "kubetune-local"
 STATE_FILE = "state.json"
+NODE_RUNTIMES = ("local", "containerd")
+# Each on 127.0.0.1, except the API server's and the kubelet's (`node_agent`), which
+# are on the bridge's gateway address with the real node.
+PORTS = (
+    "etcd_client",
+    "etcd_peer",
+    "apiserver",
+    "controller_manager",
+    "scheduler",
+    "node_agent",
+    "kubelet_healthz",
+    "proxy_healthz",
+    "proxy_metrics",
+)
 
 
 @dataclass
 class NodeConfig:
-    """What the local node offers the scheduler."""
+    """The node: which kind, and what it offers the scheduler.
+
+    `runtime`: "local" (kubetune_devcluster.localnode: pods as host processes, offering
+    `cpu`, `memory` and `pods` as given) or "containerd" (a real kubelet and container
+    runtime: it reports the machine's real CPU and memory, so `cpu` and `memory` are
+    ignored). Both advertise `gpus` as `nvidia.com/gpu`.
+    """
 
     name: str = DEFAULT_NODE_NAME
+    runtime: str = "local"
     cpu: str = "8"
     memory: str = "32Gi"
     gpus: int = 1
@@ -73,6 +99,9 @@ class DevCluster:
     ports: dict[str, int]
     processes: list[ProcessRecord]
     node: NodeConfig
+    # Where this machine is reachable from pods (and where tests bind servers that pods
+    # must reach): loopback for the local node, the bridge's gateway for the real one.
+    host_address: str = "127.0.0.1"
     _popen: dict[int, subprocess.Popen] = field(default_factory=dict, repr=False)
 
     # ---- starting -------------------------------------------------------------------
@@ -84,42 +113,45 @@ class DevCluster:
         *,
         node: NodeConfig | None = None,
         detached: bool = False,
-        ready_timeout: float = 60.0,
+        ready_timeout: float | None = None,
     ) -> DevCluster:
         """Start everything and wait until pods can run.
 
+        `node.runtime` picks the node: "local" (pods as host processes, ready in
+        seconds) or "containerd" (a real kubelet, containerd and kube-proxy; needs root).
         `detached=False` (tests): the processes die with this process (PDEATHSIG) and
         are stopped at interpreter exit and on SIGTERM/SIGHUP too. `detached=True`
         (`kubetune dev up`): they outlive it; stop them with `stop_cluster(state_dir)`.
         """
         binaries = require_binaries()
         node = node or NodeConfig()
+        if node.runtime not in NODE_RUNTIMES:
+            raise ValueError(f"node runtime {node.runtime!r}: expected one of {NODE_RUNTIMES}")
+        if node.runtime == "containerd":
+            binaries.update(require_binaries(NODE_BINARIES))
+            realnode.check_can_run()
         state_dir = Path(state_dir).resolve()
         state_dir.mkdir(parents=True, exist_ok=True)
         if (state_dir / STATE_FILE).exists():
             raise RuntimeError(f"{state_dir} already holds a cluster (state.json); stop it first")
         for sub in ("pki", "logs", "etcd", "kubeconfigs", "node"):
             (state_dir / sub).mkdir(exist_ok=True)
-        ports = {
-            "etcd_client": free_port(),
-            "etcd_peer": free_port(),
-            "apiserver": free_port(),
-            "controller_manager": free_port(),
-            "scheduler": free_port(),
-            "node_agent": free_port(),
-        }
-        server = f"https://127.0.0.1:{ports['apiserver']}"
+        ports = {name: free_port() for name in PORTS}
+        host_address = realnode.GATEWAY if node.runtime == "containerd" else "127.0.0.1"
         cluster = cls(
             state_dir=state_dir,
             bin_dir=binaries["kube-apiserver"].parent,
             kubeconfig=state_dir / "kubeconfig",
-            server=server,
+            server=f"https://{host_address}:{ports['apiserver']}",
             ports=ports,
             processes=[],
             node=node,
+            host_address=host_address,
         )
         if not detached:
             _register_cleanup(cluster)
+        if ready_timeout is None:
+            ready_timeout = 60.0 if node.runtime == "local" else 240.0
         try:
             cluster._start_all(binaries, detached=detached, ready_timeout=ready_timeout)
         except BaseException:
@@ -132,23 +164,44 @@ class DevCluster:
     ) -> None:
         started = time.monotonic()
         deadline = started + ready_timeout
-        paths = self._write_pki()
-        self._save_state()
 
         def remaining() -> float:
             return max(1.0, deadline - time.monotonic())
 
+        paths = self._write_pki()
+        self._save_state()
+        if self.real_node:
+            # The API server listens on the bridge's gateway address: create it first.
+            realnode.create_network(self.node_paths)
+        self._start_etcd(binaries, detached=detached, timeout=remaining())
+        self._start_apiserver(binaries, paths, detached=detached, timeout=remaining())
+        self._start_controllers(binaries, paths, detached=detached)
+        if self.real_node:
+            self._start_real_node(binaries, paths, detached=detached, timeout=remaining())
+        else:
+            self._spawn(
+                "localnode", self.node_agent_argv(paths), detached=detached, env=node_agent_env()
+            )
+        self._wait_ready(timeout=remaining())
+        if self.real_node:
+            self._start_cluster_dns(timeout=remaining())
+        self.ready_seconds = round(time.monotonic() - started, 1)
+        self._save_state()
+
+    def _start_etcd(self, binaries: dict[str, Path], *, detached: bool, timeout: float) -> None:
+        client_url = f"http://127.0.0.1:{self.ports['etcd_client']}"
+        peer_url = f"http://127.0.0.1:{self.ports['etcd_peer']}"
         self._spawn(
             "etcd",
             [
                 str(binaries["etcd"]),
                 "--name=default",
                 f"--data-dir={self.state_dir / 'etcd'}",
-                f"--listen-client-urls=http://127.0.0.1:{self.ports['etcd_client']}",
-                f"--advertise-client-urls=http://127.0.0.1:{self.ports['etcd_client']}",
-                f"--listen-peer-urls=http://127.0.0.1:{self.ports['etcd_peer']}",
-                f"--initial-advertise-peer-urls=http://127.0.0.1:{self.ports['etcd_peer']}",
-                f"--initial-cluster=default=http://127.0.0.1:{self.ports['etcd_peer']}",
+                f"--listen-client-urls={client_url}",
+                f"--advertise-client-urls={client_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=default={peer_url}",
                 # A throwaway store: durability buys nothing and fsync costs seconds.
                 "--unsafe-no-fsync",
                 "--log-level=warn",
@@ -156,20 +209,30 @@ class DevCluster:
             detached=detached,
         )
         wait_for(
-            lambda: _http_ok(f"http://127.0.0.1:{self.ports['etcd_client']}/health"),
-            timeout=remaining(),
+            lambda: _http_ok(f"{client_url}/health"),
+            timeout=timeout,
             what="etcd /health",
             interval=0.1,
         )
 
+    def _start_apiserver(
+        self,
+        binaries: dict[str, Path],
+        paths: dict[str, Path],
+        *,
+        detached: bool,
+        timeout: float,
+    ) -> None:
         pki_dir = self.state_dir / "pki"
         self._spawn(
             "kube-apiserver",
             [
                 str(binaries["kube-apiserver"]),
                 f"--etcd-servers=http://127.0.0.1:{self.ports['etcd_client']}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                # Loopback for the local node; the bridge's gateway for the real one, so
+                # pods reach it through the `kubernetes` Service.
+                f"--bind-address={self.host_address}",
+                f"--advertise-address={self.host_address}",
                 f"--secure-port={self.ports['apiserver']}",
                 f"--cert-dir={pki_dir}",
                 f"--tls-cert-file={paths['apiserver.crt']}",
@@ -184,7 +247,7 @@ class DevCluster:
                 "--authorization-mode=Node,RBAC",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true",
-                # The node's only address is 127.0.0.1 (its name does not resolve).
+                # The node's name does not resolve: reach its kubelet by address.
                 "--kubelet-preferred-address-types=InternalIP",
                 "--profiling=false",
                 "--v=1",
@@ -192,9 +255,13 @@ class DevCluster:
             detached=detached,
         )
         wait_for(
-            self._apiserver_ready, timeout=remaining(), what="kube-apiserver /readyz", interval=0.2
+            self._apiserver_ready, timeout=timeout, what="kube-apiserver /readyz", interval=0.2
         )
 
+    def _start_controllers(
+        self, binaries: dict[str, Path], paths: dict[str, Path], *, detached: bool
+    ) -> None:
+        pki_dir = self.state_dir / "pki"
         self._spawn(
             "kube-controller-manager",
             [
@@ -237,9 +304,62 @@ class DevCluster:
             ],
             detached=detached,
         )
+
+    def _start_real_node(
+        self,
+        binaries: dict[str, Path],
+        paths: dict[str, Path],
+        *,
+        detached: bool,
+        timeout: float,
+    ) -> None:
+        """containerd (with the node's own images), then kubelet and kube-proxy."""
+        node_paths = self.node_paths
+        realnode.write_cni_config(node_paths)
         self._spawn(
-            "localnode", self.node_agent_argv(paths), detached=detached, env=node_agent_env()
+            "containerd",
+            realnode.containerd_argv(node_paths),
+            detached=detached,
+            env=realnode.containerd_env(),
         )
+        wait_for(
+            lambda: realnode.containerd_ready(node_paths),
+            timeout=timeout,
+            what="containerd",
+            interval=0.1,
+        )
+        realnode.preload_images(node_paths)
+        config = realnode.kubelet_config(
+            node_paths,
+            port=self.ports["node_agent"],
+            healthz_port=self.ports["kubelet_healthz"],
+            max_pods=self.node.pods,
+            ca_file=paths["ca.crt"],
+            cert_file=paths["node.crt"],
+            key_file=paths["node.key"],
+        )
+        argv = realnode.kubelet_argv(
+            node_paths,
+            kubeconfig=paths["kubelet.kubeconfig"],
+            node_name=self.node.name,
+            labels=self.node.labels,
+            config=config,
+        )
+        self._spawn("kubelet", argv, detached=detached, env=realnode.containerd_env())
+        argv = realnode.kube_proxy_argv(
+            node_paths,
+            kubeconfig=paths["kube-proxy.kubeconfig"],
+            node_name=self.node.name,
+            healthz_port=self.ports["proxy_healthz"],
+            metrics_port=self.ports["proxy_metrics"],
+        )
+        self._spawn("kube-proxy", argv, detached=detached, env=realnode.containerd_env())
+
+    def _wait_ready(self, *, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+
+        def remaining() -> float:
+            return max(1.0, deadline - time.monotonic())
 
         api = self.rest()
         wait_for(
@@ -247,18 +367,40 @@ class DevCluster:
             timeout=remaining(),
             what="the default ServiceAccount (controller manager)",
         )
+        if self.real_node and self.node.gpus:
+            wait_for(
+                lambda: api.get(f"/api/v1/nodes/{self.node.name}"),
+                timeout=remaining(),
+                what=f"node {self.node.name} registered (kubelet)",
+            )
+            realnode.advertise_gpus(api, self.node.name, self.node.gpus)
         wait_for(
             lambda: _node_ready(api.get(f"/api/v1/nodes/{self.node.name}")),
             timeout=remaining(),
-            what=f"node {self.node.name} Ready and untainted (local node agent)",
+            what=f"node {self.node.name} Ready and untainted",
         )
         wait_for(
             lambda: _http_ok(f"https://127.0.0.1:{self.ports['scheduler']}/healthz", insecure=True),
             timeout=remaining(),
             what="kube-scheduler /healthz",
         )
-        self.ready_seconds = round(time.monotonic() - started, 1)
-        self._save_state()
+
+    def _start_cluster_dns(self, *, timeout: float) -> None:
+        api = self.rest()
+        realnode.deploy_coredns(api)
+        wait_for(
+            lambda: realnode.coredns_ready(api),
+            timeout=timeout,
+            what="CoreDNS ready (kube-system/coredns)",
+        )
+
+    @property
+    def real_node(self) -> bool:
+        return self.node.runtime == "containerd"
+
+    @property
+    def node_paths(self) -> realnode.NodePaths:
+        return realnode.NodePaths(self.state_dir / "node")
 
     def node_agent_argv(self, paths: dict[str, Path]) -> list[str]:
         argv = [
@@ -310,7 +452,7 @@ class DevCluster:
                 "kubernetes.default.svc",
                 "kubernetes.default.svc.cluster.local",
             ),
-            ip_addresses=("127.0.0.1", "10.0.0.1"),
+            ip_addresses=("127.0.0.1", "10.0.0.1", self.host_address),
             server=True,
         )
         paths["apiserver.crt"], paths["apiserver.key"] = pki.write_pair(
@@ -328,16 +470,27 @@ class DevCluster:
             f"system:node:{self.node.name}",
             organizations=("system:nodes",),
             dns_names=("localhost", self.node.name),
-            ip_addresses=("127.0.0.1",),
+            ip_addresses=("127.0.0.1", self.host_address),
             server=True,
         )
         paths["node.crt"], paths["node.key"] = pki.write_pair(node_serving, pki_dir, "node")
+        paths.update(self._write_service_account_key(pki_dir))
+        paths.update(self._write_user_kubeconfigs(ca, pki_dir))
+        return paths
+
+    @staticmethod
+    def _write_service_account_key(pki_dir: Path) -> dict[str, Path]:
+        paths: dict[str, Path] = {}
         sa_private, sa_public = pki.new_service_account_key()
         paths["sa.key"], paths["sa.pub"] = pki_dir / "sa.key", pki_dir / "sa.pub"
         paths["sa.key"].touch(mode=0o600)
         paths["sa.key"].write_bytes(sa_private)
         paths["sa.pub"].write_bytes(sa_public)
+        return paths
 
+    def _write_user_kubeconfigs(self, ca: pki.KeyPair, pki_dir: Path) -> dict[str, Path]:
+        """A client certificate and kubeconfig for each user of the API server."""
+        paths: dict[str, Path] = {}
         users = {
             # O=system:masters: the admin is authorized for everything.
             "admin": ("kubetune-admin", ("system:masters",), self.kubeconfig),
@@ -348,6 +501,14 @@ class DevCluster:
                 pki_dir / "controller-manager.kubeconfig",
             ),
             "scheduler": ("system:kube-scheduler", (), pki_dir / "scheduler.kubeconfig"),
+            # The real node's: the Node authorizer knows a kubelet by this name and
+            # group; the built-in system:node-proxier role binds kube-proxy's.
+            "kubelet": (
+                f"system:node:{self.node.name}",
+                ("system:nodes",),
+                pki_dir / "kubelet.kubeconfig",
+            ),
+            "kube-proxy": ("system:kube-proxy", (), pki_dir / "kube-proxy.kubeconfig"),
         }
         for user, (common_name, orgs, path) in users.items():
             pair = pki.issue_cert(ca, common_name, organizations=orgs, client=True)
@@ -421,15 +582,32 @@ class DevCluster:
         """What a pod's container printed (stdout and stderr), read from the node."""
         from kubetune_devcluster.localnode import read_container_log
 
+        if self.real_node:
+            args = ["logs", "-n", namespace, pod]
+            args += [f"--container={container}"] if container else []
+            args += ["--previous"] if previous else []
+            return self.kubectl(*args).stdout
         return read_container_log(
             self.state_dir / "node", namespace, pod, container, previous=previous
         )
 
     def pod_pids(self, namespace: str, pod: str) -> list[int]:
-        """Host PIDs of the pod's running containers (as the node agent records them)."""
+        """Host PIDs of the pod's running containers (as the node records them)."""
         from kubetune_devcluster.localnode import read_container_pids
 
+        if self.real_node:
+            return realnode.pod_container_pids(self.node_paths, namespace, pod)
         return read_container_pids(self.state_dir / "node", namespace, pod)
+
+    def load_image(self, archive_path: Path) -> list[str]:
+        """Import an image archive (`podman save --format oci-archive`, or a docker
+        archive) into the real node's container runtime; returns the names it carried.
+        Pods use it with `imagePullPolicy: IfNotPresent` or `Never` (nothing is pulled)."""
+        if not self.real_node:
+            raise RuntimeError(
+                "the local node runs no images; start the cluster with the real node"
+            )
+        return realnode.import_image(self.node_paths, Path(archive_path))
 
     # ---- stopping -------------------------------------------------------------------
 
@@ -447,11 +625,21 @@ class DevCluster:
             if proc is not None:
                 proc.poll()
 
-        # The node agent first, while the API server is up: it stops its pods' processes.
-        agents = [r for r in self.processes if r.name == "localnode"]
-        others = [r for r in reversed(self.processes) if r.name != "localnode"]
-        stop_processes(agents, timeout=timeout, reap=reap)
+        # The node first, while the API server is up. The local node agent stops its
+        # pods' processes; the kubelet would restart containers, so it goes before they
+        # are killed, and containerd after.
+        by_name = {record.name: record for record in self.processes}
+        first = [by_name[n] for n in ("localnode", "kubelet", "kube-proxy") if n in by_name]
+        stop_processes(first, timeout=timeout, reap=reap)
+        if self.real_node:
+            realnode.kill_containers(self.node_paths)
+        # etcd last: an API server that loses etcd first spends its whole shutdown
+        # timeout retrying to remove its endpoint lease.
+        others = [r for r in reversed(self.processes) if r not in first and r.name != "etcd"]
         stop_processes(others, timeout=timeout, reap=reap)
+        stop_processes([r for r in self.processes if r.name == "etcd"], timeout=timeout, reap=reap)
+        if self.real_node:
+            realnode.teardown(self.node_paths)
         for proc in self._popen.values():
             proc.poll()
         # A multi-threaded process shows as a zombie a moment before its last thread has
@@ -471,6 +659,7 @@ class DevCluster:
             "bin_dir": str(self.bin_dir),
             "ports": self.ports,
             "node": self.node.__dict__,
+            "host_address": self.host_address,
             "processes": [record.to_json() for record in self.processes],
             "ready_seconds": getattr(self, "ready_seconds", None),
         }
@@ -492,16 +681,27 @@ class DevCluster:
             ports=state["ports"],
             processes=[ProcessRecord(**record) for record in state["processes"]],
             node=NodeConfig(**state["node"]),
+            host_address=state.get("host_address", "127.0.0.1"),
         )
         cluster.ready_seconds = state.get("ready_seconds")
         return cluster
 
 
 def stop_cluster(state_dir: Path, timeout: float = 15.0) -> bool:
-    """Stop the cluster recorded in `state_dir`; False if none is recorded there."""
-    if not (Path(state_dir) / STATE_FILE).exists():
+    """Stop the cluster recorded in `state_dir`; False if none is recorded there.
+
+    A real node whose state file is gone (an `up` killed half way) still left its
+    network record: then its processes, mounts and network are removed all the same."""
+    state_dir = Path(state_dir)
+    if (state_dir / STATE_FILE).exists():
+        DevCluster.from_state(state_dir).stop(timeout=timeout)
+        return True
+    node_paths = realnode.NodePaths(state_dir / "node")
+    if not node_paths.network_record.exists():
         return False
-    DevCluster.from_state(state_dir).stop(timeout=timeout)
+    realnode.kill_containers(node_paths)
+    realnode.kill_processes_naming(state_dir.resolve())
+    realnode.teardown(node_paths)
     return True
 
 

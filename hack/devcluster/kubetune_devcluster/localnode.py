@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_devcluster import podspec
+from kubetune_devcluster.binaries import K8S_VERSION
 from kubetune_devcluster.podspec import ContainerConfigError, Pod
 from kubetune_devcluster.processes import _die_with_parent, process_start_time
 from kubetune_devcluster.rest import MERGE, ApiError, KubeRest
@@ -55,7 +56,6 @@ LEASE_DURATION_SECONDS = 40
 LEASE_RENEW_SECONDS = 10
 NODE_STATUS_SECONDS = 60
 MAX_GRACE_SECONDS = 30
-KUBELET_VERSION = "v1.36.3"
 
 
 def now_rfc3339() -> str:
@@ -834,7 +834,7 @@ class LocalNodeAgent:
                 "kernelVersion": platform.release(),
                 "osImage": "kubetune local node",
                 "containerRuntimeVersion": "kubetune-local://0.1.0",
-                "kubeletVersion": KUBELET_VERSION,
+                "kubeletVersion": K8S_VERSION,
                 "kubeProxyVersion": "",
                 "operatingSystem": "linux",
                 "architecture": "amd64",
