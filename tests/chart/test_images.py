@@ -1,20 +1,27 @@
-"""The container images, tested without a container engine.
+"""The container images.
 
-The Dockerfiles install `uv export` of the lock plus the project wheel into a virtualenv;
-these tests build the same virtualenvs here (from uv's cache, so in seconds) and run the
-console scripts the images' entrypoints name. They also lint the Dockerfiles with hadolint
-and check that every file they COPY is in the build context.
+Without a container engine: the Dockerfiles install `uv export` of the lock plus the project
+wheel into a virtualenv; these tests build the same virtualenvs here (from uv's cache, so in
+seconds) and run the console scripts the images' entrypoints name. They also lint the
+Dockerfiles with hadolint and check that every file they COPY is in the build context.
+
+With podman: the images `hack/images.sh` built run as their pods run them (their own UID,
+read-only root filesystem, no capabilities): the trainer trains the tiny model, the operator
+serves its probes against the test control plane. Skipped when an image is not built,
+unless KUBETUNE_REQUIRE_IMAGES is set: then a missing image fails the test.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,3 +254,171 @@ def test_trainer_image_requirements(project_wheel: Path, tmp_path: Path) -> None
         venv, "python", "-c", "import torch, transformers, trl, peft, datasets, bitsandbytes"
     )
     assert stack.returncode == 0, stack.stderr
+
+
+# ---- the built images, run with podman ------------------------------------------------------
+
+IMAGES_SCRIPT = ROOT / "hack" / "images.sh"
+# What the pods' security contexts ask of the runtime: readOnlyRootFilesystem (and no tmpfs
+# the kubelet would not add), capabilities dropped, allowPrivilegeEscalation false.
+POD_SECURITY = [
+    "--read-only",
+    "--read-only-tmpfs=false",
+    "--cap-drop=ALL",
+    "--security-opt=no-new-privileges",
+]
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    ref: str
+    archive: Path
+
+    def podman(self, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        # The containers.conf hack/images.sh writes next to the archives (ulimits, runtime).
+        env = {**os.environ, "CONTAINERS_CONF": str(self.archive.parent / "containers.conf")}
+        return subprocess.run(
+            ["podman", *argv], env=env, capture_output=True, text=True, timeout=timeout
+        )
+
+
+def built_images() -> dict[str, BuiltImage]:
+    """The images hack/images.sh builds, by name ("trainer", "operator")."""
+    printed = subprocess.run(
+        ["bash", str(IMAGES_SCRIPT), "--print"], capture_output=True, text=True, check=True
+    )
+    images = {}
+    for line in printed.stdout.splitlines():
+        ref, archive = line.split()
+        name = ref.rsplit("/", 1)[1].split(":")[0].removeprefix("kubetune-")
+        images[name] = BuiltImage(ref, Path(archive))
+    return images
+
+
+def test_images_script_prints_each_image_and_its_archive() -> None:
+    images = built_images()
+    assert sorted(images) == sorted(DOCKERFILES)
+    for name, image in images.items():
+        assert image.ref == f"localhost/kubetune/kubetune-{name}:dev"
+        assert image.archive.is_absolute() and image.archive.name.endswith(".tar")
+
+
+def built_image_or_skip(name: str) -> BuiltImage:
+    image = built_images()[name]
+    if shutil.which("podman") and image.podman("image", "exists", image.ref).returncode == 0:
+        return image
+    reason = f"{image.ref} is not built (bash hack/images.sh)"
+    if os.environ.get("KUBETUNE_REQUIRE_IMAGES"):
+        pytest.fail(f"KUBETUNE_REQUIRE_IMAGES is set but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+# Session-scoped and named first in a test's arguments, so a missing image skips the test
+# before the (session-scoped) model or cluster fixtures are made.
+@pytest.fixture(scope="session")
+def trainer_image() -> BuiltImage:
+    return built_image_or_skip("trainer")
+
+
+@pytest.fixture(scope="session")
+def operator_image() -> BuiltImage:
+    return built_image_or_skip("operator")
+
+
+def readable_dir(path: Path, mode: int = 0o755) -> Path:
+    """A directory the image's non-root user can use when it is mounted (pytest's own
+    temporary directories are private to root)."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(mode)
+    return path
+
+
+def world_readable_copy(source: Path, target: Path) -> Path:
+    """A copy the image's user can read (safetensors writes its files private to root)."""
+    shutil.copytree(source, target)
+    for path in [target, *target.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return target
+
+
+@pytest.mark.slow
+def test_trainer_image_trains_as_uid_1000_on_a_read_only_root(
+    trainer_image: BuiltImage, tiny_model_dir: Path, demo_dataset_path: Path, tmp_path: Path
+) -> None:
+    from kubetune.api.contract import DEFAULT_JOB_CONFIG, DEFAULT_TERMINATION_LOG, DEFAULT_WORK_DIR
+    from tests.fixtures.tiny_model import job_manifest
+
+    image = trainer_image
+    # Paths as the container sees them; the manifest reaches it where the ConfigMap would.
+    manifest = job_manifest(
+        Path("/models/tiny"), Path("/data/train.jsonl"), "file:///out", training={"maxSteps": 2}
+    )
+    config = readable_dir(tmp_path / "config") / Path(DEFAULT_JOB_CONFIG).name
+    config.write_text(yaml.safe_dump(manifest))
+    out = readable_dir(tmp_path / "out", 0o777)
+    work = readable_dir(tmp_path / "work", 0o777)  # as the kubelet makes an emptyDir
+    termination_log = tmp_path / "termination-log"
+    termination_log.touch()
+    termination_log.chmod(0o666)
+    run = image.podman(
+        "run", "--rm", *POD_SECURITY,
+        "--network=none",  # everything it needs is mounted: nothing is downloaded
+        f"--volume={work}:{DEFAULT_WORK_DIR}",  # the emptyDir
+        f"--volume={config.parent}:{Path(DEFAULT_JOB_CONFIG).parent}:ro",
+        f"--volume={world_readable_copy(tiny_model_dir, tmp_path / 'model')}:/models/tiny:ro",
+        f"--volume={demo_dataset_path}:/data/train.jsonl:ro",
+        f"--volume={out}:/out",
+        f"--volume={termination_log}:{DEFAULT_TERMINATION_LOG}",
+        image.ref,
+        timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    (published,) = out.glob("*/tiny/manifest.json")
+    # Written by the image's own user (USER 1000), not root: the pod's runAsUser.
+    assert published.stat().st_uid == 1000
+    document = json.loads(published.read_text())
+    assert document["totalSteps"] == 2
+    assert document["libraries"]["torch"]  # the image's own stack did the training
+
+
+@pytest.mark.cluster
+def test_operator_image_serves_its_probes_as_uid_65532_on_a_read_only_root(
+    operator_image: BuiltImage, k8s_cluster, k8s_namespace: str, tmp_path: Path
+) -> None:
+    from kubetune_devcluster.processes import free_port, wait_for
+    from tests.fixtures.operator import install_crd
+
+    image = operator_image
+    install_crd(k8s_cluster)
+    kubeconfig = readable_dir(tmp_path / "kube") / "config"
+    shutil.copyfile(k8s_cluster.kubeconfig, kubeconfig)
+    kubeconfig.chmod(0o644)
+    port = free_port()
+    name = f"kubetune-operator-{k8s_namespace}"
+    started = image.podman(
+        "run", "--detach", "--name", name, *POD_SECURITY,
+        "--network=host",  # the test control plane listens on loopback
+        "--tmpfs=/tmp",  # the chart's /tmp emptyDir
+        f"--volume={kubeconfig.parent}:/etc/kube:ro", "--env=KUBECONFIG=/etc/kube/config",
+        image.ref,
+        "--namespace", k8s_namespace, "--listen-host", "127.0.0.1", "--listen-port", str(port),
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    try:
+
+        def probes_answer() -> bool:
+            for probe in ("healthz", "readyz"):
+                url = f"http://127.0.0.1:{port}/{probe}"
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    assert response.status == 200, probe
+            return True
+
+        try:
+            wait_for(probes_answer, timeout=90, what="operator container probes")
+        except TimeoutError as exc:
+            raise AssertionError(image.podman("logs", name).stderr[-3000:]) from exc
+        pid = image.podman("inspect", "--format", "{{.State.Pid}}", name).stdout.strip()
+        uids = Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[:2]
+        assert uids == ["65532", "65532"]  # real and effective: the image's USER
+    finally:
+        image.podman("rm", "--force", "--time=5", name)
