@@ -419,13 +419,13 @@ def helm_install(cluster: Any, refs: dict[str, str], s3_url: str, log_path: Path
         "trainer.resources.memory": "4Gi",
         "s3.endpoint": s3_url,
         "s3.region": S3_REGION,
-        "progress.patchIntervalSeconds": "1",
         "logFormat": "text",
     }
     argv = [
         str(cluster.bin_dir / "helm"), "install", "kubetune", str(CHART),
         "--namespace", OPERATOR_NAMESPACE, "--create-namespace", "--wait", "--timeout", "300s",
         *(arg for key, value in values.items() for arg in ("--set-string", f"{key}={value}")),
+        "--set", "progress.patchIntervalSeconds=1",
     ]  # fmt: skip
     with log_path.open("w") as log:
         done = subprocess.run(argv, env=cluster.env(), stdout=log, stderr=subprocess.STDOUT)
