@@ -161,6 +161,7 @@ def leftovers(state_dir: Path, interfaces: list[str]) -> dict[str, list]:
         "runtime files": [
             *(p.name for p in realnode.SHIM_SOCKET_DIR.glob("*")),
             *(p.name for p in realnode.CNI_CACHE_DIR.glob(f"{realnode.CNI_NETWORK}-*")),
+            *(p.name for p in realnode.DEVICE_PLUGIN_DIR.glob("kubelet*")),
         ],
     }
 

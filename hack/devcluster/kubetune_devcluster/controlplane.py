@@ -564,7 +564,13 @@ class DevCluster:
         """Run the built kubectl against this cluster; raises on failure when `check`."""
         kubectl = find_binary("kubectl") or self.bin_dir / "kubectl"
         result = subprocess.run(
-            [str(kubectl), f"--kubeconfig={self.kubeconfig}", *args],
+            # Its discovery cache in the state dir, not in ~/.kube/cache.
+            [
+                str(kubectl),
+                f"--kubeconfig={self.kubeconfig}",
+                f"--cache-dir={self.state_dir / 'kubectl-cache'}",
+                *args,
+            ],
             input=input,
             capture_output=True,
             text=True,

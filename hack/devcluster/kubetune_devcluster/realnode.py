@@ -4,9 +4,10 @@ Driven by DevCluster (`NodeConfig(runtime="containerd")`); see docs/local-node.m
 
 Everything it makes lives under `<state-dir>/node/` (containerd's root and state, the
 kubelet's root dir, pod logs, CNI config and IP allocations, network namespaces) except
-what cannot: the bridge, the iptables rules, the cgroups and two sysctls. `teardown`
-removes all of it, from another process too (`kubetune dev down`): what it must undo is
-recorded in `<state-dir>/node/network.json`.
+what cannot: the bridge, the iptables rules, the cgroups, sysctls, and a few files at
+paths fixed in containerd's shims, CNI and the kubelet. `teardown` removes all of it,
+from another process too (`kubetune dev down`): what it must undo is recorded in
+`<state-dir>/node/network.json`.
 
 Network rule: traffic stays on this machine. Pods live on a bridge whose gateway address
 is the host's; the API server listens there too, so pods reach it through the
@@ -23,6 +24,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import string
 import subprocess
@@ -48,6 +50,7 @@ CNI_NETWORK = "kubetune"
 # remove_runtime_files.
 SHIM_SOCKET_DIR = Path("/run/containerd/s")
 CNI_CACHE_DIR = Path("/var/lib/cni/results")
+DEVICE_PLUGIN_DIR = Path("/var/lib/kubelet/device-plugins")  # fixed in the kubelet
 FORWARD_CHAIN = "KUBETUNE-FORWARD"
 # Set for the node's life, restored on teardown: forwarding between the bridge and the
 # host (Services), and netfilter on bridged traffic (a reply from a Service's pod to a
@@ -204,7 +207,7 @@ def write_cni_config(paths: NodePaths) -> None:
 def containerd_config(paths: NodePaths) -> str:
     """containerd's config (version 4): everything under the state dir, cgroupfs, the
     local pause image, Debian's runc and CNI plugins."""
-    runc = _which("runc")
+    runc = shutil.which("runc", path=SYSTEM_PATH) or "/usr/sbin/runc"  # Debian's
     return f"""version = 4
 root = "{paths.containerd / "root"}"
 state = "{paths.containerd / "state"}"
@@ -593,15 +596,22 @@ def remove_pod_cgroups() -> None:
                 directory.rmdir()
 
 
-def remove_container_log_links(paths: NodePaths) -> None:
-    """The kubelet links each container's log into /var/log/containers (a fixed path)."""
+def remove_kubelet_files(paths: NodePaths) -> None:
+    """What the kubelet keeps at fixed paths whatever its root dir: links to container
+    logs in /var/log/containers and the device-plugin socket and checkpoint in
+    /var/lib/kubelet/device-plugins. The directories go too when nothing else is left
+    in them."""
     links = Path("/var/log/containers")
-    if not links.is_dir():
-        return
-    for link in links.iterdir():
+    if links.is_dir():
+        for link in links.iterdir():
+            with contextlib.suppress(OSError):
+                if link.is_symlink() and os.readlink(link).startswith(str(paths.pod_logs)):
+                    link.unlink()
+    for name in ("kubelet.sock", "kubelet_internal_checkpoint"):
+        (DEVICE_PLUGIN_DIR / name).unlink(missing_ok=True)
+    for directory in (links, DEVICE_PLUGIN_DIR, DEVICE_PLUGIN_DIR.parent):
         with contextlib.suppress(OSError):
-            if link.is_symlink() and os.readlink(link).startswith(str(paths.pod_logs)):
-                link.unlink()
+            directory.rmdir()
 
 
 def remove_runtime_files(paths: NodePaths) -> None:
@@ -640,7 +650,7 @@ def teardown(paths: NodePaths) -> None:
     remove_runtime_files(paths)
     remove_network(paths)
     remove_pod_cgroups()
-    remove_container_log_links(paths)
+    remove_kubelet_files(paths)
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -651,14 +661,6 @@ def _binary(name: str) -> Path:
     if path is None:
         raise FileNotFoundError(f"{name} not found: build it with `bash hack/k8s-binaries.sh`")
     return path
-
-
-def _which(tool: str) -> str:
-    for directory in SYSTEM_PATH.split(":"):
-        candidate = Path(directory) / tool
-        if os.access(candidate, os.X_OK):
-            return str(candidate)
-    raise FileNotFoundError(f"{tool} not found: `apt-get install {tool}`")
 
 
 def preload_images(paths: NodePaths) -> None:
