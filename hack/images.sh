@@ -95,6 +95,10 @@ ensure_base_image() {
     rm -rf "$rootfs"
     echo "base root filesystem in $((SECONDS - start)) s"
   fi
+  # Earlier versions of the base are of no more use.
+  find "$CACHE/base" -maxdepth 1 -name '*.tar' ! -name "$BASE_VERSION.tar" -delete
+  podman images --format '{{.Repository}}:{{.Tag}}' "${ref%:*}" | grep -vxF "$ref" |
+    xargs --no-run-if-empty podman rmi >/dev/null || true
   step "importing $ref"
   podman import --change 'CMD ["/bin/bash"]' \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \

