@@ -3,13 +3,18 @@
 #   bash hack/demo.sh            (extra arguments go to `kubetune demo`, e.g. --keep)
 # Installs the Python environment from the project's own files (uv, then the locked
 # dependencies with the trainer extra and the dev group, which has the S3 server), builds the
-# Kubernetes binaries if they are missing (about 7 minutes once, then cached), then runs
-# `kubetune demo`: a local control plane and node, an S3 endpoint and the operator run
-# examples/quickstart-cluster.yaml as a FineTuneJob, with live progress, the artifacts in S3
-# and the evaluation summary; everything is stopped at the end. About a minute on 2 CPU cores
-# once the binaries exist.
+# Kubernetes binaries and the real node (once, then cached) and kubetune's two images (once;
+# then only what changed), then runs `kubetune demo` as its users run kubetune: a local
+# control plane with a real node (kubelet + containerd), the operator from its image
+# installed by `helm install`, examples/quickstart-cluster.yaml as a FineTuneJob whose trainer
+# pod runs the trainer image, with live progress, the artifacts in S3 and the evaluation
+# summary; everything is stopped at the end. Needs root (the node's network and mounts).
+# About 4.5 minutes on 2 loaded CPU cores once binaries and images exist, 3 of them
+# importing the 6.7 GB trainer image into the node's containerd.
 #
-# Without a cluster, the trainer alone: see the top of examples/quickstart.yaml.
+# `bash hack/demo.sh --node local` runs the operator and the trainer as host processes
+# instead (no root, no images). Without a cluster, the trainer alone: see the top of
+# examples/quickstart.yaml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,8 +22,13 @@ source hack/lib.sh
 ensure_python_env
 
 if ! bash hack/k8s-binaries.sh --check >/dev/null 2>&1; then
-  step "building the Kubernetes binaries (once; about 7 minutes, then cached)"
+  step "building the Kubernetes binaries and the real node (once, then cached)"
   bash hack/k8s-binaries.sh
+fi
+
+if [[ " $* " != *" --node local "* ]]; then
+  step "images (operator and trainer; cached, rebuilt only when something changed)"
+  nice bash hack/images.sh
 fi
 
 step "kubetune demo"

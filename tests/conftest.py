@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.tiny_model",
     "tests.fixtures.cluster",
+    "tests.fixtures.real_node",
 ]

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import socket
 import sys
 
 import kopf
@@ -99,8 +101,16 @@ def main(argv: list[str] | None = None) -> int:
             namespaces=namespaces,
             memo=memo,
             settings=kopf_settings(settings),
+            identity=own_identity(),  # type: ignore[arg-type]  # kopf.Identity is a NewType of str
         )
     return 0
+
+
+def own_identity() -> str:
+    """This operator's name for kopf, without kopf's default lookup of the user name: a
+    container running as a UID the image's /etc/passwd lacks (the chart's 65532, or
+    OpenShift's arbitrary UIDs) has none, and kopf's getpass.getuser() would crash."""
+    return f"{socket.gethostname()}/{os.getpid()}"
 
 
 if __name__ == "__main__":

@@ -1,16 +1,21 @@
 """`kubetune demo`: the whole system on this machine, from an empty start to an evaluated model.
 
-    kubetune demo            # about 2 minutes once the Kubernetes binaries are built
+    kubetune demo                 # the real node: kubetune's images, helm install (root)
+    kubetune demo --node local    # the process node: no images, no root, about 2 minutes
 
 What it does, in order, and undoes at the end (also on Ctrl-C, SIGTERM or failure):
 
-1. starts the local control plane and the local node (kubetune_devcluster), and an S3 API
-   (moto's server) on a free loopback port;
+1. starts the local control plane and its node (kubetune_devcluster): by default the real
+   node (kubelet + containerd), else the process node; and an S3 API (moto's server) on a
+   free port of the node's host address, which pods reach;
 2. writes a tiny model and the instruction data set (kubetune_trainer.demo_assets) and uploads
    them to the S3 locations examples/quickstart-cluster.yaml names;
-3. installs the FineTuneJob CRD, creates the S3 credentials Secret the manifest references and
-   starts the operator, whose trainer pods run the project's `kubetune-trainer` as processes
-   on the local node and report progress to it over loopback;
+3. creates the S3 credentials Secret the manifest references and starts the operator. On
+   the real node: imports the operator and trainer images (`bash hack/images.sh` builds
+   them) and installs the chart with `helm install` (CRD, RBAC, the operator's Deployment
+   and Service); trainer pods run the trainer image and report progress to the operator's
+   Service. On the process node: applies the CRD and runs the operator as a process, whose
+   trainer pods run the project's `kubetune-trainer` as host processes;
 4. `kubetune submit`s the manifest and shows its live progress until it finishes;
 5. lists the artifacts in S3 and prints the evaluation summary from report.json.
 
@@ -67,6 +72,9 @@ class DemoSettings:
     # Generic pre-training of the tiny base, so that it knows the words and JSON before the
     # fine-tuning (a random base barely learns in a short LoRA run). None: demo_assets' default.
     pretrain_steps: int | None = None
+    # "containerd": the real node, the operator from its image by helm install; "local": the
+    # process node, the operator and trainers as host processes.
+    node: str = "local"
 
 
 @dataclass(frozen=True)
@@ -203,9 +211,9 @@ def trainer_command() -> list[str]:
 
 
 class S3Endpoint:
-    """moto's S3 server on a free loopback port (a thread of this process)."""
+    """moto's S3 server on a free port of `host` (a thread of this process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         try:
             from moto.server import ThreadedMotoServer
         except ModuleNotFoundError:
@@ -215,7 +223,7 @@ class S3Endpoint:
             ) from None
         # Its web server logs every request at INFO: hundreds of lines in the middle of the demo.
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server = ThreadedMotoServer(ip_address=host, port=0, verbose=False)
         self._server.start()
         host, port = self._server.get_host_and_port()
         self.url = f"http://{host}:{port}"
@@ -287,9 +295,13 @@ def prepare_inputs(
 
 
 def install_crd(cluster: Any) -> None:
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_PATH))
+    wait_crd_served(cluster)
+
+
+def wait_crd_served(cluster: Any) -> None:
     from kubetune_devcluster.processes import wait_for
 
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_PATH))
     api_client = cluster.rest()
 
     def served() -> bool:
@@ -358,6 +370,68 @@ class OperatorRun:
         from kubetune_devcluster.processes import stop_processes
 
         stop_processes([self.record], timeout=15, reap=lambda _pid: self.proc.poll())
+
+
+CHART = REPO_ROOT / "helm" / "kubetune"
+OPERATOR_NAMESPACE = "kubetune-system"
+
+
+def image_archives() -> dict[str, Path]:
+    """Image reference -> OCI archive, as hack/images.sh names them."""
+    import subprocess
+
+    out = subprocess.run(
+        ["bash", str(REPO_ROOT / "hack" / "images.sh"), "--print"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {ref: Path(path) for ref, path in (line.split() for line in out.splitlines())}
+
+
+def load_images(cluster: Any, console: Console) -> dict[str, str]:
+    """Both images into the real node's runtime; returns "operator"/"trainer" -> reference."""
+    refs = {}
+    for ref, archive in image_archives().items():
+        if not archive.is_file():
+            raise DemoError(f"{archive}: image archive missing; run `bash hack/images.sh`")
+        start = time.monotonic()
+        cluster.load_image(archive)
+        console.print(f"imported {ref} in {time.monotonic() - start:.0f} s")
+        refs["operator" if "operator" in ref else "trainer"] = ref
+    return refs
+
+
+def helm_install(cluster: Any, refs: dict[str, str], s3_url: str, log_path: Path) -> None:
+    """The chart, as a platform team installs it: the local images (never pulled), the
+    demo's S3 endpoint, trainer defaults that fit a small machine."""
+    import subprocess
+
+    op_repo, _, op_tag = refs["operator"].rpartition(":")
+    tr_repo, _, tr_tag = refs["trainer"].rpartition(":")
+    values = {
+        "image.repository": op_repo,
+        "image.tag": op_tag,
+        "image.pullPolicy": "Never",
+        "trainer.image.repository": tr_repo,
+        "trainer.image.tag": tr_tag,
+        "trainer.resources.cpu": "1",
+        "trainer.resources.memory": "4Gi",
+        "s3.endpoint": s3_url,
+        "s3.region": S3_REGION,
+        "logFormat": "text",
+    }
+    argv = [
+        str(cluster.bin_dir / "helm"), "install", "kubetune", str(CHART),
+        "--namespace", OPERATOR_NAMESPACE, "--create-namespace", "--wait", "--timeout", "300s",
+        *(arg for key, value in values.items() for arg in ("--set-string", f"{key}={value}")),
+        "--set", "progress.patchIntervalSeconds=1",
+    ]  # fmt: skip
+    with log_path.open("w") as log:
+        done = subprocess.run(argv, env=cluster.env(), stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise DemoError(f"helm install failed; see {log_path}")
+    wait_crd_served(cluster)
 
 
 @contextlib.contextmanager
@@ -433,6 +507,7 @@ def run_demo(
     result = DemoResult(work_dir=Path(tempfile.mkdtemp(prefix="kubetune-demo-")))
     work_dir = result.work_dir
     cluster = s3_endpoint = operator = None
+    real_node = settings.node == "containerd"
 
     def step(text: str) -> None:
         console.print(f"\n[bold]==> {text}[/]  [dim]({time.monotonic() - started:.0f} s)[/]")
@@ -440,29 +515,40 @@ def run_demo(
     pool = ThreadPoolExecutor(max_workers=1)
     try:
         with signals_unwind():
-            step("S3 endpoint, tiny model and data")
-            s3_endpoint = S3Endpoint()
-            s3 = s3_endpoint.client()
-            console.print(f"S3 API at {s3_endpoint.url}")
-            # The inputs are made while the control plane starts: both take a while.
-            inputs = pool.submit(prepare_inputs, plan, s3, work_dir, settings.pretrain_steps)
-
-            step("local control plane and local node")
+            node_name = "real node" if real_node else "local node"
+            step(f"local control plane and {node_name}")
             cluster = DevCluster.start(
-                work_dir / "cluster", node=NodeConfig(gpus=0), ready_timeout=120
+                work_dir / "cluster",
+                node=NodeConfig(runtime=settings.node, gpus=0),
+                ready_timeout=240 if real_node else 120,
             )
             console.print(
                 f"Kubernetes API at {cluster.server} (ready in {cluster.ready_seconds} s)"
             )
-            install_crd(cluster)
+
+            step("S3 endpoint, tiny model and data")
+            s3_endpoint = S3Endpoint(cluster.host_address)
+            s3 = s3_endpoint.client()
+            console.print(f"S3 API at {s3_endpoint.url}")
+            # The inputs are made while the operator starts: both take a while.
+            inputs = pool.submit(prepare_inputs, plan, s3, work_dir, settings.pretrain_steps)
             create_secret(cluster, settings.namespace, plan.secret_name, s3_endpoint.env)
-            console.print(f"CRD {CRD_NAME} installed")
             console.print(f"Secret {settings.namespace}/{plan.secret_name}: S3 endpoint and keys")
 
             step("operator")
-            operator = OperatorRun(cluster, work_dir / "operator.log", S3_REGION)
-            operator.wait_ready()
-            console.print(f"operator ready at {operator.url} (log {operator.log_path})")
+            if real_node:
+                refs = load_images(cluster, console)
+                helm_install(cluster, refs, s3_endpoint.url, work_dir / "helm.log")
+                console.print(
+                    f"helm install kubetune: operator {refs['operator']} running in "
+                    f"{OPERATOR_NAMESPACE}, trainer image {refs['trainer']}, CRD {CRD_NAME}"
+                )
+            else:
+                install_crd(cluster)
+                console.print(f"CRD {CRD_NAME} installed")
+                operator = OperatorRun(cluster, work_dir / "operator.log", S3_REGION)
+                operator.wait_ready()
+                console.print(f"operator ready at {operator.url} (log {operator.log_path})")
 
             files, seconds = inputs.result()
             console.print(
@@ -544,6 +630,7 @@ def demo_command(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         keep=args.keep,
         keep_files=args.keep_files,
+        node=args.node,
     )
     try:
         result = run_demo(settings, console)
@@ -571,6 +658,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--timeout", type=float, default=DemoSettings.timeout_s, help="seconds for the job"
+    )
+    parser.add_argument(
+        "--node",
+        choices=("containerd", "local"),
+        default="containerd",
+        help="containerd: the real node, kubetune's images, helm install (root; default); "
+        "local: the process node, operator and trainer as host processes",
     )
     parser.add_argument("--keep", action="store_true", help="keep everything running until Ctrl-C")
     parser.add_argument(
