@@ -25,6 +25,11 @@ start=$SECONDS
 bash hack/k8s-binaries.sh
 echo "binaries ready in $((SECONDS - start)) s"
 
+step "Kueue (for the quota tests)"
+start=$SECONDS
+bash hack/kueue.sh
+echo "Kueue ready in $((SECONDS - start)) s"
+
 step "images (operator and trainer)"
 start=$SECONDS
 nice bash hack/images.sh
