@@ -103,7 +103,8 @@ def test_demo_runs_the_quickstart_on_the_local_cluster_and_cleans_up() -> None:
     assert result.artifact_keys == seen["keys"]
     assert "adapter/adapter_model.safetensors" in printed and "report.json" in printed
     # Live progress: the job was seen running before it finished.
-    assert "Running" in printed and "34/34 (100%)" in printed
+    total = status["progress"]["totalSteps"]
+    assert total > 10 and "Running" in printed and f"{total}/{total} (100%)" in printed
     # The evaluation summary from report.json, and the tuned model visibly learned.
     for label in ("Eval loss", "Token F1", "ROUGE-L", "Format compliance", "Thresholds:"):
         assert label in printed, label
