@@ -167,7 +167,12 @@ class WandbTracker(Tracker):
         self.handle.summary.update({**metrics, **tags})
 
     def finish(self, succeeded: bool) -> None:
+        import wandb
+
         self.handle.finish(exit_code=0 if succeeded else 1)
+        # The run file is written by W&B's service process: wait until it has all of it
+        # (its atexit hook would too, but not where multiprocessing or torchrun end us).
+        wandb.teardown()
 
 
 class Tracking:
