@@ -359,12 +359,13 @@ def test_trainer_image_trains_as_uid_1000_on_a_read_only_root(
     from tests.fixtures.tiny_model import job_manifest
 
     image = trainer_image
-    # Paths as the container sees them; the manifest reaches it where the ConfigMap would.
+    # Paths as the container sees them; the manifest reaches it where the pod's annotation
+    # does (a downward-API file of JSON).
     manifest = job_manifest(
         Path("/models/tiny"), Path("/data/train.jsonl"), "file:///out", training={"maxSteps": 2}
     )
     config = readable_dir(tmp_path / "config") / Path(DEFAULT_JOB_CONFIG).name
-    config.write_text(yaml.safe_dump(manifest))
+    config.write_text(json.dumps(manifest))
     out = readable_dir(tmp_path / "out", 0o777)
     work = readable_dir(tmp_path / "work", 0o777)  # as the kubelet makes an emptyDir
     termination_log = tmp_path / "termination-log"
