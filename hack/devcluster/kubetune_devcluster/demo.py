@@ -478,6 +478,51 @@ def watch_and_tail(
 # --- the demo -------------------------------------------------------------------------
 
 
+def start_operator(
+    cluster: Any, s3_endpoint: S3Endpoint, work_dir: Path, console: Console, *, real_node: bool
+) -> OperatorRun | None:
+    """The operator: from its image by `helm install` on the real node (None: the cluster
+    owns it), or as a process of this one on the process node."""
+    if real_node:
+        refs = load_images(cluster, console)
+        helm_install(cluster, refs, s3_endpoint.url, work_dir / "helm.log")
+        console.print(
+            f"helm install kubetune: operator {refs['operator']} running in "
+            f"{OPERATOR_NAMESPACE}, trainer image {refs['trainer']}, CRD {CRD_NAME}"
+        )
+        return None
+    install_crd(cluster)
+    console.print(f"CRD {CRD_NAME} installed")
+    operator = OperatorRun(cluster, work_dir / "operator.log", S3_REGION)
+    operator.wait_ready()
+    console.print(f"operator ready at {operator.url} (log {operator.log_path})")
+    return operator
+
+
+def show_results(
+    s3: Any, plan: DemoPlan, result: DemoResult, console: Console, step: Callable[[str], None]
+) -> None:
+    """The run's artifacts in S3, then the evaluation summary and one held-out example."""
+    from kubetune.report import render_gate_summary, render_report_table
+
+    run_uri = f"s3://{plan.output.bucket}/{plan.output.key}"
+    result.artifact_keys = list_keys(s3, plan.output)
+    step("artifacts")
+    console.print(artifact_table(run_uri, result.artifact_keys))
+    report_key = next((k for k in result.artifact_keys if k.endswith("report.json")), None)
+    if not report_key:
+        return
+    body = s3.get_object(Bucket=plan.output.bucket, Key=plan.output.key + report_key)
+    result.report = json.loads(body["Body"].read())
+    step("evaluation: base model vs fine-tuned, on held-out examples")
+    console.print(Markdown(render_report_table(result.report)))
+    console.print(render_gate_summary(result.report))
+    sample = first_sample(result.report)
+    if sample:
+        console.print("\n[bold]one held-out example[/]")
+        console.print(sample, markup=False, highlight=False)
+
+
 def run_demo(
     settings: DemoSettings,
     console: Console,
@@ -486,7 +531,6 @@ def run_demo(
 ) -> DemoResult:
     """Run the whole demo and tear it down; `before_teardown(context)` sees the running
     system (keys: cluster, s3, plan, operator) after the summary, e.g. for tests."""
-    from kubetune.report import render_gate_summary, render_report_table
     from kubetune_cli.cluster import CliError, load_manifests
     from kubetune_cli.main import main as kubetune_cli
     from kubetune_devcluster.binaries import missing_binaries
@@ -536,19 +580,7 @@ def run_demo(
             console.print(f"Secret {settings.namespace}/{plan.secret_name}: S3 endpoint and keys")
 
             step("operator")
-            if real_node:
-                refs = load_images(cluster, console)
-                helm_install(cluster, refs, s3_endpoint.url, work_dir / "helm.log")
-                console.print(
-                    f"helm install kubetune: operator {refs['operator']} running in "
-                    f"{OPERATOR_NAMESPACE}, trainer image {refs['trainer']}, CRD {CRD_NAME}"
-                )
-            else:
-                install_crd(cluster)
-                console.print(f"CRD {CRD_NAME} installed")
-                operator = OperatorRun(cluster, work_dir / "operator.log", S3_REGION)
-                operator.wait_ready()
-                console.print(f"operator ready at {operator.url} (log {operator.log_path})")
+            operator = start_operator(cluster, s3_endpoint, work_dir, console, real_node=real_node)
 
             files, seconds = inputs.result()
             console.print(
@@ -566,22 +598,7 @@ def run_demo(
             status = watch_and_tail(cluster, settings, plan.name, console)
             result.status, result.phase = status, status.get("phase")
 
-            run_uri = f"s3://{plan.output.bucket}/{plan.output.key}"
-            result.artifact_keys = list_keys(s3, plan.output)
-            step("artifacts")
-            console.print(artifact_table(run_uri, result.artifact_keys))
-
-            report_key = next((k for k in result.artifact_keys if k.endswith("report.json")), None)
-            if report_key:
-                body = s3.get_object(Bucket=plan.output.bucket, Key=plan.output.key + report_key)
-                result.report = json.loads(body["Body"].read())
-                step("evaluation: base model vs fine-tuned, on held-out examples")
-                console.print(Markdown(render_report_table(result.report)))
-                console.print(render_gate_summary(result.report))
-                sample = first_sample(result.report)
-                if sample:
-                    console.print("\n[bold]one held-out example[/]")
-                    console.print(sample, markup=False, highlight=False)
+            show_results(s3, plan, result, console, step)
             took = job_seconds(status)
             if took is not None:
                 tokens = (status.get("metrics") or {}).get("tokensTrained") or 0
