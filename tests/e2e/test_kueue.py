@@ -35,10 +35,10 @@ from kubetune_devcluster.kueue import (
 )
 from kubetune_devcluster.processes import wait_for
 from kubetune_devcluster.rest import ApiError, KubeRest
-from kubetune_trainer.demo_assets import write_demo_dataset, write_tiny_model
 from tests.fixtures.cluster import cluster_or_skip
 from tests.fixtures.operator import OperatorProcess, install_crd
 from tests.fixtures.s3 import S3Server
+from tests.fixtures.tiny_model import upload_tiny_assets
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -130,17 +130,7 @@ def queued(
 
 
 def upload_assets(s3_server: S3Server) -> str:
-    bucket = "kubetune-kueue"
-    s3 = s3_server.client()
-    s3.create_bucket(Bucket=bucket)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = write_tiny_model(Path(tmp) / "model")
-        data = write_demo_dataset(Path(tmp) / "train.jsonl", n_rows=48)
-        for path in sorted(model.rglob("*")):
-            if path.is_file():
-                s3.upload_file(str(path), bucket, f"models/tiny/{path.relative_to(model)}")
-        s3.upload_file(str(data), bucket, "data/train.jsonl")
-    return bucket
+    return upload_tiny_assets(s3_server.client(), "kubetune-kueue", rows=48)
 
 
 def ftj_manifest(name: str, bucket: str, *, steps: int = 6) -> dict:

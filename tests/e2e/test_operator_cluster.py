@@ -12,7 +12,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,9 +24,9 @@ import yaml
 from kubetune_devcluster.controlplane import DevCluster
 from kubetune_devcluster.processes import wait_for
 from kubetune_devcluster.rest import MERGE, ApiError
-from kubetune_trainer.demo_assets import write_demo_dataset, write_tiny_model
 from tests.fixtures.operator import OperatorProcess, get_or_none, install_crd
 from tests.fixtures.s3 import S3Server
+from tests.fixtures.tiny_model import upload_tiny_assets
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -38,17 +37,9 @@ TRAINER = [sys.executable, "-m", "kubetune_trainer"]
 @pytest.fixture(scope="module")
 def assets(s3_server: S3Server) -> str:
     """A bucket holding the tiny model and the demo dataset; returns its name."""
-    bucket = "kubetune-e2e"
     s3 = s3_server.client()
-    s3.create_bucket(Bucket=bucket)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = write_tiny_model(Path(tmp) / "model")
-        data = write_demo_dataset(Path(tmp) / "train.jsonl", n_rows=96)
-        for path in sorted(model.rglob("*")):
-            if path.is_file():
-                s3.upload_file(str(path), bucket, f"models/tiny/{path.relative_to(model)}")
-        s3.upload_file(str(data), bucket, "data/train.jsonl")
-        s3.put_object(Bucket=bucket, Key="data/bad.jsonl", Body=b'{"colour": "blue"}\n' * 20)
+    bucket = upload_tiny_assets(s3, "kubetune-e2e", rows=96)
+    s3.put_object(Bucket=bucket, Key="data/bad.jsonl", Body=b'{"colour": "blue"}\n' * 20)
     return bucket
 
 

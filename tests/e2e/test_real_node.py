@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from kubetune_devcluster.processes import wait_for
-from kubetune_trainer.demo_assets import write_demo_dataset, write_tiny_model
 from tests.e2e.test_operator_cluster import (
     FTJ_API,
     create,
@@ -34,6 +31,7 @@ from tests.e2e.test_operator_cluster import (
     wait_reason,
 )
 from tests.fixtures.real_node import TRAINER_IMAGE, RealStack
+from tests.fixtures.tiny_model import upload_tiny_assets
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -45,17 +43,7 @@ RUN_TIMEOUT = 600
 @pytest.fixture(scope="module")
 def assets(real_stack: RealStack) -> str:
     """A bucket holding the tiny model and the demo dataset; returns its name."""
-    bucket = "kubetune-real-node"
-    s3 = real_stack.s3.client()
-    s3.create_bucket(Bucket=bucket)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = write_tiny_model(Path(tmp) / "model")
-        data = write_demo_dataset(Path(tmp) / "train.jsonl", n_rows=96)
-        for path in sorted(model.rglob("*")):
-            if path.is_file():
-                s3.upload_file(str(path), bucket, f"models/tiny/{path.relative_to(model)}")
-        s3.upload_file(str(data), bucket, "data/train.jsonl")
-    return bucket
+    return upload_tiny_assets(real_stack.s3.client(), "kubetune-real-node", rows=96)
 
 
 @pytest.fixture
