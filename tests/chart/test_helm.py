@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +22,7 @@ import yaml
 
 from kubetune.api import crd
 from kubetune_devcluster.binaries import K8S_VERSION, find_binary, search_dirs
+from tests.e2e.test_operator_cluster import push
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "kubetune"
@@ -814,20 +813,6 @@ def pod_token(api: Any, pod: dict, audience: str) -> str:
     return api.post(path, request)["status"]["token"]
 
 
-def push(url: str, token: str | None) -> int:
-    """POST one progress event; the HTTP status."""
-    event = b'{"event": "step", "time": "2026-01-01T00:00:00Z", "step": 1, "totalSteps": 10}'
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, data=event, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
 def rbac_probe_job(name: str) -> dict:
     """A FineTuneJob whose pod never runs (no node matches), to drive the operator's calls."""
     return {
@@ -896,7 +881,8 @@ def test_operator_runs_under_the_charts_rbac(
         (pod,) = api.get(f"/api/v1/namespaces/{namespace}/pods")["items"]
         token = pod_token(api, pod, "kubetune.io/progress")
         url = f"{operator.url}/v1/progress/{namespace}/{name}"
-        assert push(url, token) == 202
+        event = b'{"event": "step", "time": "2026-01-01T00:00:00Z", "step": 1, "totalSteps": 10}'
+        assert push(url, token, event) == 202
         job_path = f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}-trainer"
         api.patch(f"{ftj_path}/{name}", {"spec": {"suspend": True}}, MERGE)
         wait_for(
