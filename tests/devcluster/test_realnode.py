@@ -11,10 +11,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -35,7 +33,7 @@ from kubetune_devcluster.binaries import (
 )
 from kubetune_devcluster.controlplane import DevCluster, NodeConfig
 from kubetune_devcluster.processes import wait_for
-from tests.fixtures.cluster import cluster_or_skip
+from tests.fixtures.cluster import cluster_or_skip, running_cluster
 
 pytestmark = pytest.mark.cluster
 
@@ -59,14 +57,9 @@ def real_node_or_skip() -> None:
 @pytest.fixture(scope="module")
 def real_cluster() -> Iterator[DevCluster]:
     real_node_or_skip()
-    state_dir = Path(tempfile.mkdtemp(prefix="kubetune-realnode-"))
-    cluster = DevCluster.start(state_dir, node=NodeConfig(runtime="containerd", gpus=2))
-    try:
+    node = NodeConfig(runtime="containerd", gpus=2)
+    with running_cluster("kubetune-realnode-", node) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        if not os.environ.get("KUBETUNE_KEEP_CLUSTER_STATE"):
-            shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest.fixture
