@@ -22,7 +22,7 @@ import yaml
 
 from kubetune.api import crd
 from kubetune_devcluster.binaries import K8S_VERSION, find_binary, search_dirs
-from tests.e2e.test_operator_cluster import push
+from tests.fixtures.ftj import push
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "kubetune"

@@ -10,7 +10,6 @@ import contextlib
 import os
 import signal
 import ssl
-import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -23,14 +22,30 @@ import yaml
 
 from kubetune_devcluster.controlplane import DevCluster
 from kubetune_devcluster.processes import wait_for
-from kubetune_devcluster.rest import MERGE, ApiError
+from kubetune_devcluster.rest import ApiError
+from tests.fixtures.ftj import (
+    FTJ_API,
+    checkpoint_written,
+    create,
+    events_for,
+    ftj,
+    ftj_manifest,
+    jobs_of,
+    kubetune,
+    patch_spec,
+    pods_of,
+    push,
+    s3_keys,
+    status_of,
+    wait_phase,
+    wait_reason,
+)
 from tests.fixtures.operator import OperatorProcess, get_or_none, install_crd
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.tiny_model import upload_tiny_assets
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
-FTJ_API = "/apis/kubetune.io/v1alpha1"
 TRAINER = [sys.executable, "-m", "kubetune_trainer"]
 
 
@@ -71,99 +86,7 @@ def ns(k8s_cluster: DevCluster, k8s_namespace: str, s3_server: S3Server) -> str:
     return k8s_namespace
 
 
-def ftj_manifest(name: str, bucket: str, *, steps: int = 8, **spec: Any) -> dict:
-    body: dict[str, Any] = {
-        "model": {"uri": f"s3://{bucket}/models/tiny/"},
-        "method": "lora",
-        "lora": {"r": 4},
-        "dataset": {"uri": f"s3://{bucket}/data/train.jsonl", "validationSplit": 0.1},
-        "training": {
-            "maxSteps": steps,
-            "batchSize": 4,
-            "gradientAccumulationSteps": 1,
-            "maxSeqLength": 128,
-            "learningRate": 1e-3,
-            "checkpointEverySteps": 2,
-            "gradientCheckpointing": False,
-            "logEverySteps": 1,
-        },
-        "evaluation": {"enabled": True, "maxSamples": 2, "maxNewTokens": 8, "sampleOutputs": 1},
-        "output": {"uri": f"s3://{bucket}/runs/", "credentialsSecretRef": {"name": "s3-creds"}},
-        "resources": {"gpus": 0, "cpu": "500m", "memory": "2Gi", "shmSize": "64Mi"},
-        "backoffLimit": 2,
-    }
-    body.update(spec)
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": body,
-    }
-
-
-def create(cluster: DevCluster, ns: str, manifest: dict) -> dict:
-    return cluster.rest().post(f"{FTJ_API}/namespaces/{ns}/finetunejobs", manifest)
-
-
-def ftj(cluster: DevCluster, ns: str, name: str) -> dict:
-    return cluster.rest().get(f"{FTJ_API}/namespaces/{ns}/finetunejobs/{name}")
-
-
-def status_of(cluster: DevCluster, ns: str, name: str) -> dict:
-    return ftj(cluster, ns, name).get("status") or {}
-
-
-def wait_phase(cluster: DevCluster, ns: str, name: str, *phases: str, timeout: float = 240) -> dict:
-    def reached() -> dict | None:
-        st = status_of(cluster, ns, name)
-        return st if st.get("phase") in phases else None
-
-    try:
-        return wait_for(reached, timeout=timeout, interval=0.5, what=f"{name} in {phases}")
-    except TimeoutError:
-        raise AssertionError(f"{name}: {status_of(cluster, ns, name)}") from None
-
-
-def jobs_of(cluster: DevCluster, ns: str) -> list[dict]:
-    return cluster.rest().get(f"/apis/batch/v1/namespaces/{ns}/jobs")["items"]
-
-
-def pods_of(cluster: DevCluster, ns: str) -> list[dict]:
-    return cluster.rest().get(f"/api/v1/namespaces/{ns}/pods")["items"]
-
-
-def s3_keys(s3_server: S3Server, uri: str) -> list[str]:
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    pages = (
-        s3_server.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    )
-    return [o["Key"] for page in pages for o in page.get("Contents", [])]
-
-
-def events_for(cluster: DevCluster, ns: str, name: str) -> list[dict]:
-    items = cluster.rest().get(f"/api/v1/namespaces/{ns}/events")["items"]
-    return [
-        e
-        for e in items
-        if e["involvedObject"].get("name") == name
-        and e["involvedObject"].get("kind") == "FineTuneJob"
-    ]
-
-
 # --- tests ----------------------------------------------------------------------------
-
-
-def kubetune(
-    cluster: DevCluster, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """The user CLI as a user runs it: a process with the cluster's kubeconfig."""
-    return subprocess.run(
-        [sys.executable, "-m", "kubetune_cli.main", *args],
-        env={**cluster.env(), **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_end_to_end_succeeds_with_progress_artifacts_and_events(
@@ -263,17 +186,6 @@ def test_more_gpus_than_the_node_has_stays_pending_with_the_schedulers_message(
     assert "nvidia.com/gpu" in st["message"]
 
 
-def wait_reason(cluster: DevCluster, ns: str, name: str, reason: str, timeout: float) -> dict:
-    def reached() -> dict | None:
-        st = status_of(cluster, ns, name)
-        return st if st.get("reason") == reason else None
-
-    try:
-        return wait_for(reached, timeout=timeout, interval=0.3, what=f"{name}: {reason}")
-    except TimeoutError:
-        raise AssertionError(f"{name}: {status_of(cluster, ns, name)}") from None
-
-
 def test_operator_checks_reject_at_once_without_a_job(
     k8s_cluster: DevCluster, operator: OperatorProcess, ns: str, assets: str
 ) -> None:
@@ -342,17 +254,6 @@ def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(
     assert st["resumedFromStep"] > 0
 
 
-def checkpoint_written(s3_server: S3Server, bucket: str, ns: str, name: str) -> bool:
-    prefix = f"s3://{bucket}/runs/{ns}/{name}/checkpoints/"
-    return any(k.endswith("_COMPLETE") for k in s3_keys(s3_server, prefix))
-
-
-def patch_spec(cluster: DevCluster, ns: str, name: str, spec: dict) -> dict:
-    return cluster.rest().patch(
-        f"{FTJ_API}/namespaces/{ns}/finetunejobs/{name}", {"spec": spec}, MERGE
-    )
-
-
 def test_suspend_stops_the_trainer_and_resume_continues_from_the_checkpoint(
     k8s_cluster: DevCluster, operator: OperatorProcess, ns: str, assets: str, s3_server: S3Server
 ) -> None:
@@ -418,18 +319,6 @@ def test_operator_restart_mid_job_keeps_one_job_and_status_moving(
         timeout=60,
         what="Job and pods deleted",
     )
-
-
-def push(url: str, token: str | None, body: bytes) -> int:
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
 
 
 def api_writes(operator: OperatorProcess) -> dict[str, float]:

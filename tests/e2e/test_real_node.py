@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import uuid
-from collections.abc import Iterator
 
 import pytest
 
 from kubetune_devcluster.processes import wait_for
-from tests.e2e.test_operator_cluster import (
+from tests.fixtures.ftj import (
     FTJ_API,
     create,
-    ftj_manifest,
     jobs_of,
     pods_of,
     s3_keys,
@@ -30,72 +27,23 @@ from tests.e2e.test_operator_cluster import (
     wait_phase,
     wait_reason,
 )
-from tests.fixtures.real_node import TRAINER_IMAGE, RealStack
-from tests.fixtures.tiny_model import upload_tiny_assets
+from tests.fixtures.real_node import (
+    RUN_TIMEOUT,
+    TRAINER_IMAGE,
+    RealStack,
+    manifest,
+    running_trainer_pod,
+    step_of,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
-# The trainer imports torch and transformers in a contended 2-CPU container: minutes, not
-# seconds, before the first step.
-RUN_TIMEOUT = 600
-
-
-@pytest.fixture(scope="module")
-def assets(real_stack: RealStack) -> str:
-    """A bucket holding the tiny model and the demo dataset; returns its name."""
-    return upload_tiny_assets(real_stack.s3.client(), "kubetune-real-node", rows=96)
-
-
-@pytest.fixture
-def ns(real_stack: RealStack) -> Iterator[str]:
-    """A fresh namespace with the S3 credentials Secret the FineTuneJobs reference."""
-    cluster = real_stack.cluster
-    name = f"rn-{uuid.uuid4().hex[:8]}"
-    cluster.kubectl("create", "namespace", name)
-    wait_for(
-        lambda: cluster.kubectl("get", "sa", "default", "-n", name, check=False).returncode == 0,
-        timeout=30,
-        what=f"default ServiceAccount in {name}",
-    )
-    cluster.rest().post(
-        f"/api/v1/namespaces/{name}/secrets",
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "s3-creds"},
-            "stringData": dict(real_stack.s3.env),
-        },
-    )
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-def manifest(name: str, bucket: str, *, steps: int = 8, **spec: object) -> dict:
-    body = ftj_manifest(name, bucket, steps=steps, **spec)
-    # The trainer image's Python, torch and the model in one container: 2Gi leaves room.
-    body["spec"]["resources"].update(cpu="500m", memory="2Gi")
-    return body
-
-
-def step_of(real_stack: RealStack, ns: str, name: str) -> int:
-    return (status_of(real_stack.cluster, ns, name).get("progress") or {}).get("step") or 0
-
-
-def running_trainer_pod(real_stack: RealStack, ns: str) -> str:
-    def running() -> str | None:
-        for pod in pods_of(real_stack.cluster, ns):
-            if pod["status"].get("phase") == "Running":
-                return pod["metadata"]["name"]
-        return None
-
-    return wait_for(running, timeout=RUN_TIMEOUT, interval=0.5, what="a running trainer pod")
-
 
 def kubectl_exec(
-    real_stack: RealStack, ns: str, pod: str, *argv: str
+    real_stack: RealStack, real_ns: str, pod: str, *argv: str
 ) -> subprocess.CompletedProcess:
     return real_stack.cluster.kubectl(
-        "exec", "-n", ns, pod, "-c", "trainer", "--", *argv, check=False
+        "exec", "-n", real_ns, pod, "-c", "trainer", "--", *argv, check=False
     )
 
 
@@ -117,13 +65,13 @@ print(json.dumps(result))
 
 
 def test_lora_job_succeeds_from_the_images_with_progress_logs_and_exec(
-    real_stack: RealStack, ns: str, assets: str
+    real_stack: RealStack, real_ns: str, real_assets: str
 ) -> None:
     cluster = real_stack.cluster
-    create(cluster, ns, manifest("e2e", assets, steps=12))
-    pod = running_trainer_pod(real_stack, ns)
+    create(cluster, real_ns, manifest("e2e", real_assets, steps=12))
+    pod = running_trainer_pod(real_stack, real_ns)
     # The pod runs the trainer image, never pulled: the archive imported into containerd.
-    spec = cluster.rest().get(f"/api/v1/namespaces/{ns}/pods/{pod}")["spec"]
+    spec = cluster.rest().get(f"/api/v1/namespaces/{real_ns}/pods/{pod}")["spec"]
     assert spec["containers"][0]["image"] == TRAINER_IMAGE
     progress_url = next(
         e["value"] for e in spec["containers"][0]["env"] if e["name"] == "KUBETUNE_PROGRESS_URL"
@@ -133,7 +81,7 @@ def test_lora_job_succeeds_from_the_images_with_progress_logs_and_exec(
     seen: set[int] = set()
 
     def finished() -> dict | None:
-        st = status_of(cluster, ns, "e2e")
+        st = status_of(cluster, real_ns, "e2e")
         step = (st.get("progress") or {}).get("step")
         if st.get("phase") == "Running" and step is not None:
             seen.add(step)
@@ -143,7 +91,7 @@ def test_lora_job_succeeds_from_the_images_with_progress_logs_and_exec(
         # kubectl exec needs the container running: try it while the trainer trains.
         if finished():
             return {"finished first": True}
-        probe = kubectl_exec(real_stack, ns, pod, "python3", "-c", WRITE_PROBE)
+        probe = kubectl_exec(real_stack, real_ns, pod, "python3", "-c", WRITE_PROBE)
         return json.loads(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 else None
 
     exec_result = wait_for(probed, timeout=RUN_TIMEOUT, interval=1, what="kubectl exec")
@@ -155,27 +103,27 @@ def test_lora_job_succeeds_from_the_images_with_progress_logs_and_exec(
     assert exec_result["/opt/probe"] == "Read-only file system", exec_result
     for field in ("model", "manifest", "report"):
         uri = st["artifacts"][field]
-        assert uri.startswith(f"s3://{assets}/runs/{ns}/e2e/"), uri
+        assert uri.startswith(f"s3://{real_assets}/runs/{real_ns}/e2e/"), uri
         assert s3_keys(real_stack.s3, uri), f"{field}: nothing at {uri}"
     manifest_uri = st["artifacts"]["manifest"]
     bucket, _, key = manifest_uri.removeprefix("s3://").partition("/")
     body = real_stack.s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
     assert json.loads(body)  # the manifest is JSON the trainer wrote
-    logs = cluster.kubectl("logs", "-n", ns, pod, "-c", "trainer")
+    logs = cluster.kubectl("logs", "-n", real_ns, pod, "-c", "trainer")
     assert '"event": "completed"' in logs.stdout.replace('":"', '": "'), logs.stdout[-2000:]
     node = cluster.kubectl("get", "node", "-o", "wide").stdout
     assert "containerd://2." in node, node
 
 
 def test_trainer_cannot_write_outside_its_volumes(
-    real_stack: RealStack, ns: str, assets: str
+    real_stack: RealStack, real_ns: str, real_assets: str
 ) -> None:
     """The operator's pod template (taken from a suspended FineTuneJob's Job), run with the
     trainer image's Python probing writes instead of training: the runtime enforces the
     read-only root, the non-root user and the absence of an API token."""
     cluster = real_stack.cluster
-    create(cluster, ns, manifest("rofs", assets, suspend=True))
-    (job,) = wait_for(lambda: jobs_of(cluster, ns), timeout=60, what="the suspended Job")
+    create(cluster, real_ns, manifest("rofs", real_assets, suspend=True))
+    (job,) = wait_for(lambda: jobs_of(cluster, real_ns), timeout=60, what="the suspended Job")
     template = job["spec"]["template"]
     pod_spec = template["spec"]
     pod_spec["containers"][0]["command"] = ["python3", "-c", WRITE_PROBE]
@@ -185,14 +133,14 @@ def test_trainer_cannot_write_outside_its_volumes(
         "metadata": {"name": "write-probe"},
         "spec": pod_spec,
     }
-    cluster.rest().post(f"/api/v1/namespaces/{ns}/pods", pod)
+    cluster.rest().post(f"/api/v1/namespaces/{real_ns}/pods", pod)
 
     def done() -> dict | None:
-        status = cluster.rest().get(f"/api/v1/namespaces/{ns}/pods/write-probe")["status"]
+        status = cluster.rest().get(f"/api/v1/namespaces/{real_ns}/pods/write-probe")["status"]
         return status if status.get("phase") in ("Succeeded", "Failed") else None
 
     status = wait_for(done, timeout=120, interval=0.5, what="write-probe finished")
-    logs = cluster.kubectl("logs", "-n", ns, "write-probe").stdout
+    logs = cluster.kubectl("logs", "-n", real_ns, "write-probe").stdout
     assert status["phase"] == "Succeeded", logs
     result = json.loads(logs.strip().splitlines()[-1])
     assert result["uid"] == 1000 and result["gid"] == 1000, result
@@ -203,44 +151,52 @@ def test_trainer_cannot_write_outside_its_volumes(
 
 
 def test_image_that_does_not_exist_is_reported_naming_it(
-    real_stack: RealStack, ns: str, assets: str
+    real_stack: RealStack, real_ns: str, real_assets: str
 ) -> None:
     image = "localhost/kubetune/no-such-trainer:missing"
-    create(real_stack.cluster, ns, manifest("noimage", assets, image=image))
+    create(real_stack.cluster, real_ns, manifest("noimage", real_assets, image=image))
 
     def pull_failed() -> dict | None:
-        st = status_of(real_stack.cluster, ns, "noimage")
+        st = status_of(real_stack.cluster, real_ns, "noimage")
         return st if st.get("reason") in ("ErrImagePull", "ImagePullBackOff") else None
 
     st = wait_for(pull_failed, timeout=120, interval=0.5, what="an image pull failure")
     assert image in st["message"], st
 
 
-def test_memory_limit_too_small_is_oomkilled(real_stack: RealStack, ns: str, assets: str) -> None:
-    body = manifest("tight", assets, backoffLimit=0)
+def test_memory_limit_too_small_is_oomkilled(
+    real_stack: RealStack, real_ns: str, real_assets: str
+) -> None:
+    body = manifest("tight", real_assets, backoffLimit=0)
     # Importing torch alone takes more than this.
     body["spec"]["resources"]["memory"] = "150Mi"
-    create(real_stack.cluster, ns, body)
-    st = wait_phase(real_stack.cluster, ns, "tight", "Failed", "Succeeded", timeout=RUN_TIMEOUT)
+    create(real_stack.cluster, real_ns, body)
+    st = wait_phase(
+        real_stack.cluster, real_ns, "tight", "Failed", "Succeeded", timeout=RUN_TIMEOUT
+    )
     assert st["phase"] == "Failed" and st["reason"] == "OOMKilled", st
     assert "150Mi" in st["message"], st
 
 
-def test_active_deadline_exceeded(real_stack: RealStack, ns: str, assets: str) -> None:
-    create(real_stack.cluster, ns, manifest("late", assets, steps=500, activeDeadlineSeconds=20))
-    st = wait_phase(real_stack.cluster, ns, "late", "Failed", "Succeeded", timeout=180)
+def test_active_deadline_exceeded(real_stack: RealStack, real_ns: str, real_assets: str) -> None:
+    create(
+        real_stack.cluster,
+        real_ns,
+        manifest("late", real_assets, steps=500, activeDeadlineSeconds=20),
+    )
+    st = wait_phase(real_stack.cluster, real_ns, "late", "Failed", "Succeeded", timeout=180)
     assert st["phase"] == "Failed" and st["reason"] == "DeadlineExceeded", st
 
 
 def test_missing_secret_and_missing_key_are_named_within_seconds(
-    real_stack: RealStack, ns: str, assets: str
+    real_stack: RealStack, real_ns: str, real_assets: str
 ) -> None:
     cluster = real_stack.cluster
-    nosecret = manifest("nosecret", assets)
+    nosecret = manifest("nosecret", real_assets)
     nosecret["spec"]["output"]["credentialsSecretRef"]["name"] = "missing"
-    create(cluster, ns, nosecret)
+    create(cluster, real_ns, nosecret)
     cluster.rest().post(
-        f"/api/v1/namespaces/{ns}/secrets",
+        f"/api/v1/namespaces/{real_ns}/secrets",
         {
             "apiVersion": "v1",
             "kind": "Secret",
@@ -248,30 +204,30 @@ def test_missing_secret_and_missing_key_are_named_within_seconds(
             "stringData": {"AWS_ACCESS_KEY_ID": "only-the-id"},
         },
     )
-    halfsecret = manifest("halfsecret", assets)
+    halfsecret = manifest("halfsecret", real_assets)
     halfsecret["spec"]["output"]["credentialsSecretRef"]["name"] = "half"
-    create(cluster, ns, halfsecret)
-    st = wait_reason(cluster, ns, "nosecret", "SecretNotFound", timeout=60)
+    create(cluster, real_ns, halfsecret)
+    st = wait_reason(cluster, real_ns, "nosecret", "SecretNotFound", timeout=60)
     assert st["message"] == "spec.output.credentialsSecretRef: Secret 'missing' not found"
-    st = wait_reason(cluster, ns, "halfsecret", "SecretKeyMissing", timeout=60)
+    st = wait_reason(cluster, real_ns, "halfsecret", "SecretKeyMissing", timeout=60)
     assert st["message"] == (
         "spec.output.credentialsSecretRef: Secret 'half' has no key AWS_SECRET_ACCESS_KEY"
     )
 
 
 def test_operator_pod_deleted_mid_run_the_new_one_carries_on(
-    real_stack: RealStack, ns: str, assets: str
+    real_stack: RealStack, real_ns: str, real_assets: str
 ) -> None:
     cluster = real_stack.cluster
-    create(cluster, ns, manifest("steady", assets, steps=60))
+    create(cluster, real_ns, manifest("steady", real_assets, steps=60))
     wait_for(
-        lambda: step_of(real_stack, ns, "steady") > 0,
+        lambda: step_of(real_stack, real_ns, "steady") > 0,
         timeout=RUN_TIMEOUT,
         interval=0.5,
         what="progress",
     )
     (old,) = real_stack.operator_pods()
-    before = step_of(real_stack, ns, "steady")
+    before = step_of(real_stack, real_ns, "steady")
     cluster.kubectl("delete", "pod", "-n", real_stack.namespace, old["metadata"]["name"])
 
     def new_operator_ready() -> bool:
@@ -285,17 +241,19 @@ def test_operator_pod_deleted_mid_run_the_new_one_carries_on(
         )
 
     wait_for(new_operator_ready, timeout=180, interval=0.5, what="the new operator pod Ready")
-    assert status_of(cluster, ns, "steady")["phase"] == "Running", "finished during the restart"
+    assert status_of(cluster, real_ns, "steady")["phase"] == "Running", (
+        "finished during the restart"
+    )
     # Progress keeps flowing to the new pod through the Service.
     wait_for(
-        lambda: step_of(real_stack, ns, "steady") > before,
+        lambda: step_of(real_stack, real_ns, "steady") > before,
         timeout=RUN_TIMEOUT,
         interval=0.5,
         what="progress after the operator's restart",
     )
-    st = wait_phase(cluster, ns, "steady", "Succeeded", "Failed", timeout=RUN_TIMEOUT)
+    st = wait_phase(cluster, real_ns, "steady", "Succeeded", "Failed", timeout=RUN_TIMEOUT)
     assert st["phase"] == "Succeeded", st
     assert st["progress"]["step"] == 60
-    assert len(jobs_of(cluster, ns)) == 1
-    assert len(pods_of(cluster, ns)) == 1  # one trainer pod: no second run
-    cluster.rest().delete(f"{FTJ_API}/namespaces/{ns}/finetunejobs/steady")
+    assert len(jobs_of(cluster, real_ns)) == 1
+    assert len(pods_of(cluster, real_ns)) == 1  # one trainer pod: no second run
+    cluster.rest().delete(f"{FTJ_API}/namespaces/{real_ns}/finetunejobs/steady")

@@ -14,16 +14,8 @@ import uuid
 import pytest
 
 from kubetune_devcluster.controlplane import DevCluster
-from tests.e2e.test_operator_cluster import (  # noqa: F401  (fixtures)
-    FTJ_API,
-    assets,
-    create,
-    ftj_manifest,
-    operator,
-    pods_of,
-    s3_keys,
-    wait_phase,
-)
+from tests.e2e.test_operator_cluster import assets, operator  # noqa: F401  (fixtures)
+from tests.fixtures.ftj import FTJ_API, create, ftj_manifest, pods_of, s3_keys, wait_phase
 from tests.fixtures.operator import OperatorProcess
 from tests.fixtures.s3 import S3Server
 
