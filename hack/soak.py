@@ -13,6 +13,7 @@ tests/e2e/test_soak.py runs the same driver with a few jobs in CI.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -70,6 +71,7 @@ def soak_namespace(cluster: DevCluster, s3: S3Server) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's log of every request
     plan = SoakPlan(
         jobs=args.jobs,
         concurrency=args.concurrency,
