@@ -89,7 +89,10 @@ def image_ref(which: str) -> str:
 def archive_digest(archive: Path) -> str:
     """The manifest digest an OCI archive carries (its index.json; no layer is read)."""
     with tarfile.open(archive) as tar:
-        member = tar.extractfile("index.json")
+        try:
+            member = tar.extractfile("index.json")
+        except KeyError:
+            member = None
         if member is None:
             raise StackError(f"{archive}: no index.json; rebuild it with `bash hack/images.sh`")
         return json.load(member)["manifests"][0]["digest"]
