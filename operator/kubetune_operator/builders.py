@@ -375,6 +375,13 @@ def _pod_failure_policy() -> dict[str, Any]:
     }
 
 
+def job_backoff_limit(spec: FineTuneJobSpec) -> int:
+    """The Job's backoffLimit counts failed pods; spec.backoffLimit counts retries of the
+    trainer. A gang is retried as a whole and one failure fails every pod of it (a dead peer
+    fails the others' next collective), so each retry of an N-pod gang costs N failed pods."""
+    return spec.backoffLimit * spec.resources.nodes
+
+
 def build_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     """The trainer Job, owned by the FineTuneJob (whose metadata.uid must be set)."""
     spec, resolved = ftj.spec, spec_dict(ftj)
@@ -382,7 +389,7 @@ def build_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     queue = names.queue_name(ftj)
     labels = names.child_labels(name)
     job_spec: dict[str, Any] = {
-        "backoffLimit": spec.backoffLimit,
+        "backoffLimit": job_backoff_limit(spec),
         # Kueue admits a queued Job by unsuspending it; without a queue, spec.suspend rules.
         "suspend": spec.suspend or bool(queue),
         "podFailurePolicy": _pod_failure_policy(),

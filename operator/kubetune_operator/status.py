@@ -229,6 +229,13 @@ def _result(pods: list[dict]) -> contract.TrainerResult | None:
     return None
 
 
+def failed_attempts(ftj: FineTuneJob, job: dict) -> int:
+    """Failed attempts of the trainer: failed pods, where a gang's attempt fails all of its
+    `nodes` pods at once (rounded up: the Job may stop the last ones before they fail)."""
+    failed = (job.get("status") or {}).get("failed") or 0
+    return -(-failed // ftj.spec.resources.nodes)
+
+
 def job_outcome(ftj: FineTuneJob, job: dict, pods: list[dict]) -> Outcome:
     spec = ftj.spec
     conds = _job_conditions(job)
@@ -259,7 +266,7 @@ def job_outcome(ftj: FineTuneJob, job: dict, pods: list[dict]) -> Outcome:
                 Reason.BAD_INPUT,
                 Reason.EVAL_THRESHOLDS_MISSED,
             ):
-                tries = (job.get("status") or {}).get("failed") or 1
+                tries = failed_attempts(ftj, job) or 1
                 message = f"the trainer failed {tries} time(s), giving up: {message}"
             return Outcome("Failed", reason, message, result)
         return Outcome("Failed", job_reason, failed.get("message") or "the trainer Job failed")
@@ -439,7 +446,7 @@ def derive_status(obs: Observed, now: str) -> dict[str, Any]:
     if progress:
         status["progress"] = progress
 
-    failed = job_status.get("failed") or 0
+    failed = failed_attempts(ftj, job) if job is not None else 0
     job_failed = phase == "Failed" and job is not None
     restarts = max(prev.get("restarts") or 0, failed - (1 if job_failed and failed else 0))
     if job is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from kubetune.api import contract
 from kubetune_operator import builders, names, status
 from tests.operator.test_builders import SETTINGS, env_of, make_ftj
+from tests.operator.test_status import derive, job_for, pod
 
 
 def test_one_gpu_is_not_a_gang() -> None:
@@ -93,3 +94,26 @@ def test_status_shows_world_size_and_effective_batch() -> None:
         training={"batchSize": 2, "gradientAccumulationSteps": 8},
     )
     assert (ftj.spec.world_size, ftj.spec.effective_batch_size) == (8, 2 * 8 * 8)
+
+
+def test_backoff_limit_counts_gang_retries_not_pods() -> None:
+    """One failure of a gang fails each of its pods; the Job counts pods, spec.backoffLimit
+    counts retries of the trainer: the Job's limit is spec.backoffLimit x nodes."""
+    gang = builders.build_job(make_ftj(backoffLimit=2, resources={"gpus": 0, "nodes": 3}), SETTINGS)
+    assert gang["spec"]["backoffLimit"] == 6
+    one_pod = builders.build_job(make_ftj(backoffLimit=2, resources={"gpus": 4}), SETTINGS)
+    assert one_pod["spec"]["backoffLimit"] == 2
+
+
+def test_restarts_count_gang_attempts() -> None:
+    ftj = make_ftj(backoffLimit=2, resources={"gpus": 0, "nodes": 2})
+    # Both pods of the first attempt failed; the second attempt runs.
+    job = job_for(ftj, failed=2, active=2)
+    running = [pod("Running", running=True, name=f"r{i}") for i in range(2)]
+    st = derive(ftj, job, [pod("Failed", terminated={"exitCode": 137}), *running])
+    assert st["restarts"] == 1
+    # Three attempts failed (the Job stopped at the 5th pod, over its limit of 2 x 2).
+    job = job_for(ftj, conditions=[("Failed", "BackoffLimitExceeded", "")], failed=5)
+    crashed = {"exitCode": 1, "reason": "Error", "message": "RuntimeError: boom"}
+    st = derive(ftj, job, [pod("Failed", terminated=crashed)])
+    assert "failed 3 time(s)" in st["message"] and st["restarts"] == 2, st
