@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kubetune.api import contract
 from kubetune.api import v1alpha1 as api
 from kubetune.api.contract import ProgressEvent, Reason
 from kubetune_operator import names
@@ -142,6 +143,11 @@ class Cache:
         merged = self.progress.setdefault(key, {})
         data = event.model_dump(exclude_none=True)
         merged.update({k: v for k, v in data.items() if k not in ("event", "time", "message")})
+        if event.event in ("started", "resumed"):
+            # When each attempt began and from which step: status.attempts places them by time.
+            starts = merged.setdefault(contract.PROGRESS_STARTS, [])
+            starts.append({"at": event.time, "step": event.resumedFromStep or 0})
+            del starts[: -api.MAX_ATTEMPTS_SHOWN]
         merged["updatedAt"] = event.time
         merged["lastEvent"] = event.event
         return True
