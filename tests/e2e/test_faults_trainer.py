@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
@@ -192,9 +191,6 @@ def test_trainer_killed_three_times_resumes_each_time_and_matches_an_uninterrupt
     # The same losses, step by step, as the run that was never interrupted.
     killed, steady = loss_history(s3_server, st), loss_history(s3_server, reference)
     assert sorted(killed) == sorted(steady) == list(range(1, STEPS + 1))
-    worst = max(abs(killed[s] - steady[s]) / abs(steady[s]) for s in steady)
-    print(f"largest relative loss difference: {worst:.3g}")
-    assert all(math.isclose(killed[s], steady[s], rel_tol=LOSS_RTOL) for s in steady), (
-        killed,
-        steady,
-    )
+    differences = {s: abs(killed[s] - steady[s]) / abs(steady[s]) for s in steady}
+    print("relative loss difference by step:", {s: f"{d:.2g}" for s, d in differences.items()})
+    assert max(differences.values()) <= LOSS_RTOL, (killed, steady)

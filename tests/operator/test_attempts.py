@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 
 from kubetune.api import contract
+from kubetune.api.contract import ProgressEvent
 from kubetune.api.v1alpha1 import MAX_ATTEMPTS_SHOWN, FineTuneJobStatus
 from kubetune_operator import status
+from kubetune_operator.cache import Cache
 from tests.operator.test_builders import make_ftj
 from tests.operator.test_status import job_for
 
@@ -197,3 +199,23 @@ def test_attempts_ride_on_the_status_and_alone_wait_for_the_progress_interval() 
     before = {**st, "attempts": st["attempts"][:1] + [{**st["attempts"][1]}]}
     del before["attempts"][1]["resumedFromStep"]
     assert not status.needs_immediate_patch(before, st)
+
+
+def test_a_late_push_or_a_checkpoint_report_does_not_move_progress_back() -> None:
+    cache = Cache()
+    key = ("team-a", "tune")
+    cache.observe_ftj("ADDED", {"metadata": {"namespace": key[0], "name": key[1], "uid": "u"}})
+    resumed = ProgressEvent(event="resumed", time="2026-01-01T00:00:01.000Z", resumedFromStep=8)
+    assert cache.observe_progress(key, resumed)
+    assert cache.observe_progress(key, ProgressEvent(event="step", time=at(0, 3), step=43))
+    # Step 42's push was held up (its token review slow) and is handled after step 43's.
+    late = ProgressEvent(event="step", time="2026-01-01T00:00:02.500Z", step=42)
+    assert not cache.observe_progress(key, late)
+    assert cache.progress[key]["step"] == 43 and cache.progress[key]["updatedAt"] == at(0, 3)
+    # The checkpoint of step 42, reported once its upload finished, is no progress either.
+    upload = ProgressEvent(event="checkpoint", time=at(0, 4), step=42, totalSteps=60)
+    assert cache.observe_progress(key, upload)
+    assert cache.progress[key]["step"] == 43 and cache.progress[key]["totalSteps"] == 60
+    # A start still counts for status.attempts, whenever it arrives.
+    assert cache.observe_progress(key, resumed)
+    assert len(cache.progress[key][contract.PROGRESS_STARTS]) == 2
