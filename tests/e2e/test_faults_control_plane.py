@@ -28,10 +28,10 @@ from tests.fixtures.operator import OperatorProcess, install_crd
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.tiny_model import upload_tiny_assets
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 TRAINER = [sys.executable, "-m", "kubetune_trainer"]
-STEPS = 60
+STEPS = 40
 # From the component healthy again to the next step shown in the status. What it is made
 # of: the operator's watch reconnect back-off (1, 2, 5, 10 s), the trainer's next push, and
 # one status patch interval (1 s in these tests); on a loaded CI machine, slack on top.
@@ -134,8 +134,8 @@ def test_api_server_and_etcd_restarts_mid_run_cost_no_progress_and_no_work(
                 round(restart.outage_seconds, 1),
                 round(seen - restart.healthy_at, 1),
             )
-        st = wait_phase(k8s_cluster, ns, "steady", "Succeeded", "Failed", timeout=300)
-    print(f"(outage s, healthy to next step s) by component: {resumed_after}")
+        print(f"(outage s, healthy to next step s) by component: {resumed_after}")
+        st = wait_phase(k8s_cluster, ns, "steady", "Succeeded", "Failed", timeout=600)
     assert st["phase"] == "Succeeded", st
     for component, (_, delay) in resumed_after.items():
         assert delay <= PROGRESS_RESUME_BOUND_S, (component, delay)

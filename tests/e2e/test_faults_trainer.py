@@ -24,7 +24,9 @@ from tests.fixtures.operator import OperatorProcess, install_crd
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.tiny_model import upload_tiny_assets
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+# Four trainer starts and the Job controller's back-off (10 + 20 + 40 s): minutes, more on a
+# loaded machine than the suite's default timeout allows.
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 TRAINER = [sys.executable, "-m", "kubetune_trainer"]
 KILLS = 3
