@@ -596,7 +596,11 @@ def attempts_of(obs: Observed, now: str) -> list[dict[str, Any]]:
         present.add(name)
         seen = _seen_attempt(pod, memory)
         if name in by_pod:
-            by_pod[name].update(seen)
+            # The pod is the truth; only the resume step (from a progress event) is kept.
+            entry = by_pod[name]
+            kept = {k: entry[k] for k in ("attempt", "pod", "resumedFromStep") if k in entry}
+            entry.clear()
+            entry.update(kept | seen)
         else:
             number += 1
             entry = {"attempt": number, "pod": name, **seen}

@@ -32,11 +32,12 @@ TRAINER = [sys.executable, "-m", "kubetune_trainer"]
 KILLS = 3
 STEPS = 24
 CHECKPOINT_EVERY = 4
-# Same spec, same seed, same machine: the losses agree to float32 rounding. Resuming restores
-# the weights, optimizer, scheduler and RNG states and skips the batches already trained, so
-# any real divergence (a batch trained twice or skipped, a reset optimizer) moves a loss of
-# the tiny model by far more than this.
-LOSS_RTOL = 1e-4
+# Same spec, same seed, same machine: CPU training is deterministic, and a resume restores the
+# weights, optimizer, scheduler and data position, so the losses must be the same floats.
+# LoRA dropout is off: with it on, a resume at some checkpoints (step 12 of this spec, not 4, 8
+# or 20) draws other dropout masks and moves later losses by up to 2e-4 relative (measured
+# with a single resume and no fault at all; see docs/reliability.md).
+LOSS_RTOL = 0.0
 # Seconds from the kill to the next attempt's resume: the Job controller's back-off (10 s,
 # doubling per failure) plus a trainer start on a busy machine.
 RESUME_TIMEOUT = 180
@@ -72,6 +73,7 @@ def ns(k8s_cluster: DevCluster, k8s_namespace: str, s3_server: S3Server) -> str:
 def manifest(name: str, bucket: str) -> dict:
     body = ftj_manifest(name, bucket, steps=STEPS, backoffLimit=KILLS)
     body["spec"]["training"]["checkpointEverySteps"] = CHECKPOINT_EVERY
+    body["spec"]["lora"] = {"r": 4, "dropout": 0.0}
     body["spec"]["evaluation"] = {"enabled": False}  # the fault is in training
     return body
 

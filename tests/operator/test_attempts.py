@@ -135,6 +135,10 @@ def test_a_deleted_pod_is_closed_only_once_a_newer_attempt_shows_it_is_over() ->
     got = attempts([trainer_pod("p2", at(3), started=at(3, 2))], prev=running)
     assert got[0]["result"] == "Failed" and got[0]["reason"] == contract.Reason.POD_DELETED
     assert got[0]["endedAt"] == NOW and got[1]["result"] == "Running"
+    # Its pod turns up after all (listed late): what the pod says replaces the guess.
+    ended = trainer_pod("p1", at(0), started=at(0, 5), ended=at(2), exit_code=137)
+    seen = attempts([ended, trainer_pod("p2", at(3), started=at(3, 2))], prev=got)
+    assert seen[0]["endedAt"] == at(2) and seen[0]["reason"] == contract.Reason.TRAINER_FAILED
 
 
 def test_a_pod_deleted_while_running_says_so() -> None:
