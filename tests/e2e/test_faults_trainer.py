@@ -96,30 +96,32 @@ def trainer_pods(cluster: DevCluster, ns: str, name: str) -> list[dict]:
     return sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"])
 
 
-def steps_logged(cluster: DevCluster, ns: str, pod: str) -> list[int]:
-    """The steps a trainer pod reported on stdout (its JSON-lines progress events)."""
-    steps = []
+def trainer_events(cluster: DevCluster, ns: str, pod: str, kind: str) -> list[dict]:
+    """The trainer's progress events of one kind, from its stdout (JSON lines)."""
+    events = []
     for line in cluster.read_pod_logs(ns, pod, "trainer").splitlines():
         with contextlib.suppress(ValueError):
             event = json.loads(line)
-            if isinstance(event, dict) and event.get("event") == "step":
-                steps.append(event["step"])
-    return steps
+            if isinstance(event, dict) and event.get("event") == kind:
+                events.append(event)
+    return events
 
 
-def attempt_past_checkpoint(
-    cluster: DevCluster, s3_server: S3Server, ns: str, bucket: str, attempt: int, floor: int
-) -> tuple[str, list[int]] | None:
-    """(pod, pids) of attempt number `attempt` once it runs and a complete checkpoint past
-    step `floor` (where it resumed) is in S3; None before."""
+def attempt_running(cluster: DevCluster, ns: str, attempt: int) -> tuple[str, list[int]] | None:
+    """(pod, pids) of attempt number `attempt` once its trainer runs; None before."""
     pods = trainer_pods(cluster, ns, "killed")
     if len(pods) != attempt or pods[-1]["status"].get("phase") != "Running":
-        return None
-    if not [s for s in complete_checkpoints(s3_server, bucket, ns, "killed") if s > floor]:
         return None
     name = pods[-1]["metadata"]["name"]
     pids = cluster.pod_pids(ns, name)
     return (name, pids) if pids else None
+
+
+def checkpoint_past(cluster: DevCluster, ns: str, pod: str, floor: int) -> bool:
+    """Whether the trainer reported a checkpoint past `floor`: it does so once the upload
+    and its completion marker are in S3. Read from the node's log file: a quick poll, so
+    the kill follows the checkpoint closely."""
+    return any(e["step"] > floor for e in trainer_events(cluster, ns, pod, "checkpoint"))
 
 
 def loss_history(s3_server: S3Server, status: dict) -> dict[int, float]:
@@ -142,12 +144,16 @@ def test_trainer_killed_three_times_resumes_each_time_and_matches_an_uninterrupt
         floor = resumed_from[-1]
 
         pod, pids = wait_for(
-            lambda kill=kill, floor=floor: attempt_past_checkpoint(
-                k8s_cluster, s3_server, ns, bucket, kill, floor
-            ),
-            timeout=RESUME_TIMEOUT + 60,
-            interval=0.1,
-            what=f"attempt {kill} running past a new checkpoint",
+            lambda kill=kill: attempt_running(k8s_cluster, ns, kill),
+            timeout=RESUME_TIMEOUT,
+            interval=0.2,
+            what=f"attempt {kill} running",
+        )
+        wait_for(
+            lambda pod=pod, floor=floor: checkpoint_past(k8s_cluster, ns, pod, floor),
+            timeout=RESUME_TIMEOUT,
+            interval=0.05,
+            what=f"a checkpoint of {pod} past step {floor}",
         )
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -168,7 +174,7 @@ def test_trainer_killed_three_times_resumes_each_time_and_matches_an_uninterrupt
         latest = complete_checkpoints(s3_server, bucket, ns, "killed")[-1]
         assert latest > floor, "killed without a new checkpoint"
         resumed_from.append(latest)
-        lost.append(max(steps_logged(k8s_cluster, ns, pod)) - latest)
+        lost.append(max(e["step"] for e in trainer_events(k8s_cluster, ns, pod, "step")) - latest)
 
     st = wait_phase(k8s_cluster, ns, "killed", "Succeeded", "Failed", timeout=RESUME_TIMEOUT + 240)
     assert st["phase"] == "Succeeded", st
