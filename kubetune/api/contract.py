@@ -113,6 +113,7 @@ class Reason:
     TRAINING = "Training"
     COMPLETING = "Completing"
     RESTARTING = "Restarting"
+    POD_DELETED = "PodDeleted"  # an attempt's pod went away before it finished
     JOB_NAME_TAKEN = "JobNameTaken"
     # The trainer pod cannot start (from the pod's status).
     UNSCHEDULABLE = "Unschedulable"
@@ -176,6 +177,10 @@ class Condition:
     SPEC_CHANGED_AFTER_START = "SpecChangedAfterStart"
     EVAL_PASSED = "EvalPassed"
 
+
+# Where the operator's merged progress of a job lists the trainer's `started` and `resumed`
+# events ({"at": time, "step": resumedFromStep or 0}), for status.attempts.
+PROGRESS_STARTS = "starts"
 
 # The progress numbers a ProgressEvent carries into status.progress: the fields both share.
 PROGRESS_FIELDS = tuple(f for f in ProgressEvent.model_fields if f in Progress.model_fields)

@@ -119,6 +119,13 @@ PRINTER_COLUMNS = [
         "description": "GPU-seconds over all attempts",
     },
     {"name": "Cost", "type": "number", "jsonPath": ".status.usage.estimatedCost", "priority": 1},
+    {
+        "name": "Restarts",
+        "type": "integer",
+        "jsonPath": ".status.restarts",
+        "priority": 1,
+        "description": "Trainer pods that failed and were retried (status.attempts has each)",
+    },
 ]
 
 

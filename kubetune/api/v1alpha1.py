@@ -703,6 +703,30 @@ class TrackingStatus(BaseModel):
     message: str | None = Field(None, description="Why logging stopped, when it did.")
 
 
+# Status keeps this many attempts (the newest): a job retried without end must not grow its
+# object without bound.
+MAX_ATTEMPTS_SHOWN = 20
+# Stopped: ended by a suspension, not by the trainer or the node.
+AttemptResult = Literal["Pending", "Running", "Succeeded", "Failed", "Stopped"]
+
+
+class Attempt(BaseModel):
+    """One run of the trainer (in a gang: of rank 0's pod), as the operator saw it."""
+
+    attempt: int = Field(ge=1, description="1 for the first trainer pod, counting up.")
+    pod: str | None = Field(None, description="The trainer pod (rank 0's in a gang).")
+    startedAt: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    endedAt: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    resumedFromStep: int | None = Field(
+        None,
+        description="The checkpoint step it resumed from; 0: it started from scratch; unset: "
+        "not reported (yet).",
+    )
+    result: AttemptResult | None = None
+    reason: str | None = Field(None, description="Why it ended, e.g. TrainerFailed, OOMKilled.")
+    exitCode: int | None = Field(None, description="The trainer container's exit code.")
+
+
 class FineTuneJobStatus(BaseModel):
     """Observed state, written by the operator."""
 
@@ -724,8 +748,15 @@ class FineTuneJobStatus(BaseModel):
     tracking: list[TrackingStatus] | None = Field(
         None, description="Experiment tracking: where the run was logged, or why not."
     )
-    restarts: int | None = None
-    resumedFromStep: int | None = None
+    restarts: int | None = Field(None, description="Trainer pods that failed and were retried.")
+    resumedFromStep: int | None = Field(
+        None, description="The checkpoint step the latest attempt resumed from."
+    )
+    attempts: list[Attempt] | None = Field(
+        None,
+        max_length=MAX_ATTEMPTS_SHOWN,
+        description=f"Each trainer attempt, oldest first (the newest {MAX_ATTEMPTS_SHOWN}).",
+    )
     worldSize: int | None = Field(
         None, description="Trainer processes in the gang: nodes x max(gpus, 1)."
     )

@@ -8,10 +8,12 @@ the operator never reads a raw spec.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
 
+from kubetune.api import contract
 from kubetune.api import v1alpha1 as api
 from kubetune.api.contract import ProgressEvent, Reason
 from kubetune_operator import names
@@ -136,11 +138,25 @@ class Cache:
         return (meta["namespace"], ftj_name) if ftj_name else None
 
     def observe_progress(self, key: Key, event: ProgressEvent) -> bool:
-        """Merge a pushed event into the job's latest progress; False for an unknown job."""
+        """Merge a pushed event into the job's latest progress; False when nothing changed
+        (an unknown job, or an event older than what is merged)."""
         if key not in self.ftjs:
             return False
         merged = self.progress.setdefault(key, {})
+        if event.event in ("started", "resumed"):
+            # When each attempt began and from which step: status.attempts places them by time.
+            starts = merged.setdefault(contract.PROGRESS_STARTS, [])
+            starts.append({"at": event.time, "step": event.resumedFromStep or 0})
+            del starts[: -api.MAX_ATTEMPTS_SHOWN]
+        if _older(event.time, merged.get("updatedAt")):
+            # Pushes are handled concurrently: one held up (its token review slow while the
+            # API server recovers) can land after a newer one. Its numbers are stale.
+            return event.event in ("started", "resumed")
         data = event.model_dump(exclude_none=True)
+        if event.event == "checkpoint":
+            # Sent when the upload is done, while training has moved on: its step is the
+            # checkpoint's, not how far training is, and must not move progress back.
+            data.pop("step", None)
         merged.update({k: v for k, v in data.items() if k not in ("event", "time", "message")})
         merged["updatedAt"] = event.time
         merged["lastEvent"] = event.event
@@ -160,6 +176,19 @@ class Cache:
     def forget(self, key: Key) -> None:
         self.progress.pop(key, None)
         self.deleted.discard(key)
+
+
+def _older(stamp: str, than: str | None) -> bool:
+    if not than:
+        return False
+    try:
+        return _instant(stamp) < _instant(than)
+    except ValueError:
+        return False  # not a time we can compare: take the event as it comes
+
+
+def _instant(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
 
 
 def _owned_by(obj: dict, uid: str) -> bool:

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from kubetune.api import contract
 from kubetune.api.contract import Condition, Reason
-from kubetune.api.v1alpha1 import TERMINAL_PHASES, FineTuneJob
+from kubetune.api.v1alpha1 import MAX_ATTEMPTS_SHOWN, TERMINAL_PHASES, FineTuneJob
 from kubetune_operator import names
 from kubetune_operator.validation import Problem
 
@@ -27,7 +27,9 @@ from kubetune_operator.validation import Problem
 _SECRET_NOT_FOUND = re.compile(r'secrets? "(?P<name>[^"]+)" not found')
 _SECRET_KEY_MISSING = re.compile(r"couldn't find key (?P<key>\S+) in Secret [^/\s]+/(?P<name>\S+)")
 # Status keys whose change is worth a patch at once; progress alone waits for the interval.
-_PROGRESS_ONLY = frozenset({"progress", "resumedFromStep", "usage"})
+# status.attempts changes with the pods (whose changes move the phase or reason anyway) and
+# with the trainer's `resumed` event: that one rides on the next progress patch.
+_PROGRESS_ONLY = frozenset({"progress", "resumedFromStep", "usage", "attempts"})
 
 
 @dataclass(frozen=True)
@@ -446,6 +448,9 @@ def derive_status(obs: Observed, now: str) -> dict[str, Any]:
     if progress:
         status["progress"] = progress
 
+    attempts = attempts_of(obs, now)
+    if attempts:
+        status["attempts"] = attempts
     failed = failed_attempts(ftj, job) if job is not None else 0
     job_failed = phase == "Failed" and job is not None
     restarts = max(prev.get("restarts") or 0, failed - (1 if job_failed and failed else 0))
@@ -454,6 +459,7 @@ def derive_status(obs: Observed, now: str) -> dict[str, Any]:
     resumed = (
         (result.resumedFromStep if result else None)
         or (obs.progress or {}).get("resumedFromStep")
+        or next((a["resumedFromStep"] for a in reversed(attempts) if a.get("resumedFromStep")), 0)
         or prev.get("resumedFromStep")
     )
     if resumed:
@@ -511,6 +517,131 @@ def usage_of(obs: Observed, metrics: dict, now: str) -> dict[str, Any] | None:
         usage["estimatedCost"] = round(gpu_seconds / 3600 * obs.gpu_hour_price, 4)
         usage["currency"] = obs.currency
     return {k: v for k, v in usage.items() if v is not None}
+
+
+# --- attempts ---------------------------------------------------------------------------
+
+# A gang's pods carry their completion index; rank 0's pod stands for the attempt.
+COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+
+
+def _attempt_pods(pods: list[dict]) -> list[dict]:
+    """Rank 0's pods (every pod of a one-pod Job), oldest first."""
+    chosen = [
+        p
+        for p in pods
+        if (p["metadata"].get("labels") or {}).get(COMPLETION_INDEX_LABEL) in (None, "0")
+    ]
+    return sorted(
+        chosen,
+        key=lambda p: (
+            p["metadata"].get("creationTimestamp") or "",
+            p["metadata"].get("name") or "",
+        ),
+    )
+
+
+def _seen_attempt(pod: dict, memory: str | None) -> dict[str, Any]:
+    """What one trainer pod says about its attempt (no None values)."""
+    state = _trainer_status(pod).get("state") or {}
+    phase = (pod.get("status") or {}).get("phase")
+    term = state.get("terminated") or {}
+    seen: dict[str, Any] = {
+        "startedAt": (state.get("running") or term).get("startedAt")
+        or (pod.get("status") or {}).get("startTime"),
+        "endedAt": term.get("finishedAt"),
+        "exitCode": term.get("exitCode"),
+    }
+    if phase == "Succeeded":
+        seen["result"] = "Succeeded"
+    elif phase == "Failed":
+        seen["result"] = "Failed"
+        failure = _pod_failure(pod, memory)
+        deleted = pod["metadata"].get("deletionTimestamp")
+        seen["reason"] = Reason.POD_DELETED if deleted else (failure[0] if failure else "Failed")
+    else:
+        seen["result"] = "Running" if "running" in state else "Pending"
+    if result := parse_result(term.get("message")):
+        seen["resumedFromStep"] = result.resumedFromStep or 0
+    return {k: v for k, v in seen.items() if v is not None}
+
+
+def _time(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
+def _place_starts(attempts: list[dict], starts: list[dict]) -> None:
+    """Give each attempt the step its trainer said it started from (a `started` or `resumed`
+    event): the event belongs to the attempt that started last before it, unless that one had
+    already ended (its successor is not seen yet; a later reconcile places it)."""
+    timed = [a for a in attempts if a.get("startedAt")]
+    for start in starts:
+        at = _time(start["at"]).replace(microsecond=0)  # pod times have whole seconds
+        before = [a for a in timed if _time(a["startedAt"]) <= at]
+        if not before:
+            continue
+        owner = max(before, key=lambda a: _time(a["startedAt"]))
+        if owner.get("endedAt") and _time(owner["endedAt"]) < at:
+            continue
+        owner.setdefault("resumedFromStep", start["step"])
+
+
+def attempts_of(obs: Observed, now: str) -> list[dict[str, Any]]:
+    """status.attempts: each trainer attempt, oldest first, the newest MAX_ATTEMPTS_SHOWN.
+
+    Level-based: the recorded attempts are merged with the pods seen now, so an attempt
+    whose pod is gone (deleted, or pruned by the Job controller) keeps what was recorded,
+    and one whose end was missed is closed once a newer attempt or the Job's end shows it
+    is over."""
+    previous = [dict(a) for a in obs.previous.get("attempts") or []]
+    by_pod = {a.get("pod"): a for a in previous if a.get("pod")}
+    number = max((a.get("attempt", 0) for a in previous), default=0)
+    memory = obs.ftj.spec.resources.memory
+    present: set[str] = set()
+    for pod in _attempt_pods(obs.pods):
+        name = pod["metadata"].get("name") or ""
+        present.add(name)
+        seen = _seen_attempt(pod, memory)
+        if name in by_pod:
+            # The pod is the truth; only the resume step (from a progress event) is kept.
+            entry = by_pod[name]
+            kept = {k: entry[k] for k in ("attempt", "pod", "resumedFromStep") if k in entry}
+            entry.clear()
+            entry.update(kept | seen)
+        else:
+            number += 1
+            entry = {"attempt": number, "pod": name, **seen}
+            previous.append(entry)
+            by_pod[name] = entry
+    attempts = sorted(previous, key=lambda a: a.get("attempt", 0))
+    _close_vanished(attempts, present, obs, now)
+    _place_starts(attempts, ((obs.progress or {}).get(contract.PROGRESS_STARTS)) or [])
+    return attempts[-MAX_ATTEMPTS_SHOWN:]
+
+
+def _close_vanished(attempts: list[dict], present: set[str], obs: Observed, now: str) -> None:
+    """An unfinished attempt whose pod is gone ended when it was noticed: only once a newer
+    pod is seen, or the Job is over or suspended (a pod merely not listed yet right after an
+    operator restart must not be closed on a guess)."""
+    job = obs.job or {}
+    conditions = _job_conditions(job)
+    complete = "Complete" in conditions or "SuccessCriteriaMet" in conditions
+    over = complete or "Failed" in conditions
+    suspended = bool((job.get("spec") or {}).get("suspend"))
+    newest = max((a["attempt"] for a in attempts if a.get("pod") in present), default=0)
+    last = attempts[-1]["attempt"] if attempts else 0
+    for attempt in attempts:
+        if attempt.get("pod") in present or attempt.get("result") not in ("Pending", "Running"):
+            continue
+        if not (over or suspended or attempt["attempt"] < newest):
+            continue
+        attempt["endedAt"] = attempt.get("endedAt") or now
+        if complete and attempt["attempt"] == last:
+            attempt.update(result="Succeeded")  # the Job says so; its pod went before we saw it
+        elif suspended and not over:
+            attempt.update(result="Stopped", reason=Reason.SUSPENDED)
+        else:
+            attempt.update(result="Failed", reason=Reason.POD_DELETED)
 
 
 def needs_immediate_patch(old: dict, new: dict) -> bool:

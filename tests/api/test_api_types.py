@@ -121,7 +121,7 @@ def test_crd_schema_is_structural():
         "Phase", "Method", "Model", "Progress", "Loss", "Age",
     ]  # fmt: skip
     # `-o wide` adds what the job used.
-    assert [c["name"] for c in columns if c.get("priority")] == ["GPU-Seconds", "Cost"]
+    assert [c["name"] for c in columns if c.get("priority")] == ["GPU-Seconds", "Cost", "Restarts"]
     assert {r["fieldPath"] for r in root["x-kubernetes-validations"]} == {
         ".spec.model", ".spec.method", ".spec.dataset",
     }  # fmt: skip
