@@ -325,6 +325,14 @@ class ResourcesSpec(_Model):
         max_length=32,
         description="Size of the /dev/shm memory volume (data-loader workers).",
     )
+    workDirSize: str | None = Field(
+        None,
+        pattern=r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?)?$",
+        max_length=32,
+        description="Size limit of the trainer's work dir (an emptyDir on the node's disk: "
+        "model and dataset cache, local checkpoints); the kubelet evicts a pod that writes "
+        "more, and the job fails with reason WorkDirFull. Unset: no limit.",
+    )
 
 
 class FormatCheck(_Model):
