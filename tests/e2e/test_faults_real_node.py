@@ -47,7 +47,9 @@ from tests.fixtures.real_node import (
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
-CHECKPOINT_EVERY = 2
+# About 0.6 s a step on the real node: enough steps to stop the node after the first
+# checkpoint and before the end.
+STEPS = 16
 # The controller manager's --node-monitor-grace-period (Kubernetes's default, 50 s) and the
 # chart's trainer.nodeLostTolerationSeconds (60 s): the pod is evicted this long after the
 # kubelet's last report, give or take a status interval.
@@ -95,7 +97,7 @@ def test_node_lost_mid_run_resumes_from_its_checkpoint_outside_backoff_limit(
     cluster, name = real_stack.cluster, "nodelost"
     node = cluster.node.name
     # backoffLimit 0: a disruption counted as a failure would fail the job.
-    create(cluster, real_ns, manifest(name, real_assets, steps=12, backoffLimit=0))
+    create(cluster, real_ns, manifest(name, real_assets, steps=STEPS, backoffLimit=0))
     # Kubernetes evicts nothing when every node is down: a second, heartbeat-only node
     # makes this one node of two.
     with standby_node(cluster) as standby:
@@ -128,7 +130,7 @@ def test_node_lost_mid_run_resumes_from_its_checkpoint_outside_backoff_limit(
             # Frozen: nothing more is saved until the pod is gone.
             saved = complete_steps(real_stack, real_assets, real_ns, name)[-1]
             step_at_stop = step_of(real_stack, real_ns, name)
-            assert step_at_stop < 12, "the job finished before the node was stopped"
+            assert step_at_stop < STEPS, "the job finished before the node was stopped"
             wait_for(
                 lambda: node_ready(real_stack) != "True",
                 timeout=NODE_MONITOR_GRACE_S + 30,
