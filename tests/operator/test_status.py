@@ -8,7 +8,7 @@ import pytest
 
 from kubetune.api import contract
 from kubetune.api.v1alpha1 import FineTuneJob
-from kubetune_operator import builders, status, validation
+from kubetune_operator import builders, cache, status, validation
 from kubetune_operator.settings import OperatorSettings
 from tests.operator.test_builders import make_ftj
 
@@ -232,7 +232,8 @@ def test_a_lost_node_is_named_until_the_replacement_runs() -> None:
     old = pod("Running", running=True, conditions=[disrupted], name="a")
     old["metadata"]["deletionTimestamp"] = T1
     old["spec"]["nodeName"] = "node-1"
-    st = derive(ftj, job, [old])
+    # As the operator's cache keeps it.
+    st = derive(ftj, job, [cache.slim_pod(old)])
     assert st["phase"] == "Running" and st["reason"] == "NodeLost", st
     assert "node node-1 stopped answering" in st["message"] and "pod a" in st["message"]
     assert st["restarts"] == 0
