@@ -49,7 +49,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 # About 0.6 s a step on the real node: enough steps to stop the node after the first
 # checkpoint and before the end.
-STEPS = 16
+STEPS = 24
 # The controller manager's --node-monitor-grace-period (Kubernetes's default, 50 s) and the
 # chart's trainer.nodeLostTolerationSeconds (60 s): the pod is evicted this long after the
 # kubelet's last report, give or take a status interval.
