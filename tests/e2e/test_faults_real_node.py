@@ -50,6 +50,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 # About 0.6 s a step on the real node: enough steps to stop the node after the first
 # checkpoint and before the end.
 STEPS = 24
+CHECKPOINT_EVERY = 2  # the manifest's checkpointEverySteps
 # The controller manager's --node-monitor-grace-period (Kubernetes's default, 50 s) and the
 # chart's trainer.nodeLostTolerationSeconds (60 s): the pod is evicted this long after the
 # kubelet's last report, give or take a status interval.
@@ -182,7 +183,8 @@ def test_node_lost_mid_run_resumes_from_its_checkpoint_outside_backoff_limit(
     # Resumed from the newest checkpoint complete when the node stopped (or one the trainer
     # finished uploading in the moment between the node's return and its SIGTERM).
     assert resumed["resumedFromStep"] >= saved, (resumed, saved)
-    lost_steps = step_at_stop - resumed["resumedFromStep"]
+    # The evicted trainer may save more between the node's return and its SIGTERM.
+    lost_steps = max(0, step_at_stop - resumed["resumedFromStep"])
     assert st["restarts"] == 0, st  # the disruption is not a trainer failure
     (job,) = jobs_of(cluster, real_ns)
     assert not job["status"].get("failed"), job["status"]
@@ -190,7 +192,8 @@ def test_node_lost_mid_run_resumes_from_its_checkpoint_outside_backoff_limit(
     assert "NodeLost" in reasons, reasons
     print(
         f"\nnode lost: checkpoint at step {saved}, step {step_at_stop} when the node stopped, "
-        f"resumed from step {resumed['resumedFromStep']} ({lost_steps} steps lost); "
+        f"resumed from step {resumed['resumedFromStep']} ({lost_steps} steps lost; bound "
+        f"{CHECKPOINT_EVERY} and an upload in flight); "
         + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
     )
     # The bound: the controller's grace period plus the toleration, plus status intervals.
