@@ -31,9 +31,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 
 def fake_trainer(seconds: float) -> int:
     """Stand-in trainer: progress pushes at 10 Hz with its projected token, then a result."""
@@ -311,9 +308,10 @@ def main() -> int:
 
     from kubetune.kube import Kube
     from kubetune_devcluster.controlplane import DevCluster
+    from kubetune_devcluster.operatorprocess import OperatorProcess
+    from kubetune_devcluster.stack import install_crd
     from kubetune_operator import builders, names
     from kubetune_operator.settings import OperatorSettings
-    from tests.fixtures.operator import OperatorProcess, install_crd
 
     state = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
     cluster = DevCluster.start(state)
@@ -332,7 +330,7 @@ def main() -> int:
         # baselines' namespaces cost the operator nothing.
         op = OperatorProcess(
             cluster,
-            state,
+            state / "operator.log",
             trainer_command=trainer,
             extra_args=["--patch-interval", "5", "--namespace", "bench"],
         )

@@ -8,12 +8,13 @@ from __future__ import annotations
 import base64
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kubetune_devcluster import podspec
+from kubetune_devcluster import localnode, podspec
 from kubetune_devcluster.controlplane import DevCluster, NodeConfig
 from kubetune_devcluster.processes import process_start_time, wait_for
 from kubetune_devcluster.rest import ApiError
@@ -464,3 +465,84 @@ def cluster_alive(record: Any) -> bool:
     from kubetune_devcluster.processes import is_alive
 
     return is_alive(record)
+
+
+def test_token_renewal_comes_at_80_percent_of_the_lifetime() -> None:
+    volume = {
+        "projected": {
+            "sources": [
+                {"serviceAccountToken": {"path": "token", "expirationSeconds": 7200}},
+                {"downwardAPI": {"items": []}},
+            ]
+        }
+    }
+    assert podspec.token_lifetimes(volume) == [7200]
+    assert podspec.token_lifetimes({"emptyDir": {}}) == []
+    assert podspec.token_renew_after(7200) == pytest.approx(5760)
+    # The API server's floor is 10 minutes, so a shorter request renews after 8.
+    assert podspec.token_renew_after(60) == pytest.approx(480)
+
+
+@pytest.mark.cluster
+def test_projected_tokens_are_renewed_in_place_before_they_expire(
+    k8s_cluster: DevCluster, k8s_namespace: str, tmp_path: Path
+) -> None:
+    """The process node rewrites a projected token with a fresh one, as kubelet does, so a
+    container that re-reads the file (the trainer's progress push) outlives the first token."""
+    api = k8s_cluster.rest()
+    audience = "kubetune.io/progress"
+    token_source = {"path": "token", "audience": audience, "expirationSeconds": 600}
+    pod = api.post(
+        f"/api/v1/namespaces/{k8s_namespace}/pods",
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "holder"},
+            # Bound to a node that does not exist: the object is real, nothing runs it.
+            "spec": {
+                "nodeName": "nowhere",
+                "containers": [{"name": "main", "image": "unused"}],
+                "volumes": [
+                    {
+                        "name": "progress",
+                        "projected": {"sources": [{"serviceAccountToken": token_source}]},
+                    }
+                ],
+            },
+        },
+    )
+
+    def reviewed(token: str) -> dict[str, Any]:
+        review = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview"}
+        review["spec"] = {"token": token, "audiences": [audience]}
+        return api.post("/apis/authentication.k8s.io/v1/tokenreviews", review)["status"]
+
+    try:
+        first, second = issue_and_renew(api, pod, tmp_path)
+        # Both are the pod's tokens for the progress audience (valid while the pod exists).
+        for token in (first, second):
+            status = reviewed(token)
+            assert status.get("authenticated") is True, status
+            assert status["user"]["extra"]["authentication.kubernetes.io/pod-name"] == ["holder"]
+    finally:
+        # No kubelet runs on "nowhere" to finish a graceful deletion.
+        api.delete(f"/api/v1/namespaces/{k8s_namespace}/pods/holder", {"gracePeriodSeconds": 0})
+
+
+def issue_and_renew(api: Any, pod: dict[str, Any], state_dir: Path) -> tuple[str, str]:
+    """The process node's pod worker writes the pod's projected token, then renews it;
+    returns both tokens."""
+    node = localnode.NodeSpec(name="probe", cpu="1", memory="1Gi", gpus=0, pods=1, labels={})
+    worker = localnode.PodWorker(localnode.LocalNodeAgent(api, node, state_dir), pod)
+    worker._prepare_volumes()
+    token_file = worker._volume_dirs["progress"] / "token"
+    first = token_file.read_text()
+    assert worker.tokens_renew_at is not None
+    assert worker.tokens_renew_at - time.monotonic() == pytest.approx(480, abs=5)
+
+    worker.renew_tokens()
+    second = token_file.read_text()
+    assert second != first
+    assert worker.tokens_renew_at - time.monotonic() == pytest.approx(480, abs=5)
+    assert not list(token_file.parent.glob(".*partial"))
+    return first, second

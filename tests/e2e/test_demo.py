@@ -16,6 +16,7 @@ from rich.console import Console
 
 from kubetune_devcluster import demo
 from kubetune_devcluster.processes import is_alive, listening_ports
+from kubetune_devcluster.stack import FTJ_API
 from tests.fixtures.cluster import cluster_or_skip
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -86,9 +87,7 @@ def test_demo_runs_the_quickstart_on_the_local_cluster_and_cleans_up() -> None:
         cluster = context["cluster"]
         seen["processes"] = [*cluster.processes, context["operator"].record]
         seen["ports"] = [*cluster.ports.values(), context["operator"].port]
-        seen["ftj"] = cluster.rest().get(
-            f"{demo.FTJ_API}/namespaces/default/finetunejobs/{plan.name}"
-        )
+        seen["ftj"] = cluster.rest().get(f"{FTJ_API}/namespaces/default/finetunejobs/{plan.name}")
 
     result = demo.run_demo(demo.DemoSettings(timeout_s=240), console, before_teardown=inspect)
 

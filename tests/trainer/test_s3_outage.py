@@ -4,9 +4,7 @@ manifest is only ever written once everything it lists is there."""
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import threading
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ from kubetune_trainer.modeling import Hardware
 from kubetune_trainer.pipeline import RunOptions, run_pipeline
 from kubetune_trainer.progress import JsonLinesReporter
 from tests.fixtures.outage import outage_proxy
-from tests.fixtures.s3 import S3Server
+from tests.fixtures.s3 import S3Server, check_published
 
 CPU = Hardware("cpu", bf16_supported=False)
 
@@ -90,11 +88,6 @@ def test_training_goes_on_through_an_outage_and_publishes_a_complete_run(
     prefix = "runs/default/tiny/"
     listed = s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]
     objects = {o["Key"][len(prefix) :]: o for o in listed}
-    published = json.loads(
-        s3.get_object(Bucket=bucket, Key=prefix + "manifest.json")["Body"].read()
-    )
-    for name, entry in published["files"].items():
-        body = s3.get_object(Bucket=bucket, Key=prefix + name)["Body"].read()
-        assert hashlib.sha256(body).hexdigest() == entry["sha256"], name
+    assert check_published(s3, bucket, prefix).problems == []
     checkpoints = {k.split("/")[1] for k in objects if k.startswith("checkpoints/")}
     assert checkpoints, sorted(objects)

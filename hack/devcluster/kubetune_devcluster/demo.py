@@ -27,14 +27,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,18 +43,17 @@ from rich.markdown import Markdown
 from rich.table import Table
 
 from kubetune.api import v1alpha1 as api
-from kubetune.api.crd import CRD_PATH
 from kubetune.api.uris import UriError, parse_uri
 from kubetune.formatting import human_size
+from kubetune_devcluster import stack
+from kubetune_devcluster.operatorprocess import OperatorExited, OperatorProcess
+from kubetune_devcluster.s3server import S3Endpoint
+from kubetune_devcluster.stack import CRD_NAME, REPO_ROOT, StackError
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_MANIFEST = REPO_ROOT / "examples" / "quickstart-cluster.yaml"
-FTJ_API = f"/apis/{api.GROUP}/{api.VERSION}"
-CRD_NAME = f"{api.PLURAL}.{api.GROUP}"
 # The fixed, fake credentials of the throwaway S3 server (it accepts any).
 S3_ACCESS_KEY = "kubetune-demo"
 S3_SECRET_KEY = "kubetune-demo-secret"
-S3_REGION = "us-east-1"
 
 
 @dataclass(frozen=True)
@@ -204,52 +200,12 @@ def job_seconds(status: dict[str, Any]) -> float | None:
     return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
-def trainer_command() -> list[str]:
-    """This environment's trainer: the console script next to the interpreter."""
-    script = Path(sys.executable).with_name("kubetune-trainer")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "kubetune_trainer"]
-
-
-class S3Endpoint:
-    """moto's S3 server on a free port of `host` (a thread of this process)."""
-
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        try:
-            from moto.server import ThreadedMotoServer
-        except ModuleNotFoundError:
-            raise DemoError(
-                "moto is not installed: run `uv sync --extra trainer` (it installs the dev "
-                "dependencies too)"
-            ) from None
-        # Its web server logs every request at INFO: hundreds of lines in the middle of the demo.
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        self._server = ThreadedMotoServer(ip_address=host, port=0, verbose=False)
-        self._server.start()
-        host, port = self._server.get_host_and_port()
-        self.url = f"http://{host}:{port}"
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {
-            "AWS_ENDPOINT_URL": self.url,
-            "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
-            "AWS_REGION": S3_REGION,
-        }
-
-    def client(self) -> Any:
-        import boto3
-
-        return boto3.session.Session().client(
-            "s3",
-            endpoint_url=self.url,
-            region_name=S3_REGION,
-            aws_access_key_id=S3_ACCESS_KEY,
-            aws_secret_access_key=S3_SECRET_KEY,
-        )
-
-    def stop(self) -> None:
-        self._server.stop()
+def start_s3(host: str) -> S3Endpoint:
+    """The throwaway S3 server, with the demo's fixed, fake keys (it accepts any)."""
+    try:
+        return S3Endpoint(host, access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY)
+    except ModuleNotFoundError as exc:
+        raise DemoError(str(exc)) from None
 
 
 def list_keys(s3: Any, location: S3Location) -> dict[str, int]:
@@ -294,144 +250,11 @@ def prepare_inputs(
     return len(uploads), time.monotonic() - started
 
 
-def install_crd(cluster: Any) -> None:
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_PATH))
-    wait_crd_served(cluster)
-
-
-def wait_crd_served(cluster: Any) -> None:
-    from kubetune_devcluster.processes import wait_for
-
-    api_client = cluster.rest()
-
-    def served() -> bool:
-        crd = api_client.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}")
-        conds = {c["type"]: c["status"] for c in crd.get("status", {}).get("conditions", [])}
-        # Discovery can lag the Established condition: also wait until the resource is served.
-        return conds.get("Established") == "True" and bool(
-            api_client.get(f"{FTJ_API}/{api.PLURAL}") is not None
-        )
-
-    wait_for(served, timeout=60, what="the FineTuneJob CRD served")
-
-
 def create_secret(cluster: Any, namespace: str, name: str, data: dict[str, str]) -> None:
     cluster.rest().post(
         f"/api/v1/namespaces/{namespace}/secrets",
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data},
     )
-
-
-class OperatorRun:
-    """`python -m kubetune_operator` as a child process, logging to a file."""
-
-    def __init__(self, cluster: Any, log_path: Path, s3_region: str) -> None:
-        from kubetune_devcluster.processes import free_port, start_process
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        argv = [
-            sys.executable, "-m", "kubetune_operator",
-            # Trainer pods are processes on this host: they reach it on loopback.
-            "--listen-host", "127.0.0.1",
-            "--listen-port", str(self.port),
-            "--progress-base-url", self.url,
-            "--trainer-command", " ".join(trainer_command()),
-            "--trainer-image", "kubetune/trainer:local",  # the local node ignores images
-            "--s3-region", s3_region,
-            "--patch-interval", "1",
-            "--log-format", "text",
-        ]  # fmt: skip
-        # Dies with this process even if it is SIGKILLed.
-        self.proc, self.record = start_process(
-            "operator", argv, log_path, env=cluster.env(), die_with_parent=True
-        )
-
-    def wait_ready(self, timeout: float = 90) -> None:
-        from kubetune_devcluster.processes import wait_for
-
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise DemoError(f"the operator exited; see {self.log_path}:\n{self.tail()}")
-            with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as response:
-                return response.status == 200
-
-        try:
-            wait_for(ready, timeout=timeout, what="operator /readyz")
-        except TimeoutError as exc:
-            raise DemoError(f"{exc}; see {self.log_path}") from None
-
-    def tail(self, lines: int = 20) -> str:
-        text = self.log_path.read_text() if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self) -> None:
-        from kubetune_devcluster.processes import stop_processes
-
-        stop_processes([self.record], timeout=15, reap=lambda _pid: self.proc.poll())
-
-
-CHART = REPO_ROOT / "helm" / "kubetune"
-OPERATOR_NAMESPACE = "kubetune-system"
-
-
-def image_archives() -> dict[str, Path]:
-    """Image reference -> OCI archive, as hack/images.sh names them."""
-    import subprocess
-
-    out = subprocess.run(
-        ["bash", str(REPO_ROOT / "hack" / "images.sh"), "--print"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return {ref: Path(path) for ref, path in (line.split() for line in out.splitlines())}
-
-
-def load_images(cluster: Any, console: Console) -> dict[str, str]:
-    """Both images into the real node's runtime; returns "operator"/"trainer" -> reference."""
-    refs = {}
-    for ref, archive in image_archives().items():
-        if not archive.is_file():
-            raise DemoError(f"{archive}: image archive missing; run `bash hack/images.sh`")
-        start = time.monotonic()
-        cluster.load_image(archive)
-        console.print(f"imported {ref} in {time.monotonic() - start:.0f} s")
-        refs["operator" if "operator" in ref else "trainer"] = ref
-    return refs
-
-
-def helm_install(cluster: Any, refs: dict[str, str], s3_url: str, log_path: Path) -> None:
-    """The chart, as a platform team installs it: the local images (never pulled), the
-    demo's S3 endpoint, trainer defaults that fit a small machine."""
-    import subprocess
-
-    op_repo, _, op_tag = refs["operator"].rpartition(":")
-    tr_repo, _, tr_tag = refs["trainer"].rpartition(":")
-    values = {
-        "image.repository": op_repo,
-        "image.tag": op_tag,
-        "image.pullPolicy": "Never",
-        "trainer.image.repository": tr_repo,
-        "trainer.image.tag": tr_tag,
-        "trainer.resources.cpu": "1",
-        "trainer.resources.memory": "4Gi",
-        "s3.endpoint": s3_url,
-        "s3.region": S3_REGION,
-        "logFormat": "text",
-    }
-    argv = [
-        str(cluster.bin_dir / "helm"), "install", "kubetune", str(CHART),
-        "--namespace", OPERATOR_NAMESPACE, "--create-namespace", "--wait", "--timeout", "300s",
-        *(arg for key, value in values.items() for arg in ("--set-string", f"{key}={value}")),
-        "--set", "progress.patchIntervalSeconds=1",
-    ]  # fmt: skip
-    with log_path.open("w") as log:
-        done = subprocess.run(argv, env=cluster.env(), stdout=log, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        raise DemoError(f"helm install failed; see {log_path}")
-    wait_crd_served(cluster)
 
 
 @contextlib.contextmanager
@@ -480,23 +303,37 @@ def watch_and_tail(
 
 def start_operator(
     cluster: Any, s3_endpoint: S3Endpoint, work_dir: Path, console: Console, *, real_node: bool
-) -> OperatorRun | None:
+) -> OperatorProcess | None:
     """The operator: from its image by `helm install` on the real node (None: the cluster
     owns it), or as a process of this one on the process node."""
-    if real_node:
-        refs = load_images(cluster, console)
-        helm_install(cluster, refs, s3_endpoint.url, work_dir / "helm.log")
-        console.print(
-            f"helm install kubetune: operator {refs['operator']} running in "
-            f"{OPERATOR_NAMESPACE}, trainer image {refs['trainer']}, CRD {CRD_NAME}"
+    try:
+        if real_node:
+            install_chart(cluster, s3_endpoint, work_dir, console)
+            return None
+        stack.install_crd(cluster)
+        console.print(f"CRD {CRD_NAME} installed")
+        operator = OperatorProcess(
+            cluster,
+            work_dir / "operator.log",
+            extra_args=["--s3-region", s3_endpoint.region, "--log-format", "text"],
         )
-        return None
-    install_crd(cluster)
-    console.print(f"CRD {CRD_NAME} installed")
-    operator = OperatorRun(cluster, work_dir / "operator.log", S3_REGION)
-    operator.wait_ready()
+        operator.start()
+    except (StackError, OperatorExited, TimeoutError) as exc:
+        raise DemoError(str(exc)) from None
     console.print(f"operator ready at {operator.url} (log {operator.log_path})")
     return operator
+
+
+def install_chart(cluster: Any, s3_endpoint: S3Endpoint, work_dir: Path, console: Console) -> None:
+    """Both images into the node, then the chart: trainer resources a small machine has."""
+    for ref, seconds in stack.load_images(cluster).items():
+        console.print(f"imported {ref} in {seconds:.0f} s")
+    values = stack.ChartValues(s3_endpoint=s3_endpoint.url, s3_region=s3_endpoint.region)
+    stack.helm_install(cluster, values, log_path=work_dir / "helm.log")
+    console.print(
+        f"helm install kubetune: operator {stack.image_ref('operator')} running in "
+        f"{stack.OPERATOR_NAMESPACE}, trainer image {stack.image_ref('trainer')}, CRD {CRD_NAME}"
+    )
 
 
 def show_results(
@@ -571,7 +408,7 @@ def run_demo(
             )
 
             step("S3 endpoint, tiny model and data")
-            s3_endpoint = S3Endpoint(cluster.host_address)
+            s3_endpoint = start_s3(cluster.host_address)
             s3 = s3_endpoint.client()
             console.print(f"S3 API at {s3_endpoint.url}")
             # The inputs are made while the operator starts: both take a while.

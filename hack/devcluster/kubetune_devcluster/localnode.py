@@ -318,6 +318,11 @@ class PodWorker(threading.Thread):
         self._env_base: dict[str, str] = {}
         self._volume_dirs: dict[str, Path] = {}
         self._memory_dirs: list[Path] = []
+        # Projected volumes holding service-account tokens, rewritten before the tokens
+        # expire as kubelet does; with the Secrets and ConfigMaps they were built from.
+        self._token_volumes: list[tuple[dict[str, Any], Path]] = []
+        self._referenced: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+        self.tokens_renew_at: float | None = None
 
     # -- inputs from the watch ---------------------------------------------------------------
 
@@ -435,7 +440,7 @@ class PodWorker(threading.Thread):
 
     def _prepare_volumes(self) -> None:
         pod = self.pod
-        secrets, configmaps = self.agent.fetch_referenced(pod)
+        self._referenced = self.agent.fetch_referenced(pod)
         volume_root = self.dir / "volumes"
         for volume in pod["spec"].get("volumes") or []:
             name = volume["name"]
@@ -451,21 +456,51 @@ class PodWorker(threading.Thread):
                 self._memory_dirs.append(target.parent)
             else:
                 target = volume_root / name
-            files = podspec.volume_files(
-                volume,
-                pod,
-                secrets,
-                configmaps,
-                lambda audience, seconds: self.agent.service_account_token(pod, audience, seconds),
-            )
             target.mkdir(parents=True, exist_ok=True)
-            for rel_path, content in (files or {}).items():
-                file_path = target / rel_path
-                file_path.parent.mkdir(parents=True, exist_ok=True)
-                file_path.write_bytes(content.data)
-                file_path.chmod(content.mode)
+            self._write_volume_files(volume, target)
+            if podspec.token_lifetimes(volume):
+                self._token_volumes.append((volume, target))
             self._volume_dirs[name] = target
+        self._schedule_token_renewal()
         self._env_base = self.agent.base_env(pod)
+
+    def _write_volume_files(self, volume: dict[str, Any], target: Path) -> None:
+        secrets, configmaps = self._referenced
+        files = podspec.volume_files(
+            volume,
+            self.pod,
+            secrets,
+            configmaps,
+            lambda audience, seconds: self.agent.service_account_token(self.pod, audience, seconds),
+        )
+        for rel_path, content in (files or {}).items():
+            file_path = target / rel_path
+            file_path.parent.mkdir(parents=True, exist_ok=True)
+            # Write, then rename: a container re-reading a renewed token never sees half of it.
+            partial = file_path.with_name(f".{file_path.name}.partial")
+            partial.write_bytes(content.data)
+            partial.chmod(content.mode)
+            partial.replace(file_path)
+
+    def _schedule_token_renewal(self) -> None:
+        lifetimes = [
+            s for volume, _ in self._token_volumes for s in podspec.token_lifetimes(volume)
+        ]
+        self.tokens_renew_at = (
+            time.monotonic() + podspec.token_renew_after(min(lifetimes)) if lifetimes else None
+        )
+
+    def renew_tokens(self) -> None:
+        """Rewrite the projected service-account tokens with fresh ones (kubelet renews a
+        token once 80% of its lifetime has passed); retried in 10 s if the API refuses."""
+        try:
+            for volume, target in self._token_volumes:
+                self._write_volume_files(volume, target)
+        except ContainerConfigError as exc:
+            log.warning("pod %s/%s: renewing tokens: %s", self.namespace, self.pod_name, exc)
+            self.tokens_renew_at = time.monotonic() + 10.0
+            return
+        self._schedule_token_renewal()
 
     def _run_init_container(self, run: ContainerRun) -> bool:
         """Run an init container to success (restarting it unless restartPolicy is Never);
@@ -610,7 +645,11 @@ class PodWorker(threading.Thread):
                 self._report_status()
             if all(run.done for run in self.runs):
                 return
+            if self.tokens_renew_at is not None and now >= self.tokens_renew_at:
+                self.renew_tokens()
             pending = [r.restart_at for r in self.runs if r.restart_at is not None]
+            if self.tokens_renew_at is not None:
+                pending.append(self.tokens_renew_at)
             timeout = max(0.05, min(pending) - time.monotonic()) if pending else 5.0
             self.wake.wait(timeout)
             self.wake.clear()
@@ -909,7 +948,7 @@ class LocalNodeAgent:
         meta = pod["metadata"]
         account = pod["spec"].get("serviceAccountName") or "default"
         spec: dict[str, Any] = {
-            "expirationSeconds": max(600, int(seconds)),
+            "expirationSeconds": podspec.token_lifetime(seconds),
             "boundObjectRef": {
                 "kind": "Pod",
                 "apiVersion": "v1",

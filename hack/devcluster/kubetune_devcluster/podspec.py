@@ -306,6 +306,31 @@ def _downward_files(pod: Pod, source: dict[str, Any], default_mode: int) -> dict
     return files
 
 
+# The API server issues no token for less than 10 minutes; kubelet renews a projected token
+# once 80% of its lifetime has passed.
+MIN_TOKEN_SECONDS = 600
+TOKEN_RENEW_FRACTION = 0.8
+
+
+def token_lifetime(requested_seconds: int) -> int:
+    return max(MIN_TOKEN_SECONDS, int(requested_seconds))
+
+
+def token_renew_after(requested_seconds: int) -> float:
+    """Seconds after issuing a projected token at which kubelet writes a fresh one."""
+    return TOKEN_RENEW_FRACTION * token_lifetime(requested_seconds)
+
+
+def token_lifetimes(volume: dict[str, Any]) -> list[int]:
+    """The requested lifetimes of the service-account tokens a projected volume holds."""
+    sources = (volume.get("projected") or {}).get("sources") or []
+    return [
+        int(source["serviceAccountToken"].get("expirationSeconds", 3600))
+        for source in sources
+        if "serviceAccountToken" in source
+    ]
+
+
 def volume_files(
     volume: dict[str, Any],
     pod: Pod,
