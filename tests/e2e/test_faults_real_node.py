@@ -191,7 +191,8 @@ def test_node_lost_mid_run_resumes_from_its_checkpoint_outside_backoff_limit(
     reasons = [e["reason"] for e in events_for(cluster, real_ns, name)]
     assert "NodeLost" in reasons, reasons
     print(
-        f"\nnode lost: checkpoint at step {saved}, step {step_at_stop} when the node stopped, "
+        f"\nnode lost: checkpoint {saved} complete and step {step_at_stop} in the status (it "
+        f"lags) when the node stopped, "
         f"resumed from step {resumed['resumedFromStep']} ({lost_steps} steps lost; bound "
         f"{CHECKPOINT_EVERY} and an upload in flight); "
         + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
