@@ -17,7 +17,9 @@ BASE_PACKAGES=python3.11,ca-certificates
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 HOST_CA_BUNDLE=${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}
 CACHE=${KUBETUNE_IMAGES_CACHE:-$HOME/.cache/kubetune/images}
-TAG=dev
+# $KUBETUNE_IMAGE_TAG (default dev) tags a build of its own, e.g. a branch's images beside
+# another checkout's on the same machine (with its own $KUBETUNE_IMAGES_CACHE).
+TAG=${KUBETUNE_IMAGE_TAG:-dev}
 IMAGES=(trainer operator)
 
 image_ref() { echo "localhost/kubetune/kubetune-$1:$TAG"; }

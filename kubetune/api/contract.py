@@ -44,6 +44,7 @@ ENV_NODE_RANK = "JOB_COMPLETION_INDEX"  # an Indexed Job's pod index: its node r
 GANG_PORT = 29500
 
 DEFAULT_WORK_DIR = "/workspace"
+WORK_VOLUME = "work"  # the pod volume mounted there (the kubelet's eviction message names it)
 
 # The resolved FineTuneJob reaches the trainer as this pod-template annotation (compact JSON),
 # which a downward-API volume exposes as DEFAULT_JOB_CONFIG: no ConfigMap per job.
@@ -114,6 +115,9 @@ class Reason:
     COMPLETING = "Completing"
     RESTARTING = "Restarting"
     POD_DELETED = "PodDeleted"  # an attempt's pod went away before it finished
+    # The trainer pod's node stopped answering (NotReady / unreachable): the pod is evicted
+    # and replaced when a node is ready; this does not count against spec.backoffLimit.
+    NODE_LOST = "NodeLost"
     JOB_NAME_TAKEN = "JobNameTaken"
     # The trainer pod cannot start (from the pod's status).
     UNSCHEDULABLE = "Unschedulable"
@@ -136,6 +140,7 @@ class Reason:
     EVAL_THRESHOLDS_MISSED = "EvalThresholdsMissed"
     OOM_KILLED = "OOMKilled"
     EVICTED = "Evicted"
+    WORK_DIR_FULL = "WorkDirFull"  # the kubelet evicted the pod: its work dir passed its size
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     TRAINER_FAILED = "TrainerFailed"
     # Condition reasons.
@@ -162,6 +167,7 @@ WARNING_REASONS = frozenset(
         Reason.SECRET_NOT_FOUND,
         Reason.SECRET_KEY_MISSING,
         Reason.JOB_NAME_TAKEN,
+        Reason.NODE_LOST,
     }
 )
 

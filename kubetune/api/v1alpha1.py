@@ -325,6 +325,14 @@ class ResourcesSpec(_Model):
         max_length=32,
         description="Size of the /dev/shm memory volume (data-loader workers).",
     )
+    workDirSize: str | None = Field(
+        None,
+        pattern=r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?)?$",
+        max_length=32,
+        description="Size limit of the trainer's work dir (an emptyDir on the node's disk: "
+        "model and dataset cache, local checkpoints); the kubelet evicts a pod that writes "
+        "more, and the job fails with reason WorkDirFull. Unset: no limit.",
+    )
 
 
 class FormatCheck(_Model):
@@ -517,7 +525,15 @@ class FineTuneJobSpec(_Model):
     suspend: bool = Field(
         False, description="Stop the running trainer, keeping checkpoints; false resumes it."
     )
-    backoffLimit: int = Field(2, ge=0, le=100, description="Retries of a failed trainer pod.")
+    backoffLimit: int = Field(
+        2,
+        ge=0,
+        le=100,
+        description=(
+            "Retries of a failed trainer attempt (a multi-node gang's failure counts once);"
+            " lost nodes and preemptions do not count."
+        ),
+    )
     activeDeadlineSeconds: int | None = Field(
         None, ge=1, description="Fail the job when it runs longer than this."
     )

@@ -22,6 +22,7 @@ from kubetune_operator import names
 from kubetune_operator.settings import OperatorSettings
 
 WORK_DIR = contract.DEFAULT_WORK_DIR
+WORK_VOLUME = contract.WORK_VOLUME
 PVC_ROOT = "/mnt/pvc"  # the trainer maps pvc://claim/path to $KUBETUNE_PVC_ROOT/claim/path
 ENV_PVC_ROOT = "KUBETUNE_PVC_ROOT"
 
@@ -241,7 +242,8 @@ def placement(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
 
     The job's own value replaces the operator's default (no merging, so a job can always
     opt out of a default). Kueue-queued jobs get no defaults: their ResourceFlavor injects
-    its node labels and tolerations, and a default could contradict it.
+    its node labels and tolerations, and a default could contradict it. Every pod gets the
+    lost-node tolerations (node_lost_tolerations) its tolerations do not already have.
     """
     queued = names.queue_name(ftj) is not None
     node_selector = ftj.spec.nodeSelector or (
@@ -250,12 +252,40 @@ def placement(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     tolerations = ftj.spec.tolerations or (
         [] if queued else [t.manifest() for t in settings.default_tolerations]
     )
+    tolerations = [*tolerations, *node_lost_tolerations(tolerations, settings)]
     out: dict[str, Any] = {}
     if node_selector:
         out["nodeSelector"] = node_selector
     if tolerations:
         out["tolerations"] = tolerations
     return out
+
+
+# The taints the node lifecycle controller puts on a node whose kubelet stops reporting.
+NODE_LOST_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+
+
+def node_lost_tolerations(
+    tolerations: list[dict[str, Any]], settings: OperatorSettings
+) -> list[dict[str, Any]]:
+    """NoExecute tolerations of a lost node's taints, for `node_lost_toleration_s`.
+
+    Kubernetes gives every pod 300 s; a training job resumes from its checkpoints, so
+    waiting that long for a node that may never come back wastes more than a restart
+    costs. Set for every trainer pod, Kueue-queued ones too (a ResourceFlavor does not set
+    these), unless its tolerations already name the taint.
+    """
+    seconds = settings.node_lost_toleration_s
+    if seconds is None:
+        return []
+    if any(not t.get("key") and t.get("operator") == "Exists" for t in tolerations):
+        return []  # tolerates every taint already
+    named = {t.get("key") for t in tolerations}
+    return [
+        {"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": seconds}
+        for key in NODE_LOST_TAINTS
+        if key not in named
+    ]
 
 
 def _volumes(ftj: FineTuneJob, settings: OperatorSettings) -> list[tuple[dict, dict]]:
@@ -287,6 +317,10 @@ def _volumes(ftj: FineTuneJob, settings: OperatorSettings) -> list[tuple[dict, d
             ]
         },
     }
+    # On the node's disk; past spec.resources.workDirSize the kubelet evicts the pod.
+    work: dict[str, Any] = {"name": WORK_VOLUME, "emptyDir": {}}
+    if ftj.spec.resources.workDirSize:
+        work["emptyDir"]["sizeLimit"] = ftj.spec.resources.workDirSize
     shm = {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": ftj.spec.resources.shmSize}}
     pairs = [
         (job_file, {"name": "job", "mountPath": contract.JOB_CONFIG_DIR, "readOnly": True}),
@@ -294,7 +328,7 @@ def _volumes(ftj: FineTuneJob, settings: OperatorSettings) -> list[tuple[dict, d
             token,
             {"name": "progress-token", "mountPath": contract.PROGRESS_TOKEN_DIR, "readOnly": True},
         ),
-        ({"name": "work", "emptyDir": {}}, {"name": "work", "mountPath": WORK_DIR}),
+        (work, {"name": WORK_VOLUME, "mountPath": WORK_DIR}),
         (shm, {"name": "shm", "mountPath": "/dev/shm"}),
     ]
     for i, (claim, writable) in enumerate(sorted(pvc_claims(ftj.spec).items())):

@@ -34,7 +34,9 @@ def slim_pod(pod: dict) -> dict:
         | {"ownerReferences": meta.get("ownerReferences") or []},
         "spec": {
             "containers": [{"name": c.get("name"), "image": c.get("image")} for c in containers]
-        },
+        }
+        # The node, to name it when it is lost.
+        | ({"nodeName": node} if (node := (pod.get("spec") or {}).get("nodeName")) else {}),
         "status": pod.get("status") or {},
     }
 

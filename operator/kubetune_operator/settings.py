@@ -79,6 +79,16 @@ class OperatorSettings(BaseModel):
         description="Trainer pod tolerations when spec.tolerations is unset "
         "(not for Kueue-queued jobs).",
     )
+    node_lost_toleration_s: int | None = Field(
+        60,
+        ge=0,
+        description="How long a trainer pod stays bound to a node that is not ready or "
+        "unreachable before Kubernetes evicts it (NoExecute tolerations of "
+        "node.kubernetes.io/not-ready and /unreachable, on every trainer pod whose tolerations "
+        "do not name those taints). The Job replaces it on a ready node and the trainer "
+        "resumes from its last checkpoint, without counting against spec.backoffLimit. "
+        "Unset (empty): Kubernetes's default, 300 s.",
+    )
     trainer_read_only_root: bool = Field(
         True,
         description="readOnlyRootFilesystem on the trainer container: it writes only to its "

@@ -26,6 +26,11 @@ from kubetune_operator.validation import Problem
 # The kubelet's words (CreateContainerConfigError) for a missing Secret or key of a secretKeyRef.
 _SECRET_NOT_FOUND = re.compile(r'secrets? "(?P<name>[^"]+)" not found')
 _SECRET_KEY_MISSING = re.compile(r"couldn't find key (?P<key>\S+) in Secret [^/\s]+/(?P<name>\S+)")
+# The kubelet's eviction message for an emptyDir past its sizeLimit, for the work dir.
+_WORK_DIR_EVICTION = re.compile(rf'EmptyDir volume "{contract.WORK_VOLUME}" exceeds the limit')
+# DisruptionTarget reasons of a pod removed because its node was lost: the taint manager's
+# eviction from a NotReady/unreachable node, the pod GC's on a node gone or out of service.
+_NODE_LOST_DISRUPTIONS = ("DeletionByTaintManager", "DeletionByPodGC")
 # Status keys whose change is worth a patch at once; progress alone waits for the interval.
 # status.attempts changes with the pods (whose changes move the phase or reason anyway) and
 # with the trainer's `resumed` event: that one rides on the next progress patch.
@@ -116,16 +121,32 @@ def _first_line(text: str | None, limit: int = 1024) -> str:
     return (lines[-1] if lines else "")[:limit]
 
 
-def _pod_failure(pod: dict, memory: str | None) -> tuple[str, str] | None:
+def _eviction(pod: dict, work_dir_size: str | None) -> tuple[str, str] | None:
+    """(reason, message) of a pod the kubelet evicted; its work dir's limit by name."""
+    status = pod.get("status") or {}
+    if status.get("reason") != "Evicted":
+        return None
+    message = (status.get("message") or "").strip()
+    if _WORK_DIR_EVICTION.search(message):
+        return (
+            Reason.WORK_DIR_FULL,
+            f"the trainer's work dir ({contract.DEFAULT_WORK_DIR}, emptyDir volume "
+            f"{contract.WORK_VOLUME!r}) outgrew spec.resources.workDirSize ({work_dir_size}) "
+            "and the kubelet evicted the pod: raise spec.resources.workDirSize",
+        )
+    return Reason.EVICTED, f"the trainer pod was evicted: {message}".strip(": ")
+
+
+def _pod_failure(
+    pod: dict, memory: str | None, work_dir_size: str | None = None
+) -> tuple[str, str] | None:
     """(reason, message) of a failed trainer pod, in the user's words."""
+    # An evicted pod's container shows as killed (137): the eviction is the cause.
+    evicted = _eviction(pod, work_dir_size)
+    if evicted:
+        return evicted
     term = _terminated(pod)
     if not term:
-        status = pod.get("status") or {}
-        if status.get("reason") == "Evicted":
-            return (
-                Reason.EVICTED,
-                f"the trainer pod was evicted: {status.get('message', '')}".strip(),
-            )
         return None
     code = term.get("exitCode")
     result = parse_result(term.get("message"))
@@ -209,6 +230,26 @@ def _waiting_problem(pods: list[dict], ftj: FineTuneJob) -> tuple[str, str] | No
     return None
 
 
+def _node_lost(pods: list[dict]) -> str | None:
+    """What happened to a trainer pod whose node was lost, while it is still listed (until
+    it is terminal and the Job has replaced it)."""
+    for pod in pods:
+        for cond in (pod.get("status") or {}).get("conditions") or []:
+            if (
+                cond.get("type") == "DisruptionTarget"
+                and cond.get("status") == "True"
+                and cond.get("reason") in _NODE_LOST_DISRUPTIONS
+            ):
+                node = (pod.get("spec") or {}).get("nodeName") or "(unknown)"
+                return (
+                    f"node {node} stopped answering (not ready or unreachable): trainer pod "
+                    f"{pod['metadata']['name']} was evicted from it; the Job replaces it on a "
+                    "ready node and training resumes from the last complete checkpoint "
+                    "(not counted against spec.backoffLimit)"
+                )
+    return None
+
+
 # --- the Job --------------------------------------------------------------------------
 
 
@@ -260,7 +301,7 @@ def job_outcome(ftj: FineTuneJob, job: dict, pods: list[dict]) -> Outcome:
                 f"the job ran longer than spec.activeDeadlineSeconds ({deadline} s); stopped",
             )
         pod = _latest(pods, "Failed")
-        pod_failure = _pod_failure(pod, memory) if pod else None
+        pod_failure = _pod_failure(pod, memory, spec.resources.workDirSize) if pod else None
         result = parse_result((_terminated(pod) or {}).get("message")) if pod else None
         if pod_failure:
             reason, message = pod_failure
@@ -288,6 +329,9 @@ def job_outcome(ftj: FineTuneJob, job: dict, pods: list[dict]) -> Outcome:
     ]
     if any((p.get("status") or {}).get("phase") == "Running" for p in live):
         return Outcome("Running", Reason.TRAINING, "the trainer is running")
+    lost = _node_lost(pods)
+    if lost:
+        return Outcome("Running", Reason.NODE_LOST, lost)
     stuck = _waiting_problem(live, ftj)
     if stuck:
         return Outcome("Pending", *stuck)

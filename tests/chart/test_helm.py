@@ -415,6 +415,7 @@ FULL_VALUES = {
         "image": {"repository": "registry.local/trainer", "tag": "v9"},
         "nodeSelector": {"nvidia.com/gpu.present": "true"},
         "tolerations": [GPU_TAINT],
+        "nodeLostTolerationSeconds": 30,
         "readOnlyRootFilesystem": False,
     },
     "s3": {
@@ -515,7 +516,11 @@ def test_chart_defaults_reach_the_trainer_pod(helm: Path, tmp_path: Path) -> Non
     objects = render(helm, tmp_path, FULL_VALUES)
     pod = trainer_job(objects)["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    assert pod["tolerations"] == [GPU_TAINT]
+    lost_node = [
+        {"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 30}
+        for key in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+    ]
+    assert pod["tolerations"] == [GPU_TAINT, *lost_node]
     (container,) = pod["containers"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is False
     env = {e["name"]: e for e in container["env"] if "value" in e}  # the chart's values
@@ -529,6 +534,11 @@ def test_chart_defaults_reach_the_trainer_pod(helm: Path, tmp_path: Path) -> Non
     # By default the trainer's root filesystem is read-only.
     default_pod = trainer_job(render(helm, tmp_path))["spec"]["template"]["spec"]
     assert default_pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    # A pod leaves a lost node after 60 s by default, not Kubernetes's 300 s.
+    assert {t["tolerationSeconds"] for t in default_pod["tolerations"]} == {60}
+    # null: no toleration of the operator's; the API server adds Kubernetes's default.
+    never = render(helm, tmp_path, {"trainer": {"nodeLostTolerationSeconds": None}})
+    assert "tolerations" not in trainer_job(never)["spec"]["template"]["spec"]
 
 
 # ---- Service and NetworkPolicy ---------------------------------------------------------------

@@ -354,6 +354,13 @@ DEFAULTS = SETTINGS.model_copy(
 )
 
 
+# What every trainer pod tolerates of a lost node (the operator's node_lost_toleration_s).
+LOST_NODE = [
+    {"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 60}
+    for key in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+]
+
+
 def pod_of(ftj: FineTuneJob, settings: OperatorSettings = DEFAULTS) -> dict:
     return builders.build_job(ftj, settings)["spec"]["template"]["spec"]
 
@@ -361,27 +368,57 @@ def pod_of(ftj: FineTuneJob, settings: OperatorSettings = DEFAULTS) -> dict:
 def test_default_placement_applies_when_the_job_sets_none() -> None:
     pod = pod_of(make_ftj())
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    assert pod["tolerations"] == [GPU_TAINT]
-    # Without defaults the pod carries no placement at all.
+    assert pod["tolerations"] == [GPU_TAINT, *LOST_NODE]
+    # Without defaults the pod carries no placement but the lost-node tolerations.
     bare = pod_of(make_ftj(), SETTINGS)
-    assert "nodeSelector" not in bare and "tolerations" not in bare
+    assert "nodeSelector" not in bare and bare["tolerations"] == LOST_NODE
 
 
 def test_a_jobs_own_placement_replaces_the_defaults() -> None:
     own_toleration = {"key": "team-a", "operator": "Equal", "value": "yes", "effect": "NoExecute"}
     pod = pod_of(make_ftj(nodeSelector={"pool": "a100"}, tolerations=[own_toleration]))
     assert pod["nodeSelector"] == {"pool": "a100"}  # replaced, not merged
-    assert pod["tolerations"] == [own_toleration]
+    assert pod["tolerations"] == [own_toleration, *LOST_NODE]
     # Setting only one of them keeps the default of the other.
     only_selector = pod_of(make_ftj(nodeSelector={"pool": "a100"}))
-    assert only_selector["tolerations"] == [GPU_TAINT]
+    assert only_selector["tolerations"] == [GPU_TAINT, *LOST_NODE]
 
 
 def test_queued_jobs_get_no_default_placement() -> None:
     pod = pod_of(make_ftj(queueName="gpu-small"))
-    assert "nodeSelector" not in pod and "tolerations" not in pod
+    assert "nodeSelector" not in pod and pod["tolerations"] == LOST_NODE
     own = pod_of(make_ftj(queueName="gpu-small", nodeSelector={"pool": "a100"}))
     assert own["nodeSelector"] == {"pool": "a100"}
+
+
+def test_lost_node_tolerations_yield_to_the_jobs_own_and_can_be_turned_off() -> None:
+    # A job that names one of the taints keeps its own seconds for it; the other is added.
+    patient = {
+        "key": "node.kubernetes.io/unreachable",
+        "operator": "Exists",
+        "effect": "NoExecute",
+        "tolerationSeconds": 900,
+    }
+    pod = pod_of(make_ftj(tolerations=[patient]))
+    assert pod["tolerations"] == [patient, LOST_NODE[0]]
+    # A job that tolerates every taint gets nothing added.
+    everything = {"operator": "Exists"}
+    assert pod_of(make_ftj(tolerations=[everything]))["tolerations"] == [everything]
+    # Unset: Kubernetes's own default (300 s, added by the API server) applies.
+    off = SETTINGS.model_copy(update={"node_lost_toleration_s": None})
+    assert "tolerations" not in pod_of(make_ftj(), off)
+    quick = SETTINGS.model_copy(update={"node_lost_toleration_s": 15})
+    assert {t["tolerationSeconds"] for t in pod_of(make_ftj(), quick)["tolerations"]} == {15}
+    env = {"KUBETUNE_OPERATOR_NODE_LOST_TOLERATION_S": ""}
+    assert OperatorSettings.from_env(env).node_lost_toleration_s is None
+
+
+def test_work_dir_size_limits_the_work_volume() -> None:
+    volumes = {v["name"]: v for v in pod_of(make_ftj(), SETTINGS)["volumes"]}
+    assert volumes["work"]["emptyDir"] == {}  # unset: no limit
+    spec = {"gpus": 0, "workDirSize": "20Mi"}
+    volumes = {v["name"]: v for v in pod_of(make_ftj(resources=spec), SETTINGS)["volumes"]}
+    assert volumes["work"]["emptyDir"] == {"sizeLimit": "20Mi"}
 
 
 def test_default_credentials_secret_for_s3_jobs_without_their_own() -> None:

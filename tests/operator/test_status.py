@@ -8,7 +8,7 @@ import pytest
 
 from kubetune.api import contract
 from kubetune.api.v1alpha1 import FineTuneJob
-from kubetune_operator import builders, status, validation
+from kubetune_operator import builders, cache, status, validation
 from kubetune_operator.settings import OperatorSettings
 from tests.operator.test_builders import make_ftj
 
@@ -201,6 +201,49 @@ def test_oom_killed() -> None:
     assert "ran out of memory (memory limit 32Gi)" in st["message"]
     assert "failed 3 time(s)" in st["message"]
     assert st["restarts"] == 2
+
+
+def test_work_dir_eviction_names_the_volume_and_the_limit() -> None:
+    ftj = make_ftj(resources={"gpus": 0, "workDirSize": "20Mi"})
+    evicted = pod("Failed", terminated={"exitCode": 137, "reason": "Error"})
+    evicted["status"].update(
+        reason="Evicted", message='Usage of EmptyDir volume "work" exceeds the limit "20Mi". '
+    )
+    job = job_for(ftj, conditions=[("Failed", "BackoffLimitExceeded", "")], failed=1)
+    st = derive(ftj, job, [evicted])
+    assert st["phase"] == "Failed" and st["reason"] == "WorkDirFull", st
+    assert "spec.resources.workDirSize (20Mi)" in st["message"]
+    assert "emptyDir volume 'work'" in st["message"]
+    # Any other eviction keeps the kubelet's words.
+    evicted["status"]["message"] = "The node was low on resource: memory."
+    st = derive(ftj, job, [evicted])
+    assert st["reason"] == "Evicted" and "low on resource: memory" in st["message"]
+
+
+def test_a_lost_node_is_named_until_the_replacement_runs() -> None:
+    ftj = make_ftj(backoffLimit=0)
+    job = job_for(ftj, active=1, startTime=T0)
+    disrupted = {
+        "type": "DisruptionTarget",
+        "status": "True",
+        "reason": "DeletionByTaintManager",
+        "message": "Taint manager: deleting due to NoExecute taint",
+    }
+    old = pod("Running", running=True, conditions=[disrupted], name="a")
+    old["metadata"]["deletionTimestamp"] = T1
+    old["spec"]["nodeName"] = "node-1"
+    # As the operator's cache keeps it.
+    st = derive(ftj, job, [cache.slim_pod(old)])
+    assert st["phase"] == "Running" and st["reason"] == "NodeLost", st
+    assert "node node-1 stopped answering" in st["message"] and "pod a" in st["message"]
+    assert st["restarts"] == 0
+    # The old pod terminal and a replacement pending: still the node's doing.
+    old["status"]["phase"] = "Failed"
+    st = derive(ftj, job, [old, pod("Pending", name="b")])
+    assert st["reason"] == "NodeLost"
+    # The replacement running: training again.
+    st = derive(ftj, job, [old, pod("Running", running=True, name="b")])
+    assert st["reason"] == "Training"
 
 
 def test_deadline_exceeded() -> None:

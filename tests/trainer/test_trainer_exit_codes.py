@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -42,3 +43,29 @@ def test_missed_gate_exits_with_its_own_non_retryable_code(tiny_job, tmp_path):
     (manifest_path,) = out.glob("*/tiny/manifest.json")
     published = json.loads(manifest_path.read_text())
     assert published["evalPassed"] is False
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_trainer_at_once_with_a_message(tiny_job, tmp_path):
+    """The kubelet stops a pod with SIGTERM; as PID 1 without a handler the trainer would
+    ignore it until the SIGKILL at the end of the grace period."""
+    manifest = tiny_job((tmp_path / "out").as_uri(), training={"maxSteps": 500})
+    termination_log, env = trainer_pod_files(manifest, tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetune_trainer"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        for line in proc.stdout:  # JSON lines; training has begun at the first step
+            if (json.loads(line).get("step") or 0) >= 1:
+                break
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert code == 1, code  # an ordinary failure: the Job retries it or ignores a disruption
+    message = termination_log.read_text()
+    assert message.startswith("TrainerStopped: stopped by SIGTERM"), message

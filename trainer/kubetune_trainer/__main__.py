@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -57,12 +58,36 @@ def failure_summary(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"
 
 
+# The termination message of a trainer stopped by SIGTERM.
+STOPPED_MESSAGE = (
+    "TrainerStopped: stopped by SIGTERM (the pod is being deleted: suspended, evicted, "
+    "preempted or its node lost); the next attempt resumes from the last complete checkpoint"
+)
+
+
+def _stop(signum: int, frame: object) -> None:
+    """Exit at once, as SIGKILL would, but with a message. Not an exception: one raised here
+    surfaces wherever the main thread happens to be, and a handler there (a progress
+    reporter's, say) would swallow it. Checkpoints need no cleanup: an upload cut short has
+    no completeness marker."""
+    with contextlib.suppress(OSError):
+        write_termination_message(STOPPED_MESSAGE)
+    print(STOPPED_MESSAGE, file=sys.stderr, flush=True)
+    os._exit(EXIT_FAILURE)
+
+
 def main(argv: list[str] | None = None) -> int:
     from kubetune_trainer import distributed
 
     if distributed.is_gang_pod():
         # The pod of a gang: start torchrun, whose workers run this program again.
         return distributed.main(argv)
+    if distributed.ENV_LOCAL_RANK not in os.environ:
+        # As the container's PID 1 the trainer would ignore SIGTERM (init has no default
+        # action): the kubelet would wait out the grace period, the trainer training on,
+        # then SIGKILL it without a word. Under torchrun the agent stops the workers (and
+        # their own failure messages stay).
+        signal.signal(signal.SIGTERM, _stop)
     args = parse_args(argv)
     config = args.config or Path(os.environ.get(ENV_JOB_CONFIG) or DEFAULT_JOB_CONFIG)
     work_dir = args.work_dir or Path(os.environ.get(ENV_WORK_DIR) or DEFAULT_WORK_DIR)

@@ -133,6 +133,8 @@ kubetune_operator.settings.OperatorSettings (tests/test_helm.py keeps the names 
   value: {{ $v.trainer.nodeSelector | default dict | toJson | quote }}
 - name: KUBETUNE_OPERATOR_DEFAULT_TOLERATIONS
   value: {{ $v.trainer.tolerations | default list | toJson | quote }}
+- name: KUBETUNE_OPERATOR_NODE_LOST_TOLERATION_S
+  value: {{ if kindIs "invalid" $v.trainer.nodeLostTolerationSeconds }}""{{ else }}{{ $v.trainer.nodeLostTolerationSeconds | int | toString | quote }}{{ end }}
 - name: KUBETUNE_OPERATOR_TRAINER_READ_ONLY_ROOT
   value: {{ $v.trainer.readOnlyRootFilesystem | toString | quote }}
 {{- with $v.s3.endpoint }}
