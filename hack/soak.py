@@ -21,6 +21,7 @@ from pathlib import Path
 from kubetune_devcluster.controlplane import DevCluster, NodeConfig
 from kubetune_devcluster.processes import wait_for
 from tests.fixtures.cluster import running_cluster
+from tests.fixtures.ftj import add_credentials_secret
 from tests.fixtures.operator import OperatorProcess, install_crd
 from tests.fixtures.s3 import S3Server, running_s3
 from tests.fixtures.soak import SoakPlan, run_soak
@@ -57,15 +58,7 @@ def soak_namespace(cluster: DevCluster, s3: S3Server) -> str:
         timeout=30,
         what="default ServiceAccount",
     )
-    api.post(
-        f"/api/v1/namespaces/{NAMESPACE}/secrets",
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "s3-creds"},
-            "stringData": dict(s3.env),
-        },
-    )
+    add_credentials_secret(cluster, NAMESPACE, dict(s3.env))
     return NAMESPACE
 
 

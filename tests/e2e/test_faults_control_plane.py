@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,14 +22,21 @@ import pytest
 from kubetune_devcluster.controlplane import DevCluster
 from kubetune_devcluster.faults import restart_component
 from kubetune_devcluster.processes import wait_for
-from tests.fixtures.ftj import create, ftj_manifest, jobs_of, pods_of, status_of, wait_phase
-from tests.fixtures.operator import OperatorProcess, install_crd
+from tests.fixtures.ftj import (
+    add_credentials_secret,
+    create,
+    ftj_manifest,
+    jobs_of,
+    pods_of,
+    status_of,
+    wait_phase,
+)
+from tests.fixtures.operator import OperatorProcess, running_operator
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.tiny_model import upload_tiny_assets
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1200)]
 
-TRAINER = [sys.executable, "-m", "kubetune_trainer"]
 STEPS = 40
 # From the component healthy again to the next step shown in the status. What it is made
 # of: the operator's watch reconnect back-off (1, 2, 5, 10 s), the trainer's next push, and
@@ -42,13 +48,8 @@ PROGRESS_RESUME_BOUND_S = 30.0
 def operator(
     k8s_cluster: DevCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    install_crd(k8s_cluster)
-    op = OperatorProcess(k8s_cluster, tmp_path_factory.mktemp("operator"), trainer_command=TRAINER)
-    op.start()
-    try:
+    with running_operator(k8s_cluster, tmp_path_factory.mktemp("operator")) as op:
         yield op
-    finally:
-        op.stop()
 
 
 class StepWatch:
@@ -101,11 +102,7 @@ def test_api_server_and_etcd_restarts_mid_run_cost_no_progress_and_no_work(
     s3_server: S3Server,
 ) -> None:
     ns = k8s_namespace
-    k8s_cluster.rest().post(
-        f"/api/v1/namespaces/{ns}/secrets",
-        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
-         "stringData": dict(s3_server.env)},
-    )  # fmt: skip
+    add_credentials_secret(k8s_cluster, ns, dict(s3_server.env))
     bucket = upload_tiny_assets(s3_server.client(), f"cp-{ns}", rows=96)
     manifest = ftj_manifest("steady", bucket, steps=STEPS)
     manifest["spec"]["evaluation"] = {"enabled": False}

@@ -12,15 +12,22 @@ import contextlib
 import json
 import os
 import signal
-import sys
 from collections.abc import Iterator
 
 import pytest
 
 from kubetune_devcluster.controlplane import DevCluster
 from kubetune_devcluster.processes import wait_for
-from tests.fixtures.ftj import create, ftj_manifest, jobs_of, pods_of, s3_keys, wait_phase
-from tests.fixtures.operator import OperatorProcess, install_crd
+from tests.fixtures.ftj import (
+    add_credentials_secret,
+    create,
+    ftj_manifest,
+    jobs_of,
+    pods_of,
+    s3_keys,
+    wait_phase,
+)
+from tests.fixtures.operator import OperatorProcess, running_operator
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.tiny_model import upload_tiny_assets
 
@@ -28,7 +35,6 @@ from tests.fixtures.tiny_model import upload_tiny_assets
 # loaded machine than the suite's default timeout allows.
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1500)]
 
-TRAINER = [sys.executable, "-m", "kubetune_trainer"]
 KILLS = 3
 STEPS = 24
 CHECKPOINT_EVERY = 4
@@ -47,26 +53,13 @@ RESUME_TIMEOUT = 180
 def operator(
     k8s_cluster: DevCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    install_crd(k8s_cluster)
-    op = OperatorProcess(k8s_cluster, tmp_path_factory.mktemp("operator"), trainer_command=TRAINER)
-    op.start()
-    try:
+    with running_operator(k8s_cluster, tmp_path_factory.mktemp("operator")) as op:
         yield op
-    finally:
-        op.stop()
 
 
 @pytest.fixture
 def ns(k8s_cluster: DevCluster, k8s_namespace: str, s3_server: S3Server) -> str:
-    k8s_cluster.rest().post(
-        f"/api/v1/namespaces/{k8s_namespace}/secrets",
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "s3-creds"},
-            "stringData": dict(s3_server.env),
-        },
-    )
+    add_credentials_secret(k8s_cluster, k8s_namespace, dict(s3_server.env))
     return k8s_namespace
 
 

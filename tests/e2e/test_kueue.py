@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,14 +35,13 @@ from kubetune_devcluster.kueue import (
 from kubetune_devcluster.processes import wait_for
 from kubetune_devcluster.rest import ApiError, KubeRest
 from tests.fixtures.cluster import cluster_or_skip
-from tests.fixtures.operator import OperatorProcess, install_crd
+from tests.fixtures.operator import LOCAL_TRAINER, OperatorProcess, install_crd
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.tiny_model import upload_tiny_assets
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 FTJ_API = "/apis/kubetune.io/v1alpha1"
-TRAINER = [sys.executable, "-m", "kubetune_trainer"]
 NAMESPACE = "team-a"
 LOCAL_QUEUE = "gpu-small"
 GPU_LABEL = "nvidia.com/gpu.product"
@@ -113,7 +111,7 @@ def queued(
         )
         install_crd(cluster)
         operator = OperatorProcess(
-            cluster, tmp_path_factory.mktemp("operator"), trainer_command=TRAINER
+            cluster, tmp_path_factory.mktemp("operator"), trainer_command=LOCAL_TRAINER
         )
         operator.start()
         yield QueuedCluster(cluster, kueue, operator, upload_assets(s3_server))

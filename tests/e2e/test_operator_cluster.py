@@ -10,7 +10,6 @@ import contextlib
 import os
 import signal
 import ssl
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from kubetune_devcluster.processes import wait_for
 from kubetune_devcluster.rest import ApiError
 from tests.fixtures.ftj import (
     FTJ_API,
+    add_credentials_secret,
     checkpoint_written,
     create,
     events_for,
@@ -40,13 +40,15 @@ from tests.fixtures.ftj import (
     wait_phase,
     wait_reason,
 )
-from tests.fixtures.operator import OperatorProcess, get_or_none, install_crd
+from tests.fixtures.operator import (
+    OperatorProcess,
+    get_or_none,
+    running_operator,
+)
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.tiny_model import upload_tiny_assets
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-
-TRAINER = [sys.executable, "-m", "kubetune_trainer"]
 
 
 @pytest.fixture(scope="module")
@@ -62,27 +64,14 @@ def assets(s3_server: S3Server) -> str:
 def operator(
     k8s_cluster: DevCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    install_crd(k8s_cluster)
-    op = OperatorProcess(k8s_cluster, tmp_path_factory.mktemp("operator"), trainer_command=TRAINER)
-    op.start()
-    try:
+    with running_operator(k8s_cluster, tmp_path_factory.mktemp("operator")) as op:
         yield op
-    finally:
-        op.stop()
 
 
 @pytest.fixture
 def ns(k8s_cluster: DevCluster, k8s_namespace: str, s3_server: S3Server) -> str:
     """A namespace with the S3 credentials Secret the FineTuneJobs reference."""
-    k8s_cluster.rest().post(
-        f"/api/v1/namespaces/{k8s_namespace}/secrets",
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "s3-creds"},
-            "stringData": dict(s3_server.env),
-        },
-    )
+    add_credentials_secret(k8s_cluster, k8s_namespace, dict(s3_server.env))
     return k8s_namespace
 
 

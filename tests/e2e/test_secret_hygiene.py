@@ -15,7 +15,15 @@ import pytest
 
 from kubetune_devcluster.controlplane import DevCluster
 from tests.e2e.test_operator_cluster import assets, operator  # noqa: F401  (fixtures)
-from tests.fixtures.ftj import FTJ_API, create, ftj_manifest, pods_of, s3_keys, wait_phase
+from tests.fixtures.ftj import (
+    FTJ_API,
+    add_credentials_secret,
+    create,
+    ftj_manifest,
+    pods_of,
+    s3_keys,
+    wait_phase,
+)
 from tests.fixtures.operator import OperatorProcess
 from tests.fixtures.s3 import S3Server
 
@@ -39,18 +47,14 @@ def test_no_secret_value_appears_in_status_events_logs_or_artifacts(
         "AWS_SECRET_ACCESS_KEY": canary("secret-key"),
         "HF_TOKEN": canary("hf-token"),
     }
-    rest.post(
-        f"/api/v1/namespaces/{ns}/secrets",
+    add_credentials_secret(
+        k8s_cluster,
+        ns,
         {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "s3-creds"},
-            "stringData": {
-                "AWS_ACCESS_KEY_ID": secrets["AWS_ACCESS_KEY_ID"],
-                "AWS_SECRET_ACCESS_KEY": secrets["AWS_SECRET_ACCESS_KEY"],
-                "AWS_ENDPOINT_URL": s3_server.env["AWS_ENDPOINT_URL"],
-                "AWS_REGION": s3_server.env["AWS_REGION"],
-            },
+            "AWS_ACCESS_KEY_ID": secrets["AWS_ACCESS_KEY_ID"],
+            "AWS_SECRET_ACCESS_KEY": secrets["AWS_SECRET_ACCESS_KEY"],
+            "AWS_ENDPOINT_URL": s3_server.env["AWS_ENDPOINT_URL"],
+            "AWS_REGION": s3_server.env["AWS_REGION"],
         },
     )
     rest.post(
