@@ -20,6 +20,10 @@ NON_RETRYABLE_EXIT_CODES = (EXIT_BAD_INPUT, EXIT_EVAL_THRESHOLDS)
 # Anything else non-zero is an ordinary failure, retried up to spec.backoffLimit.
 EXIT_FAILURE = 1
 
+# The trainer's failure message when S3 stayed down past its outage bound begins with this;
+# the operator reports such a failure as Reason.S3_UNAVAILABLE.
+S3_UNAVAILABLE_PREFIX = "S3 unavailable: "
+
 # Where Kubernetes reads the container's termination message (4 KiB at most).
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_MESSAGE_LIMIT = 4096
@@ -143,6 +147,8 @@ class Reason:
     WORK_DIR_FULL = "WorkDirFull"  # the kubelet evicted the pod: its work dir passed its size
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     TRAINER_FAILED = "TrainerFailed"
+    # S3 did not answer for the trainer's outage bound (KUBETUNE_S3_OUTAGE_SECONDS).
+    S3_UNAVAILABLE = "S3Unavailable"
     # Condition reasons.
     VALIDATED = "Validated"
     SPEC_CHANGED = "SpecChanged"

@@ -166,6 +166,10 @@ def _pod_failure(
     if result and result.message:
         return Reason.TRAINER_FAILED, result.message
     tail = _first_line(term.get("message"))
+    # "StorageUnavailableError: S3 unavailable: s3://... did not answer for 600 s (...)"
+    s3_down = tail.find(contract.S3_UNAVAILABLE_PREFIX)
+    if s3_down >= 0:
+        return Reason.S3_UNAVAILABLE, tail[s3_down:]
     return Reason.TRAINER_FAILED, f"the trainer exited with code {code}" + (
         f": {tail}" if tail else ""
     )

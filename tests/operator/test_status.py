@@ -262,6 +262,22 @@ def test_crash_without_result_reports_exit_code_and_log_tail() -> None:
     assert "exited with code 1: RuntimeError: boom" in st["message"]
 
 
+def test_s3_down_past_the_bound_is_reported_as_s3_unavailable() -> None:
+    ftj = make_ftj()
+    message = (
+        "StorageUnavailableError: S3 unavailable: s3://runs did not answer for 600 s "
+        "(upload checkpoint: Could not connect); checkpoints already uploaded are intact"
+    )
+    job = job_for(ftj, conditions=[("Failed", "BackoffLimitExceeded", "")], failed=3)
+    terminated = {"exitCode": 1, "reason": "Error", "message": message}
+    st = derive(ftj, job, [pod("Failed", terminated=terminated)])
+    assert st["reason"] == "S3Unavailable"
+    assert st["message"] == (
+        "the trainer failed 3 time(s), giving up: S3 unavailable: s3://runs did not answer for "
+        "600 s (upload checkpoint: Could not connect); checkpoints already uploaded are intact"
+    )
+
+
 def test_retry_counts_restarts_and_keeps_resumed_step() -> None:
     ftj = make_ftj()
     job = job_for(ftj, failed=1, active=1, startTime=T0)

@@ -30,6 +30,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from kubetune.api import uris
+from kubetune.api.contract import S3_UNAVAILABLE_PREFIX
 from kubetune_trainer.errors import BadInputError
 
 log = logging.getLogger(__name__)
@@ -164,8 +165,9 @@ def ride_out_outage(call: Callable[[], T], bucket: str, what: str) -> T:
                 raise
             left = deadline - time.monotonic()
             if left <= 0:
+                bound = outage_bound()
                 raise StorageUnavailableError(
-                    f"S3 unavailable: s3://{bucket} did not answer for {outage_bound():.0f} s "
+                    f"{S3_UNAVAILABLE_PREFIX}s3://{bucket} did not answer for {bound:.0f} s "
                     f"({what}: {' '.join(str(error).split())[:200]}); checkpoints already "
                     "uploaded are intact"
                 ) from None
