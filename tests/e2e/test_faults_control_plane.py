@@ -15,7 +15,6 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -31,7 +30,7 @@ from tests.fixtures.ftj import (
     status_of,
     wait_phase,
 )
-from tests.fixtures.operator import OperatorProcess, running_operator
+from tests.fixtures.operator import OperatorProcess
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.tiny_model import upload_tiny_assets
 
@@ -42,14 +41,6 @@ STEPS = 40
 # of: the operator's watch reconnect back-off (1, 2, 5, 10 s), the trainer's next push, and
 # one status patch interval (1 s in these tests); on a loaded CI machine, slack on top.
 PROGRESS_RESUME_BOUND_S = 30.0
-
-
-@pytest.fixture(scope="module")
-def operator(
-    k8s_cluster: DevCluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    with running_operator(k8s_cluster, tmp_path_factory.mktemp("operator")) as op:
-        yield op
 
 
 class StepWatch:

@@ -12,14 +12,12 @@ import contextlib
 import json
 import os
 import signal
-from collections.abc import Iterator
 
 import pytest
 
 from kubetune_devcluster.controlplane import DevCluster
 from kubetune_devcluster.processes import wait_for
 from tests.fixtures.ftj import (
-    add_credentials_secret,
     create,
     ftj_manifest,
     jobs_of,
@@ -27,7 +25,7 @@ from tests.fixtures.ftj import (
     s3_keys,
     wait_phase,
 )
-from tests.fixtures.operator import OperatorProcess, running_operator
+from tests.fixtures.operator import OperatorProcess
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.tiny_model import upload_tiny_assets
 
@@ -47,20 +45,6 @@ LOSS_RTOL = 0.0
 # Seconds from the kill to the next attempt's resume: the Job controller's back-off (10 s,
 # doubling per failure) plus a trainer start on a busy machine.
 RESUME_TIMEOUT = 180
-
-
-@pytest.fixture(scope="module")
-def operator(
-    k8s_cluster: DevCluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    with running_operator(k8s_cluster, tmp_path_factory.mktemp("operator")) as op:
-        yield op
-
-
-@pytest.fixture
-def ns(k8s_cluster: DevCluster, k8s_namespace: str, s3_server: S3Server) -> str:
-    add_credentials_secret(k8s_cluster, k8s_namespace, dict(s3_server.env))
-    return k8s_namespace
 
 
 def manifest(name: str, bucket: str) -> dict:

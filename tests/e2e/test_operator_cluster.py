@@ -12,7 +12,6 @@ import signal
 import ssl
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ from kubetune_devcluster.processes import wait_for
 from kubetune_devcluster.rest import ApiError
 from tests.fixtures.ftj import (
     FTJ_API,
-    add_credentials_secret,
     checkpoint_written,
     create,
     events_for,
@@ -43,36 +41,10 @@ from tests.fixtures.ftj import (
 from tests.fixtures.operator import (
     OperatorProcess,
     get_or_none,
-    running_operator,
 )
 from tests.fixtures.s3 import S3Server
-from tests.fixtures.tiny_model import upload_tiny_assets
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def assets(s3_server: S3Server) -> str:
-    """A bucket holding the tiny model and the demo dataset; returns its name."""
-    s3 = s3_server.client()
-    bucket = upload_tiny_assets(s3, "kubetune-e2e", rows=96)
-    s3.put_object(Bucket=bucket, Key="data/bad.jsonl", Body=b'{"colour": "blue"}\n' * 20)
-    return bucket
-
-
-@pytest.fixture(scope="module")
-def operator(
-    k8s_cluster: DevCluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    with running_operator(k8s_cluster, tmp_path_factory.mktemp("operator")) as op:
-        yield op
-
-
-@pytest.fixture
-def ns(k8s_cluster: DevCluster, k8s_namespace: str, s3_server: S3Server) -> str:
-    """A namespace with the S3 credentials Secret the FineTuneJobs reference."""
-    add_credentials_secret(k8s_cluster, k8s_namespace, dict(s3_server.env))
-    return k8s_namespace
 
 
 # --- tests ----------------------------------------------------------------------------

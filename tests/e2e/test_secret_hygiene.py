@@ -14,7 +14,6 @@ import uuid
 import pytest
 
 from kubetune_devcluster.controlplane import DevCluster
-from tests.e2e.test_operator_cluster import assets, operator  # noqa: F401  (fixtures)
 from tests.fixtures.ftj import (
     FTJ_API,
     add_credentials_secret,

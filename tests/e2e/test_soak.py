@@ -13,7 +13,6 @@ import os
 import pytest
 
 from kubetune_devcluster.controlplane import DevCluster
-from tests.e2e.test_operator_cluster import assets, ns, operator  # noqa: F401  (fixtures)
 from tests.fixtures.operator import OperatorProcess
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.soak import SoakPlan, run_soak
