@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
-import time
 
 import pytest
 
@@ -22,12 +20,12 @@ from kubetune_devcluster.controlplane import DevCluster
 from kubetune_devcluster.faults import restart_component
 from kubetune_devcluster.processes import wait_for
 from tests.fixtures.ftj import (
+    StepWatch,
     add_credentials_secret,
     create,
     ftj_manifest,
     jobs_of,
     pods_of,
-    status_of,
     wait_phase,
 )
 from tests.fixtures.operator import OperatorProcess
@@ -41,39 +39,6 @@ STEPS = 40
 # of: the operator's watch reconnect back-off (1, 2, 5, 10 s), the trainer's next push, and
 # one status patch interval (1 s in these tests); on a loaded CI machine, slack on top.
 PROGRESS_RESUME_BOUND_S = 30.0
-
-
-class StepWatch:
-    """Polls the FineTuneJob's status.progress.step on a thread: (time, step) samples. Reads
-    that fail (the API server is down) are skipped."""
-
-    def __init__(self, cluster: DevCluster, ns: str, name: str) -> None:
-        self.samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._args = (cluster, ns, name)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> StepWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.25):
-            with contextlib.suppress(Exception):
-                step = (status_of(*self._args).get("progress") or {}).get("step")
-                if step is not None:
-                    self.samples.append((time.monotonic(), step))
-
-    def latest(self) -> int:
-        return self.samples[-1][1] if self.samples else 0
-
-    def first_after(self, since: float, above: int) -> float | None:
-        """When a step above `above` was first seen after `since`."""
-        return next((t for t, s in self.samples if t >= since and s > above), None)
 
 
 def trainer_steps(cluster: DevCluster, ns: str, pod: str) -> list[int]:
