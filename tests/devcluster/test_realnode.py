@@ -440,3 +440,38 @@ def test_dev_up_status_load_image_down_and_up_again(
             "cgroups": [],
             "runtime files": [],
         }
+
+
+def test_a_live_node_refuses_a_second_and_a_lost_one_is_removed_by_the_next(
+    real_cluster: DevCluster, tmp_path: Path
+) -> None:
+    """A node whose processes were killed without a teardown (its CI job was) leaves its
+    bridge, mounts, rules and running containers; the next start removes them. A node
+    that still runs is never touched: the start is refused, naming its state dir."""
+    lost_dir, next_dir = tmp_path / "lost", tmp_path / "next"
+    assert cli.main(["dev", "--state-dir", str(lost_dir), "up", "--runtime", "containerd"]) == 0
+    lost = realnode.NodePaths(lost_dir.resolve() / "node")
+    assert realnode.bridge_owner() == (os.getpid(), lost)
+    with pytest.raises(RuntimeError, match=f"another real-node dev cluster runs.*{lost_dir}"):
+        DevCluster.start(next_dir, node=NodeConfig(runtime="containerd"))
+    assert not next_dir.exists()  # refused before anything was made
+    tasks = realnode.ctr(lost, "tasks", "ls").stdout.splitlines()[1:]
+    containers = [int(line.split()[1]) for line in tasks]
+    assert containers  # CoreDNS runs: its containers will outlive the node
+    for pid in realnode.node_processes(lost):
+        os.kill(pid, 9)
+    wait_for(lambda: not realnode.node_processes(lost), timeout=30, what="the node killed")
+    assert leftovers(lost_dir, [])["mounts"]  # nothing was torn down
+    with running_cluster("kubetune-realnode-next-", NodeConfig(runtime="containerd")) as cluster:
+        assert realnode.bridge_owner() == (os.getpid(), cluster.node_paths)
+        assert not realnode.pids_naming(lost_dir.resolve())
+        assert not [pid for pid in containers if Path(f"/proc/{pid}").exists()]
+        assert leftovers(lost_dir, [])["mounts"] == []
+    assert leftovers(lost_dir, []) == {
+        "interfaces": [],
+        "iptables": [],
+        "mounts": [],
+        "shims": [],
+        "cgroups": [],
+        "runtime files": [],
+    }

@@ -60,11 +60,19 @@ def test_a_node_rank_outside_the_gang_is_refused() -> None:
 
 
 def test_gang_exit_code_keeps_bad_input_and_threshold_codes(tmp_path: Path) -> None:
-    assert distributed.gang_exit_code(0, tmp_path) == 0
-    (tmp_path / "rank-1").write_text("1")
-    assert distributed.gang_exit_code(1, tmp_path) == 1
-    (tmp_path / "rank-0").write_text("3")  # bad input: the operator must not retry
-    assert distributed.gang_exit_code(1, tmp_path) == 3
+    def gang_exit_code(launcher_code: int, rank_codes: dict[int, str]) -> int:
+        folder = tmp_path / "codes"
+        folder.mkdir()
+        for rank, code in rank_codes.items():
+            (folder / f"rank-{rank}").write_text(code)
+        code = distributed.gang_exit_code(launcher_code, folder)
+        assert not folder.exists()  # nothing left in the temp dir
+        return code
+
+    assert gang_exit_code(0, {0: "0", 1: "0"}) == 0
+    assert gang_exit_code(1, {1: "1"}) == 1
+    assert gang_exit_code(1, {0: "3", 1: "1"}) == 3  # bad input: the operator must not retry
+    assert gang_exit_code(1, {0: "1", 1: "4"}) == 4  # thresholds missed: the same
 
 
 def test_rank_from_environment() -> None:

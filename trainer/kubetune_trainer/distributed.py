@@ -248,14 +248,15 @@ def record_exit_code(code: int) -> None:
 
 def gang_exit_code(launcher_code: int, folder: Path) -> int:
     """The gang's exit code: a worker's bad-input (3) or thresholds-missed (4) code wins over
-    torchrun's generic 1, so the operator does not retry what cannot succeed."""
+    torchrun's generic 1, so the operator does not retry what cannot succeed. The folder
+    is removed."""
+    import shutil
+
+    codes = {int(f.read_text() or 1) for f in Path(folder).glob("rank-*")}
+    shutil.rmtree(folder, ignore_errors=True)
     if launcher_code == 0:
         return 0
-    codes = {int(f.read_text() or 1) for f in Path(folder).glob("rank-*")}
-    for code in NON_RETRYABLE:
-        if code in codes:
-            return code
-    return launcher_code
+    return next((code for code in NON_RETRYABLE if code in codes), launcher_code)
 
 
 def launch(command: list[str], **popen: Any) -> tuple[Any, Path]:

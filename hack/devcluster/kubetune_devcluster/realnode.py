@@ -28,6 +28,7 @@ import shutil
 import signal
 import string
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,8 @@ SHIM_SOCKET_DIR = Path("/run/containerd/s")
 CNI_CACHE_DIR = Path("/var/lib/cni/results")
 DEVICE_PLUGIN_DIR = Path("/var/lib/kubelet/device-plugins")  # fixed in the kubelet
 FORWARD_CHAIN = "KUBETUNE-FORWARD"
+BRIDGE_ALIAS_TAG = "kubetune-dev"  # the bridge's alias names the node that made it
+IFALIAS_MAX = 255  # the kernel's limit on an interface alias
 # Set for the node's life, restored on teardown: forwarding between the bridge and the
 # host (Services), and netfilter on bridged traffic (a reply from a Service's pod to a
 # pod on the same bridge must be un-NATed).
@@ -129,14 +132,59 @@ def _sysctl_path(name: str) -> Path:
 
 
 def check_can_run() -> None:
-    """Refuse early, with the reason, where the real node cannot run."""
+    """Refuse early, with the reason, where the real node cannot run. A bridge left by
+    a node whose processes are all gone (its owner was killed, e.g. with its CI job) is
+    not a reason: what that node left is removed first."""
     if os.geteuid() != 0:
         raise PermissionError("the real node needs root (network, mounts, cgroups)")
-    if _run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
+    if _run("ip", "link", "show", BRIDGE, check=False).returncode != 0:
+        return
+    owner = bridge_owner()
+    if owner is None:
         raise RuntimeError(
-            f"bridge {BRIDGE} exists: another real-node dev cluster runs on this machine "
-            "(or one was not torn down); stop it with `kubetune dev down` first"
+            f"bridge {BRIDGE} exists and names no dev cluster; remove it with "
+            f"`ip link del {BRIDGE}` if nothing uses it"
         )
+    pid, paths = owner
+    state_dir = paths.root.parent
+    if _is_alive(pid) or node_processes(paths):
+        raise RuntimeError(
+            f"another real-node dev cluster runs on this machine (state dir {state_dir}); "
+            f"stop it with `kubetune dev down --state-dir {state_dir}` first"
+        )
+    print(
+        f"removing what a lost real-node dev cluster left (state dir {state_dir})", file=sys.stderr
+    )
+    remove_node(paths)
+
+
+def bridge_owner() -> tuple[int, NodePaths] | None:
+    """The process that made the bridge and its node's paths, from the bridge's alias
+    (so the record goes when the bridge goes)."""
+    shown = _run("ip", "-j", "link", "show", BRIDGE, check=False)
+    if shown.returncode != 0:
+        return None
+    alias = (json.loads(shown.stdout)[0].get("ifalias") or "").split(" ", 2)
+    if len(alias) != 3 or alias[0] != BRIDGE_ALIAS_TAG or not alias[1].startswith("pid="):
+        return None
+    return int(alias[1].removeprefix("pid=")), NodePaths(Path(alias[2].removeprefix("node=")))
+
+
+def node_processes(paths: NodePaths) -> list[int]:
+    """The node's and its control plane's processes (they all name files in the state
+    dir), not its shims, which outlive a killed containerd."""
+    shims = set(shim_pids(paths))
+    return [pid for pid in pids_naming(paths.root.parent) if pid not in shims]
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()
 
 
 def create_network(paths: NodePaths) -> None:
@@ -150,6 +198,9 @@ def create_network(paths: NodePaths) -> None:
     for name, value in SYSCTLS.items():
         _sysctl_path(name).write_text(value)
     _run("ip", "link", "add", BRIDGE, "type", "bridge")
+    alias = f"{BRIDGE_ALIAS_TAG} pid={os.getpid()} node={paths.root.resolve()}"
+    if len(alias.encode()) <= IFALIAS_MAX:  # else no owner: a later start refuses
+        _run("ip", "link", "set", BRIDGE, "alias", alias)
     _run("ip", "addr", "add", f"{GATEWAY}/{POD_CIDR.split('/')[1]}", "dev", BRIDGE)
     _run("ip", "link", "set", BRIDGE, "up")
     _run("ip", "route", "add", SERVICE_CIDR, "dev", BRIDGE)
@@ -642,8 +693,12 @@ def teardown(paths: NodePaths) -> None:
     Only for a node that made its network (the record says so): a start refused because
     another real node runs must not tear that one down."""
     unmount_under(paths.root)
-    if not paths.network_record.exists():
-        return
+    if paths.network_record.exists():
+        remove_node(paths)
+
+
+def remove_node(paths: NodePaths) -> None:
+    """Everything a node whose processes are stopped leaves on the machine."""
     kill_containers(paths)
     cleanup_kube_rules()
     unmount_under(paths.root)
