@@ -135,6 +135,16 @@ def bridge_ports() -> list[str]:
     return [line.split(":")[1].strip().split("@")[0] for line in links.splitlines()]
 
 
+NOTHING_LEFT: dict[str, list] = {
+    "interfaces": [],
+    "iptables": [],
+    "mounts": [],
+    "shims": [],
+    "cgroups": [],
+    "runtime files": [],
+}
+
+
 def leftovers(state_dir: Path, interfaces: list[str]) -> dict[str, list]:
     """What a stopped real node could leave on the machine (`interfaces`: its pods')."""
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
@@ -404,14 +414,7 @@ def test_stopping_leaves_nothing_behind(real_cluster: DevCluster, namespace: str
     assert pod_interfaces
     real_cluster.stop()
     assert not real_cluster.alive_processes()
-    assert leftovers(real_cluster.state_dir, pod_interfaces) == {
-        "interfaces": [],
-        "iptables": [],
-        "mounts": [],
-        "shims": [],
-        "cgroups": [],
-        "runtime files": [],
-    }
+    assert leftovers(real_cluster.state_dir, pod_interfaces) == NOTHING_LEFT
 
 
 def test_dev_up_status_load_image_down_and_up_again(
@@ -432,14 +435,7 @@ def test_dev_up_status_load_image_down_and_up_again(
         finally:
             assert cli.main([*base, "down"]) == 0
         assert not realnode.pids_naming(state_dir)
-        assert leftovers(state_dir, []) == {
-            "interfaces": [],
-            "iptables": [],
-            "mounts": [],
-            "shims": [],
-            "cgroups": [],
-            "runtime files": [],
-        }
+        assert leftovers(state_dir, []) == NOTHING_LEFT
 
 
 def test_a_live_node_refuses_a_second_and_a_lost_one_is_removed_by_the_next(
@@ -467,11 +463,4 @@ def test_a_live_node_refuses_a_second_and_a_lost_one_is_removed_by_the_next(
         assert not realnode.pids_naming(lost_dir.resolve())
         assert not [pid for pid in containers if Path(f"/proc/{pid}").exists()]
         assert leftovers(lost_dir, [])["mounts"] == []
-    assert leftovers(lost_dir, []) == {
-        "interfaces": [],
-        "iptables": [],
-        "mounts": [],
-        "shims": [],
-        "cgroups": [],
-        "runtime files": [],
-    }
+    assert leftovers(lost_dir, []) == NOTHING_LEFT
