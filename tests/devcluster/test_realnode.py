@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -455,7 +456,7 @@ def test_a_live_node_refuses_a_second_and_a_lost_one_is_removed_by_the_next(
     containers = [int(line.split()[1]) for line in tasks]
     assert containers  # CoreDNS runs: its containers will outlive the node
     for pid in realnode.node_processes(lost):
-        os.kill(pid, 9)
+        os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not realnode.node_processes(lost), timeout=30, what="the node killed")
     assert leftovers(lost_dir, [])["mounts"]  # nothing was torn down
     with running_cluster("kubetune-realnode-next-", NodeConfig(runtime="containerd")) as cluster:

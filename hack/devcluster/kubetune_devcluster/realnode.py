@@ -147,7 +147,7 @@ def check_can_run() -> None:
         )
     pid, paths = owner
     state_dir = paths.root.parent
-    if _is_alive(pid) or node_processes(paths):
+    if _another_process_alive(pid) or node_processes(paths):
         raise RuntimeError(
             f"another real-node dev cluster runs on this machine (state dir {state_dir}); "
             f"stop it with `kubetune dev down --state-dir {state_dir}` first"
@@ -177,7 +177,9 @@ def node_processes(paths: NodePaths) -> list[int]:
     return [pid for pid in pids_naming(paths.root.parent) if pid not in shims]
 
 
-def _is_alive(pid: int) -> bool:
+def _another_process_alive(pid: int) -> bool:
+    """Whether `pid` runs and is not this process (a node this process made, whose
+    processes are all gone, was lost all the same)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
