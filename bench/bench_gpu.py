@@ -1,29 +1,36 @@
-"""GPU training throughput: kubetune's training path vs a plain TRL SFTTrainer, one GPU.
+"""GPU training throughput: kubetune's training path vs TRL's SFTTrainer, one GPU.
 
 A randomly initialised Llama of the 8B shape (hidden 4096, 32 layers, 32 heads with 8 KV
 heads, MLP 14336, vocabulary 128256) is fine-tuned with LoRA and with QLoRA at sequence
-length 2048 on variable-length instruction data, by
+length 2048 on variable-length instruction data, by three variants:
 
 - kubetune: `build_model` + `train_model`, the trainer's own path (padding-free packed rows
-  of `--seq` tokens, per-example attention, kubetune's precision choices);
-- TRL: a plain `SFTTrainer` as in TRL's examples (padded batches of `--baseline-batch`
-  examples truncated at `--seq`, its default collator and attention), same LoRA settings,
-  learning rate, gradient checkpointing and precision.
+  of `--seq` tokens, one per optimizer step, per-example attention, kubetune's precision);
+- trl-packed: TRL as a user who knows it would set it up: `packing=True` with its
+  best-fit-decreasing strategy (padding-free rows of `--seq` tokens, one per optimizer step:
+  the same tokens per step as kubetune), the model's default attention;
+- trl: a plain `SFTTrainer` as in TRL's examples (padded batches of `--baseline-batch`
+  examples truncated at `--seq`, its default collator and attention).
+
+All three use the same LoRA settings, learning rate, gradient checkpointing, precision and
+adapter precision (fp32 adapter weights: TRL would cast a QLoRA adapter to bf16; here it is
+cast back, as kubetune keeps it).
 
 Each variant runs in its own process (its peak memory is its own). Printed per variant:
 
 - tokens/s: non-padding tokens per second of wall time over the steps after the first
   `--warmup` (the trainer's `num_input_tokens_seen`, CUDA synchronised at each step end);
-- MFU: model FLOPs per second over the GPU's dense bf16 peak (`--peak-tflops`, default from
-  the device name). Model FLOPs per example of n tokens: 4 * N * n for LoRA/QLoRA (forward
-  2N per token and the backward pass's activation gradients 2N; frozen weights get no weight
-  gradients) plus causal attention 3 * 2 * layers * hidden * n^2 (QK^T and AV, forward and
-  twice for backward, half the square for causality), N the non-embedding parameters plus
-  the output head. Adapter FLOPs (under 1%), activation recomputation (gradient
-  checkpointing) and 4-bit dequantisation are not counted, as MFU's definition asks; padding
-  is not counted for either;
+- MFU: model FLOPs per second over the GPU's dense bf16 peak, looked up by the exact device
+  model (`PEAK_TFLOPS`: H100 SXM 989, H100 PCIe 756, H100 NVL 835 ...; `--peak-tflops`
+  overrides). FLOP convention: model FLOPs per example of n tokens: 4 * N * n for
+  LoRA/QLoRA (forward 2N per token and the backward pass's activation gradients 2N; frozen
+  weights get no weight gradients) plus causal attention 3 * 2 * layers * hidden * n^2 (QK^T
+  and AV, forward and twice for backward, half the square for causality), N the
+  non-embedding parameters plus the output head. Adapter FLOPs (under 1%), activation
+  recomputation (gradient checkpointing) and 4-bit dequantisation are not counted, as MFU's
+  definition asks; padding is not counted for any variant;
 - peak memory: `torch.cuda.max_memory_allocated` (peak RSS on CPU) next to the operator's
-  admission estimate for the method and parameter count.
+  admission estimate for the method and parameter count, and their ratio.
 
     .venv/bin/python bench/bench_gpu.py                       # 8B shape, on a GPU
     .venv/bin/python bench/bench_gpu.py --shape tiny --seq 128 --steps 4   # CPU smoke run
@@ -44,8 +51,25 @@ from pathlib import Path
 SEED = 5
 LEARNING_RATE = 2e-4
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "targetModules": ["all-linear"]}
-# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), by a substring of the device name.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+VARIANTS = ("kubetune", "trl-packed", "trl")
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's data sheets, by exact
+# device model: the first pattern that matches `torch.cuda.get_device_name()` counts (SXM
+# parts report no form factor: "NVIDIA H100 80GB HBM3").
+PEAK_TFLOPS = (
+    ("H100 NVL", r"H100.*NVL", 835.0),
+    ("H100 PCIe", r"H100.*PCIe", 756.0),
+    ("H100 SXM", r"H100", 989.0),
+    ("H200 NVL", r"H200.*NVL", 835.0),
+    ("H200 SXM", r"H200", 989.0),
+    ("A100", r"A100", 312.0),
+    ("L40S", r"L40S", 362.0),
+    ("L4", r"\bL4\b", 121.0),
+    ("A10", r"\bA10\b", 125.0),
+)
+FLOP_CONVENTION = (
+    "model FLOPs: 4 N n + 6 L d n^2 / example of n tokens (LoRA: no weight gradients of the "
+    "frozen base; no recomputation, adapter or dequantisation FLOPs); dense bf16 peak"
+)
 
 
 @dataclass(frozen=True)
@@ -185,13 +209,19 @@ def run_kubetune(workdir: Path, method: str, args: argparse.Namespace, timer) ->
     job = FineTuneJob.model_validate({"metadata": {"name": "bench"}, "spec": spec})
     data = load_training_data(job.spec.dataset, seed=SEED, cache_dir=workdir / "cache")
     built = build_model(job.spec, workdir / "model")
-    train_model(
+    outcome = train_model(
         built, data, job.spec.training, output_dir=workdir / f"ckpt-{method}", callbacks=[timer]
     )
-    return {"precision": built.hardware.precision, "notes": built.notes}
+    return {
+        "precision": built.hardware.precision,
+        "adapter_dtype": adapter_dtype(outcome.model),
+        "notes": built.notes,
+    }
 
 
-def run_trl(workdir: Path, method: str, args: argparse.Namespace, timer) -> dict:
+def run_trl(
+    workdir: Path, method: str, args: argparse.Namespace, timer, packed: bool = False
+) -> dict:
     import datasets
     import torch
     from peft import LoraConfig
@@ -222,7 +252,10 @@ def run_trl(workdir: Path, method: str, args: argparse.Namespace, timer) -> dict
         args=SFTConfig(
             output_dir=str(workdir / f"trl-{method}"),
             max_steps=args.steps,
-            per_device_train_batch_size=args.baseline_batch,
+            # Packed: one row of --seq tokens per step, as kubetune's; else padded examples.
+            per_device_train_batch_size=1 if packed else args.baseline_batch,
+            packing=packed,
+            packing_strategy="bfd",
             learning_rate=LEARNING_RATE,
             max_length=args.seq,
             gradient_checkpointing=True,
@@ -246,8 +279,22 @@ def run_trl(workdir: Path, method: str, args: argparse.Namespace, timer) -> dict
         ),
         callbacks=[timer],
     )
+    # Equal adapter precision: TRL casts a QLoRA adapter to bf16, kubetune keeps it fp32.
+    for param in trainer.model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.to(torch.float32)
     trainer.train()
-    return {"precision": "bf16" if cuda else "fp32", "notes": []}
+    return {
+        "precision": "bf16" if cuda else "fp32",
+        "adapter_dtype": adapter_dtype(trainer.model),
+        "notes": [],
+    }
+
+
+def adapter_dtype(model) -> str:
+    """The dtype(s) of the trained parameters, e.g. 'float32'."""
+    dtypes = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad}
+    return ",".join(sorted(dtypes))
 
 
 def operator_estimate_gib(method: str, parameters: int) -> float | None:
@@ -258,15 +305,25 @@ def operator_estimate_gib(method: str, parameters: int) -> float | None:
     return float(f"{estimate_gpu_memory_gib(method, parameters / 1e9):.4g}")
 
 
-def peak_tflops(override: float | None) -> float | None:
+def device_peak(name: str) -> tuple[str, float] | tuple[None, None]:
+    """(device model, dense bf16 peak TFLOP/s) for a CUDA device name, or (None, None)."""
+    import re
+
+    for model, pattern, peak in PEAK_TFLOPS:
+        if re.search(pattern, name):
+            return model, peak
+    return None, None
+
+
+def peak_tflops(override: float | None) -> tuple[str | None, float | None]:
+    """(where the peak comes from, the peak)."""
     import torch
 
     if override:
-        return override
+        return "--peak-tflops", override
     if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(0)
-    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+        return None, None
+    return device_peak(torch.cuda.get_device_name(0))
 
 
 def measure(variant: str, method: str, workdir: Path, args: argparse.Namespace) -> dict:
@@ -277,9 +334,11 @@ def measure(variant: str, method: str, workdir: Path, args: argparse.Namespace) 
 
     shape = SHAPES[args.shape]
     timer = StepTimer()
-    runner = run_kubetune if variant == "kubetune" else run_trl
     started = time.perf_counter()
-    extra = runner(workdir, method, args, timer)
+    if variant == "kubetune":
+        extra = run_kubetune(workdir, method, args, timer)
+    else:
+        extra = run_trl(workdir, method, args, timer, packed=variant == "trl-packed")
     wall = time.perf_counter() - started
     tokens_per_second, steady_seconds = steady_throughput(timer.marks, args.warmup)
 
@@ -288,7 +347,7 @@ def measure(variant: str, method: str, workdir: Path, args: argparse.Namespace) 
     rows = load_eval_rows((workdir / "train.jsonl").as_uri(), cache_dir=workdir / "cache")
     lengths = example_lengths(tokenizer, rows, args.seq)
     flops_per_token = model_flops(lengths, shape, matmul_parameters(shape)) / sum(lengths)
-    peak = peak_tflops(args.peak_tflops)
+    peak_model, peak = peak_tflops(args.peak_tflops)
     achieved = flops_per_token * tokens_per_second / 1e12
     cuda = torch.cuda.is_available()
     memory = (
@@ -296,11 +355,17 @@ def measure(variant: str, method: str, workdir: Path, args: argparse.Namespace) 
         if cuda
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     )
+    estimate = operator_estimate_gib(method, total_parameters(shape))
     return {
         "variant": variant,
         "method": method,
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "peak_model": peak_model,
+        "peak_tflops": peak,
+        "flop_convention": FLOP_CONVENTION,
         "precision": extra["precision"],
+        "adapter_dtype": extra["adapter_dtype"],
+        "notes": extra["notes"],
         "steps": len(timer.marks),
         "tokens_per_second": round(tokens_per_second, 1),
         "steady_seconds": round(steady_seconds, 2),
@@ -309,13 +374,14 @@ def measure(variant: str, method: str, workdir: Path, args: argparse.Namespace) 
         "mfu": round(achieved / peak, 4) if peak else None,
         "peak_memory_gib": float(f"{memory:.4g}"),
         "memory_kind": "cuda max_memory_allocated" if cuda else "peak RSS",
-        "operator_estimate_gib": operator_estimate_gib(method, total_parameters(shape)),
+        "operator_estimate_gib": estimate,
+        "memory_vs_estimate": round(memory / estimate, 3) if estimate else None,
         "parameters": total_parameters(shape),
     }
 
 
 def rows_needed(args: argparse.Namespace) -> int:
-    # Enough examples for every step of both variants (~150 tokens a row on average).
+    # Enough examples for every step of every variant (~150 tokens a row on average).
     per_step = max(args.seq // 100, args.baseline_batch)
     return max(64, args.steps * per_step * 2)
 
@@ -326,21 +392,21 @@ def print_table(results: list[dict]) -> None:
     for result in results:
         cells = " ".join(f"{str(result[k]):>22}" for k in keys)
         print(f"{result['variant']:>10} {result['method']:>6} {cells}")
+    by = {(r["variant"], r["method"]): r for r in results}
     for method in sorted({r["method"] for r in results}):
-        ours = next(
-            (r for r in results if r["variant"] == "kubetune" and r["method"] == method), None
-        )
-        trl = next((r for r in results if r["variant"] == "trl" and r["method"] == method), None)
-        if ours and trl and trl["tokens_per_second"]:
-            ratio = ours["tokens_per_second"] / trl["tokens_per_second"]
-            print(f"{method}: kubetune / TRL tokens per second {ratio:.2f}x")
+        ours = by.get(("kubetune", method))
+        for variant, label in (("trl-packed", "TRL packed"), ("trl", "TRL")):
+            other = by.get((variant, method))
+            if ours and other and other["tokens_per_second"]:
+                ratio = ours["tokens_per_second"] / other["tokens_per_second"]
+                print(f"{method}: kubetune / {label} tokens per second {ratio:.2f}x")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
     parser.add_argument("--methods", default="lora,qlora", help="comma-separated: lora,qlora")
-    parser.add_argument("--variants", default="kubetune,trl", help="comma-separated")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
     parser.add_argument("--seq", type=int, default=2048, help="sequence length (default 2048)")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of tokens/s")
@@ -387,7 +453,13 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 print(json.dumps(results[-1]), file=sys.stderr)
     print_table(results)
-    document = {"shape": args.shape, "seq": args.seq, "steps": args.steps, "results": results}
+    document = {
+        "shape": args.shape,
+        "seq": args.seq,
+        "steps": args.steps,
+        "flop_convention": FLOP_CONVENTION,
+        "results": results,
+    }
     print(json.dumps(document))
     if args.json:
         args.json.write_text(json.dumps(document, indent=2))

@@ -1,5 +1,9 @@
 """Trainer throughput: kubetune's training path vs a plain TRL SFTTrainer set up as in a
-typical TRL example (no packing, default collator).
+typical TRL example (no packing, default collator), and vs TRL with its own packing.
+
+Three variants: `baseline` (TRL, padded batches of 8 examples), `trl-packed` (TRL with
+`packing=True`, best-fit-decreasing, padding-free rows of 512 tokens, one row per step: the
+same tokens per optimizer step as kubetune's), and `ours` (kubetune's training path).
 
 Both fine-tune the same random Llama (hidden 256, 4 layers) with the same LoRA adapter,
 learning rate, seed and number of epochs on the same variable-length instruction data, then
@@ -37,6 +41,7 @@ LEARNING_RATE = 3e-3
 BASELINE_BATCH = 8
 OURS_BATCH = 1
 OURS_SEQ = 512
+VARIANTS = ("baseline", "trl-packed", "ours")
 
 
 def bench_shape():
@@ -147,7 +152,7 @@ def run_ours(workdir: Path, epochs: float, attention: str | None = None) -> dict
     }
 
 
-def run_baseline(workdir: Path, epochs: float) -> dict:
+def run_baseline(workdir: Path, epochs: float, packed: bool = False) -> dict:
     import datasets
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -158,12 +163,15 @@ def run_baseline(workdir: Path, epochs: float) -> dict:
     model = AutoModelForCausalLM.from_pretrained(workdir / "model")
     train = datasets.Dataset.from_list(converted_rows(workdir / "train.jsonl"))
     lora = lora_settings()
+    # TRL's own packing: rows of OURS_SEQ tokens, OURS_BATCH per step (kubetune's shape).
+    packing = {"packing": True, "packing_strategy": "bfd", "max_length": OURS_SEQ} if packed else {}
     trainer = SFTTrainer(
         model=model,
         args=SFTConfig(
             output_dir=str(workdir / "baseline-out"),
             num_train_epochs=epochs,
-            per_device_train_batch_size=BASELINE_BATCH,
+            per_device_train_batch_size=OURS_BATCH if packed else BASELINE_BATCH,
+            **packing,
             learning_rate=LEARNING_RATE,
             seed=SEED,
             logging_steps=10,
@@ -205,7 +213,7 @@ def measure(variant: str, workdir: Path, epochs: float, attention: str | None) -
     if variant == "ours":
         run = run_ours(workdir, epochs, attention)
     else:
-        run = run_baseline(workdir, epochs)
+        run = run_baseline(workdir, epochs, packed=variant == "trl-packed")
     lengths = [useful_tokens(run["tokenizer"], [row]) for row in train_rows]
     # Packing truncates rows longer than a packed row; none may be, or ours would be
     # credited with tokens it never trained on.
@@ -240,7 +248,7 @@ def main() -> int:
         help="ablation: train kubetune's packed rows with this attention implementation "
         "instead of the one kubetune picks",
     )
-    parser.add_argument("--variant", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:  # child process: one variant, JSON on the last stdout line
@@ -252,7 +260,7 @@ def main() -> int:
         prepare(workdir, args.rows, args.lengths == "long-tail")
         results: dict[str, dict] = {}
         for _ in range(args.repeats):
-            for variant in ("baseline", "ours"):
+            for variant in VARIANTS:
                 done = subprocess.run(
                     [sys.executable, __file__, "--variant", variant, "--workdir", str(workdir)]
                     + ["--epochs", str(args.epochs)]
@@ -271,18 +279,23 @@ def main() -> int:
                     results[variant] = result
 
     keys = list(results["ours"])[1:]
-    print(f"{'':22}{'baseline TRL':>14}{'kubetune':>14}")
+    print(f"{'':22}{'baseline TRL':>14}{'TRL packed':>14}{'kubetune':>14}")
     for key in keys:
-        print(f"{key:22}{results['baseline'][key]:>14}{results['ours'][key]:>14}")
-    speedup = results["ours"]["tokens_per_second"] / results["baseline"]["tokens_per_second"]
+        cells = "".join(f"{results[v][key]:>14}" for v in VARIANTS)
+        print(f"{key:22}{cells}")
+    ours = results["ours"]["tokens_per_second"]
+    speedup = ours / results["baseline"]["tokens_per_second"]
+    packed_speedup = ours / results["trl-packed"]["tokens_per_second"]
     print(f"throughput ratio (kubetune / baseline): {speedup:.2f}x")
+    print(f"throughput ratio (kubetune / TRL packed): {packed_speedup:.2f}x")
     summary = {
         "rows": args.rows,
         "lengths": args.lengths,
         "epochs": args.epochs,
         "ours_attention": args.ours_attention or "default",
     }
-    print(json.dumps({**summary, **results, "ratio": round(speedup, 3)}))
+    ratios = {"ratio": round(speedup, 3), "ratio_trl_packed": round(packed_speedup, 3)}
+    print(json.dumps({**summary, **results, **ratios}))
     return 0
 
 

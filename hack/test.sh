@@ -30,6 +30,13 @@ start=$SECONDS
 bash hack/kueue.sh
 echo "Kueue ready in $((SECONDS - start)) s"
 
+step "serving: KServe's CRDs and the vLLM environment (for tests/serving)"
+start=$SECONDS
+bash hack/kserve.sh
+bash hack/vllm.sh
+bash hack/llamacpp.sh
+echo "serving parts ready in $((SECONDS - start)) s"
+
 step "images (operator and trainer)"
 start=$SECONDS
 nice bash hack/images.sh
@@ -37,6 +44,7 @@ echo "images ready in $((SECONDS - start)) s"
 
 step "lint"
 uv run --frozen --no-sync ruff check .
+uv run --frozen --no-sync ruff format --check .
 uv run --frozen --no-sync python -m kubetune.api.crd --check
 
 step "tests"

@@ -62,11 +62,13 @@ def job_path(namespace: str, name: str | None = None) -> str:
 
 
 def path_for(manifest: dict[str, Any]) -> str:
-    """Collection path of a manifest (ConfigMap, Secret, Job, Event)."""
+    """Collection path of a manifest (ConfigMap, Secret, Job, Event, Service, NetworkPolicy)."""
     ns = manifest["metadata"]["namespace"]
     kind = manifest["kind"]
     if kind == "Job":
         return job_path(ns)
+    if kind == "NetworkPolicy":
+        return f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies"
     plurals = {"ConfigMap": "configmaps", "Secret": "secrets", "Event": "events"}
     return core_path({**plurals, "Service": "services"}[kind], ns)
 
@@ -118,6 +120,11 @@ class Kube:
         configuration.proxy = configuration.proxy or proxy_for(configuration.host)
         return cls(aio_client.ApiClient(configuration), on_write=on_write)
 
+    @property
+    def api_client(self) -> aio_client.ApiClient:
+        """The official client's session, for its typed helpers (leader election)."""
+        return self._api
+
     async def close(self) -> None:
         await self._api.close()
 
@@ -131,6 +138,7 @@ class Kube:
         query: dict[str, str] | None = None,
         ok: tuple[int, ...] = (),
         want_body: bool = True,
+        accept: str = "application/json",
     ) -> Response:
         """One request; statuses in `ok` (e.g. 404, 409) are returned instead of raised.
 
@@ -143,7 +151,7 @@ class Kube:
             method=method,
             resource_path=path,
             query_params=list((query or {}).items()) or None,
-            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            header_params={"Content-Type": content_type, "Accept": accept},
             body=body,
             auth_settings=["BearerToken"],
         )

@@ -13,9 +13,11 @@ from typing import Any
 
 REPORT_SCHEMA_VERSION = 1
 HALLUCINATION_PROXY_NOTE = (
-    "Unsupported content rate is a hallucination proxy, not a fact check: the share of "
-    "numbers and names (capitalised words inside a sentence; sentence-initial words do not "
-    "count) in the generated outputs that appear in neither the prompt nor the reference."
+    "Unsupported content rate is a hallucination proxy, not a fact check: per answer, the "
+    "share of its content (numbers and words other than English function words; a list's "
+    "numbering is not content) that appears in neither the prompt nor the reference, "
+    "averaged over answers. It is lexical: synonyms and true facts the reference omits count "
+    "as unsupported, a false statement made of supported words does not."
 )
 
 
@@ -40,6 +42,12 @@ METRIC_ROWS = (
         higher_is_better=False,
         is_rate=True,
     ),
+    MetricRow("preferenceAccuracy", "Preference accuracy", higher_is_better=True, is_rate=True),
+    MetricRow(
+        "preferenceMargin", "Preference margin (nats/token)", higher_is_better=True, is_rate=False
+    ),
+    MetricRow("meanReward", "Mean reward", higher_is_better=True, is_rate=False),
+    MetricRow("fullRewardShare", "Full reward", higher_is_better=True, is_rate=True),
 )
 
 
@@ -132,6 +140,12 @@ def render_usage(usage: dict[str, Any] | None) -> str | None:
     return "Usage: " + "; ".join(parts) + "; status.usage sums the GPU time of every attempt."
 
 
+def _loss_rows(report: dict[str, Any]) -> str:
+    # Loss and perplexity cover the whole evaluation set, generation its first maxSamples.
+    rows = report.get("lossExamples")
+    return f" of all {rows} examples" if rows is not None else ""
+
+
 def render_report_markdown(report: dict[str, Any]) -> str:
     """The whole report.md: summary, the base vs tuned table, gates, notes, sample outputs."""
     generation = report.get("generation") or {}
@@ -141,7 +155,8 @@ def render_report_markdown(report: dict[str, Any]) -> str:
         f"{report.get('examples', 0)} held-out examples ({report.get('dataFormat', '?')} data, "
         f"method {report.get('method', '?')}), greedy decoding, at most "
         f"{generation.get('maxNewTokens', '?')} new tokens; loss on "
-        f"{report.get('lossScope', 'completion tokens')}.",
+        f"{report.get('lossScope', 'completion tokens')}"
+        f"{_loss_rows(report)}.",
         "",
         render_report_table(report),
         "",

@@ -1,4 +1,4 @@
-"""`kubetune submit|list|watch|logs|report|cancel`: FineTuneJobs for cluster users.
+"""`kubetune submit|list|watch|logs|report|cancel|serve`: FineTuneJobs for cluster users.
 
 Talks to the cluster of the current kubeconfig context (like kubectl; KUBECONFIG works),
 in the context's namespace unless -n/--namespace says otherwise. `report` downloads the
@@ -286,7 +286,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     async def body(kube: Any, ns: str) -> int:
         kwargs = {"timeout": args.timeout, "interval": args.interval}
         st = await watch_job(kube, ns, args.name, Console(), **kwargs)
-        return 0 if st.get("phase") == "Succeeded" else 1
+        return 0 if st.get("phase") in ("Succeeded", "Validated") else 1
 
     return run_with_kube(args, body)
 
@@ -408,6 +408,27 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return run_with_kube(args, body)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import yaml as yaml_
+
+    from kubetune import serving
+
+    async def body(kube: Any, ns: str) -> int:
+        ftj = await get_ftj(kube, ns, args.name)
+        try:
+            model = serving.served_model(ftj, merged=args.merged, force=args.force)
+            if args.target == "vllm":
+                print(serving.render_vllm(model), end="")
+            else:
+                manifest = serving.build_manifest(model, args.target)
+                print(yaml_.safe_dump(manifest, sort_keys=False), end="")
+        except serving.ServingError as exc:
+            raise CliError(str(exc)) from None
+        return 0
+
+    return run_with_kube(args, body)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     def add(
         name: str, help_: str, func: Callable[[argparse.Namespace], int]
@@ -437,3 +458,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = add("cancel", "stop a FineTuneJob (deletes it; artifacts stay)", cmd_cancel)
     p.add_argument("name")
     p.add_argument("--suspend", action="store_true", help="suspend instead (resumable)")
+    p = add(
+        "serve", "a serving manifest for a Succeeded job (pipe to kubectl apply -f -)", cmd_serve
+    )
+    p.add_argument("name")
+    p.add_argument(
+        "--target",
+        choices=("inferenceservice", "llminferenceservice", "vllm"),
+        default="inferenceservice",
+        help="KServe InferenceService (default), KServe LLMInferenceService, or `vllm serve`",
+    )
+    p.add_argument("--merged", action="store_true", help="serve the merged model, no adapter")
+    p.add_argument("--force", action="store_true", help="serve even if the evaluation gate failed")

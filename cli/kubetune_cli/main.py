@@ -7,18 +7,21 @@ group whose dependencies are not installed (e.g. `run` without the trainer extra
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from importlib.metadata import EntryPoint, entry_points
 
-# (module, what it provides). Each module has `register(subparsers)` adding its commands,
-# each command setting `func(args) -> int` as its default.
-COMMAND_MODULES = [
-    ("kubetune_cli.run", "run a FineTuneJob on this machine"),
-    ("kubetune_cli.cluster", "submit, list, watch, logs, report, cancel"),
-    ("kubetune_devcluster.cli", "local control plane for tests and the demo"),
-    ("kubetune_devcluster.demo", "the full local demo"),
-    ("kubetune_cli.crd", "CRD generation"),
-]
+# Each installed distribution adds its subcommand groups under this entry-point group: the
+# wheel its own (run, cluster, crd), a dev checkout's kubetune-devcluster the dev cluster and
+# the demo. Each is `register(subparsers)`, each command setting `func(args) -> int`.
+COMMANDS_GROUP = "kubetune.commands"
+# Shown first, in this order; any other group follows by name.
+FIRST = ("run", "preview", "cluster", "dev", "demo", "crd")
+
+
+def command_entry_points() -> list[EntryPoint]:
+    found = {ep.name: ep for ep in entry_points(group=COMMANDS_GROUP)}
+    order = {name: i for i, name in enumerate(FIRST)}
+    return sorted(found.values(), key=lambda ep: (order.get(ep.name, len(order)), ep.name))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,14 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kubetune", description="Fine-tune LLMs on Kubernetes with FineTuneJob resources."
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name, _ in COMMAND_MODULES:
+    for entry_point in command_entry_points():
         try:
-            module = importlib.import_module(module_name)
+            register = entry_point.load()
         except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name.split(".")[0]):
-                continue  # the module itself is not part of this install
+            if exc.name and entry_point.module.startswith(exc.name.split(".")[0]):
+                continue  # declared by an install whose package is gone: nothing to add
             raise
-        module.register(subparsers)
+        register(subparsers)
     return parser
 
 

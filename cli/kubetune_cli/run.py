@@ -131,6 +131,12 @@ def run_command(args: argparse.Namespace) -> int:
         reporter = RichReporter(errors)
         failure = None
         try:
+            if job.spec.dryRun:  # what the cluster's dry run does: the preview, no training
+                from kubetune_trainer.preview import dry_run
+
+                result = dry_run(job, reporter, work_dir, LOCAL_NAMESPACE)
+                console.print(f"dry run: nothing trained; preview at {result.message}")
+                return 0
             if args.processes > 1:
                 code, message = run_gang(job, args.processes, work_dir, reporter)
                 if code == EXIT_BAD_INPUT:

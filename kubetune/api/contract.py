@@ -5,9 +5,19 @@ Both sides import these names, so a change here is a change to both.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
-from kubetune.api.v1alpha1 import Artifacts, Metrics, Progress, TrackingStatus
+from kubetune.api.v1alpha1 import (
+    MAX_STEPS,
+    Artifacts,
+    Metrics,
+    PreviewStatus,
+    ProgressNumbers,
+    Rfc3339,
+    TrackingStatus,
+)
 
 # Exit code for bad input (dataset, model, settings). The operator's podFailurePolicy fails
 # the Job at once on it instead of retrying: retrying cannot fix the input.
@@ -15,10 +25,24 @@ EXIT_BAD_INPUT = 3
 # Evaluation missed a threshold with spec.evaluation.failOnThresholds: artifacts are
 # published (manifest says evalPassed false); a retry would train the same model again.
 EXIT_EVAL_THRESHOLDS = 4
+# A gang's launcher gave up at the rendezvous: the other pods did not join within
+# RENDEZVOUS_TIMEOUT_S (one unschedulable, say). Retried, up to spec.backoffLimit.
+EXIT_RENDEZVOUS_TIMEOUT = 6
+# How long the pods of a gang wait at torchrun's rendezvous for each other (every pod, rank 0
+# holding its resources meanwhile). Without Kueue's gang admission nothing else bounds a gang
+# whose last pod cannot be scheduled. 10 minutes covers a cold node pulling the trainer image
+# (a few minutes for ~7 GB) with room to spare; the trainer's KUBETUNE_RENDEZVOUS_TIMEOUT_S
+# overrides it (tests).
+RENDEZVOUS_TIMEOUT_S = 600
+ENV_RENDEZVOUS_TIMEOUT = "KUBETUNE_RENDEZVOUS_TIMEOUT_S"
 # Exit codes after which the operator fails the Job at once instead of retrying.
 NON_RETRYABLE_EXIT_CODES = (EXIT_BAD_INPUT, EXIT_EVAL_THRESHOLDS)
 # Anything else non-zero is an ordinary failure, retried up to spec.backoffLimit.
 EXIT_FAILURE = 1
+# Stopped by SIGTERM after finishing its optimizer step and uploading a checkpoint of it: the
+# next attempt resumes from that step. The operator's podFailurePolicy ignores it (it does not
+# count against spec.backoffLimit) and status.attempts[].reason reads Reason.PREEMPTED.
+EXIT_PREEMPTED = 5
 
 # The trainer's failure message when S3 stayed down past its outage bound begins with this;
 # the operator reports such a failure as Reason.S3_UNAVAILABLE.
@@ -36,6 +60,8 @@ ENV_PROGRESS_URL = "KUBETUNE_PROGRESS_URL"  # operator's progress endpoint for t
 # kubelet; read again for every push.
 ENV_PROGRESS_TOKEN_FILE = "KUBETUNE_PROGRESS_TOKEN_FILE"
 ENV_PROGRESS_TOKEN = "KUBETUNE_PROGRESS_TOKEN"  # a fixed token instead (tests, local tools)
+# PEM of the CA the progress endpoint's certificate chains to, when it serves HTTPS.
+ENV_PROGRESS_CA = "KUBETUNE_PROGRESS_CA"
 ENV_WORK_DIR = "KUBETUNE_WORK_DIR"  # scratch space: model/dataset cache, local checkpoints
 ENV_TERMINATION_LOG = "KUBETUNE_TERMINATION_LOG"  # override of DEFAULT_TERMINATION_LOG
 ENV_HF_TOKEN = "HF_TOKEN"
@@ -82,28 +108,33 @@ class TrainerResult(BaseModel):
     totalSteps: int | None = None
     message: str | None = None
     tracking: list[TrackingStatus] | None = None
+    # A dry run (spec.dryRun): its totals and where the preview document is; nothing trained.
+    preview: PreviewStatus | None = None
 
 
-class ProgressEvent(BaseModel):
-    """One machine-readable progress event (a JSON line on stdout, or an HTTP push)."""
+# Bounds of a pushed event's strings: a stage is a short name; a message a line or a few.
+MAX_STAGE_LENGTH = 64
+MAX_EVENT_MESSAGE_LENGTH = TERMINATION_MESSAGE_LIMIT
+ProgressEventKind = Literal[
+    "started", "resumed", "step", "eval", "checkpoint", "stage", "completed", "failed"
+]
+
+
+class ProgressEvent(ProgressNumbers):
+    """One machine-readable progress event (a JSON line on stdout, or an HTTP push).
+
+    Checked strictly, since the operator takes it from the network: finite numbers in range,
+    bounded strings, an RFC 3339 time; the operator answers a push that fails with 400 naming
+    the field and stores nothing of it. Unknown keys are dropped (a newer trainer may send
+    more)."""
 
     model_config = ConfigDict(extra="ignore")
 
-    event: str = Field(
-        description="started | resumed | step | eval | checkpoint | stage | completed | failed"
-    )
-    time: str = Field(description="RFC 3339 timestamp.")
-    stage: str | None = None
-    step: int | None = None
-    totalSteps: int | None = None
-    epoch: float | None = None
-    loss: float | None = None
-    evalLoss: float | None = None
-    learningRate: float | None = None
-    tokensPerSecond: float | None = None
-    etaSeconds: float | None = None
-    resumedFromStep: int | None = None
-    message: str | None = None
+    event: ProgressEventKind
+    time: Rfc3339
+    stage: str | None = Field(None, max_length=MAX_STAGE_LENGTH)
+    resumedFromStep: int | None = Field(None, ge=0, le=MAX_STEPS)
+    message: str | None = Field(None, max_length=MAX_EVENT_MESSAGE_LENGTH)
 
 
 class Reason:
@@ -122,6 +153,9 @@ class Reason:
     # The trainer pod's node stopped answering (NotReady / unreachable): the pod is evicted
     # and replaced when a node is ready; this does not count against spec.backoffLimit.
     NODE_LOST = "NodeLost"
+    # The trainer was stopped (SIGTERM: eviction, preemption, drain, pod deletion) and saved a
+    # checkpoint of the step it was on; the next attempt resumes there, not counted as a retry.
+    PREEMPTED = "Preempted"
     JOB_NAME_TAKEN = "JobNameTaken"
     # The trainer pod cannot start (from the pod's status).
     UNSCHEDULABLE = "Unschedulable"
@@ -138,8 +172,10 @@ class Reason:
     URI_NOT_ALLOWED = "URINotAllowed"
     INSUFFICIENT_GPUS = "InsufficientGPUs"
     SPEC_TOO_LARGE = "SpecTooLarge"
+    IMAGE_NOT_ALLOWED = "ImageNotAllowed"  # spec.image outside the operator's allowed images
     # Finished.
     COMPLETED = "Completed"
+    DRY_RUN_PASSED = "DryRunPassed"  # phase Validated: spec.dryRun found nothing wrong
     BAD_INPUT = "BadInput"
     EVAL_THRESHOLDS_MISSED = "EvalThresholdsMissed"
     OOM_KILLED = "OOMKilled"
@@ -147,12 +183,15 @@ class Reason:
     WORK_DIR_FULL = "WorkDirFull"  # the kubelet evicted the pod: its work dir passed its size
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     TRAINER_FAILED = "TrainerFailed"
+    # A gang's pods did not all reach the rendezvous within RENDEZVOUS_TIMEOUT_S.
+    RENDEZVOUS_TIMEOUT = "RendezvousTimeout"
     # S3 did not answer for the trainer's outage bound (KUBETUNE_S3_OUTAGE_SECONDS).
     S3_UNAVAILABLE = "S3Unavailable"
     # Condition reasons.
     VALIDATED = "Validated"
     SPEC_CHANGED = "SpecChanged"
     SPEC_MATCHES = "SpecMatches"
+    GRACE_PERIOD_TOO_SHORT = "GracePeriodTooShort"
     THRESHOLDS_MET = "ThresholdsMet"
     THRESHOLDS_MISSED = "ThresholdsMissed"
 
@@ -187,6 +226,8 @@ class Condition:
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     SPEC_CHANGED_AFTER_START = "SpecChangedAfterStart"
+    # False when the pod's grace period is shorter than a checkpoint is estimated to take.
+    CHECKPOINT_ON_STOP = "CheckpointOnStop"
     EVAL_PASSED = "EvalPassed"
 
 
@@ -194,5 +235,5 @@ class Condition:
 # events ({"at": time, "step": resumedFromStep or 0}), for status.attempts.
 PROGRESS_STARTS = "starts"
 
-# The progress numbers a ProgressEvent carries into status.progress: the fields both share.
-PROGRESS_FIELDS = tuple(f for f in ProgressEvent.model_fields if f in Progress.model_fields)
+# The progress numbers a ProgressEvent carries into status.progress (declared once, there).
+PROGRESS_FIELDS = tuple(ProgressNumbers.model_fields)

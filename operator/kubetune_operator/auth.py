@@ -1,9 +1,13 @@
 """Who pushes progress: the trainer pod behind a projected ServiceAccount token.
 
 Each trainer pod gets a token bound to it, for the operator's audience only (the API server
-refuses it). The operator asks the API server's TokenReview whether a presented token is
-genuine and which pod it is bound to, and remembers the answer until the token expires, so a
-trainer pushing ten times a second costs one review per token lifetime.
+refuses it). The operator first verifies the token's signature and claims locally against the
+API server's signing keys (signing_keys.py): a forged, expired or foreign token is refused
+without any call. A token that passes goes to the API server's TokenReview, which says whether
+it is still genuine (its pod exists) and which pod it is bound to; the answer is remembered
+until the token expires, so a trainer pushing ten times a second costs one review per token
+lifetime. Refused tokens are remembered too (NEGATIVE_TTL_S), so one replayed in a loop costs
+a dictionary lookup.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kubetune.kube import Kube
+from kubetune_operator.signing_keys import ServiceAccountKeys, verify
 
 TOKEN_REVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 EXTRA_POD_NAME = "authentication.kubernetes.io/pod-name"
@@ -24,6 +29,8 @@ EXTRA_POD_UID = "authentication.kubernetes.io/pod-uid"
 SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
 # Answers kept at most (a trainer pod holds one token at a time, two around a renewal).
 MAX_CACHED = 10_000
+# How long a refused token stays refused without another look (never past its expiry).
+NEGATIVE_TTL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -82,15 +89,24 @@ def identity_from_review(review: dict, audience: str, expires_at: float) -> PodI
 
 
 class TokenReviewer:
-    """Genuine-token check through the TokenReview API, cached until each token expires."""
+    """Genuine-token check: locally against the signing keys, then through the TokenReview
+    API; both answers cached (a yes until the token expires, a no for NEGATIVE_TTL_S)."""
 
     def __init__(
-        self, kube: Kube, audience: str, on_review: Callable[[], None] = lambda: None
+        self,
+        kube: Kube,
+        audience: str,
+        on_review: Callable[[], None] = lambda: None,
+        keys: ServiceAccountKeys | None = None,
+        on_refused: Callable[[str], None] = lambda why: None,
     ) -> None:
         self.kube = kube
         self.audience = audience
         self.on_review = on_review  # called for each TokenReview sent (the cache's misses)
+        self.on_refused = on_refused  # called with the reason for each token refused locally
+        self.keys = keys
         self._cache: dict[str, PodIdentity] = {}
+        self._refused: dict[str, float] = {}  # digest -> refused until (time.time())
 
     async def identify(self, token: str) -> PodIdentity | None:
         now = time.time()
@@ -98,8 +114,12 @@ class TokenReviewer:
         cached = self._cache.get(digest)
         if cached is not None and cached.expires_at > now:
             return cached
-        claims = plausible(token, self.audience, now)
+        if self._refused.get(digest, 0.0) > now:
+            self.on_refused("refused before")
+            return None
+        claims = await self._verified_claims(token, now)
         if claims is None:
+            self._refuse(digest, now)
             return None
         self.on_review()
         review = {
@@ -111,7 +131,34 @@ class TokenReviewer:
         identity = identity_from_review(response.body or {}, self.audience, float(claims["exp"]))
         if identity is not None:
             self._remember(digest, identity, now)
+        else:
+            self._refuse(digest, now)
         return identity
+
+    async def _verified_claims(self, token: str, now: float) -> dict | None:
+        """The claims of a token worth a TokenReview: verified against the signing keys, or,
+        when those cannot be read, merely plausible."""
+        keys = self.keys
+        if keys is None or not keys.available:
+            claims = plausible(token, self.audience, now)
+            if claims is None:
+                self.on_refused("implausible")
+            return claims
+        claims, why = verify(token, keys.keys, audience=self.audience, issuer=keys.issuer, now=now)
+        if why == "unknown key" and await keys.refresh():  # rotated keys (rate-limited)
+            claims, why = verify(
+                token, keys.keys, audience=self.audience, issuer=keys.issuer, now=now
+            )
+        if claims is None:
+            self.on_refused(why)
+        return claims
+
+    def _refuse(self, digest: str, now: float) -> None:
+        if len(self._refused) >= MAX_CACHED:
+            self._refused = {k: v for k, v in self._refused.items() if v > now}
+            if len(self._refused) >= MAX_CACHED:
+                self._refused.clear()
+        self._refused[digest] = now + NEGATIVE_TTL_S
 
     def _remember(self, digest: str, identity: PodIdentity, now: float) -> None:
         if len(self._cache) >= MAX_CACHED:

@@ -17,8 +17,8 @@ import json
 from typing import Any
 
 from kubetune.api import contract
-from kubetune.api.v1alpha1 import PLACEMENT_FIELDS, FineTuneJob, FineTuneJobSpec
-from kubetune_operator import names
+from kubetune.api.v1alpha1 import NOT_IN_TRAINER_COPY, FineTuneJob, FineTuneJobSpec
+from kubetune_operator import grace, names
 from kubetune_operator.settings import OperatorSettings
 
 WORK_DIR = contract.DEFAULT_WORK_DIR
@@ -44,10 +44,10 @@ def spec_dict(ftj: FineTuneJob) -> dict[str, Any]:
 
 def trainer_document(ftj: FineTuneJob, spec: dict[str, Any] | None = None) -> str:
     """The resolved FineTuneJob as the trainer reads it: compact JSON, every default filled
-    in, without the pod placement fields (they are on the pod itself). `spec`: spec_dict(ftj)
-    when the caller has it already."""
+    in, without the pod placement fields (they are on the pod itself) and spec.suspend.
+    `spec`: spec_dict(ftj) when the caller has it already."""
     spec = spec if spec is not None else spec_dict(ftj)
-    spec = {k: v for k, v in spec.items() if k not in PLACEMENT_FIELDS}
+    spec = {k: v for k, v in spec.items() if k not in NOT_IN_TRAINER_COPY}
     document = {
         "apiVersion": ftj.apiVersion,
         "kind": ftj.kind,
@@ -149,6 +149,8 @@ def build_env(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, An
         {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
         *_s3_env(ftj.spec, settings),
     ]
+    if ca := settings.progress_ca_pem:  # an HTTPS progress endpoint: the CA to verify it
+        env.append({"name": contract.ENV_PROGRESS_CA, "value": ca})
     token_ref = ftj.spec.model.tokenSecretRef
     if token_ref:
         env.append(_secret_env(contract.ENV_HF_TOKEN, token_ref.name, token_ref.key))
@@ -184,7 +186,7 @@ def gang_env(ftj: FineTuneJob) -> list[dict[str, Any]]:
     gang's shape and where rank 0 listens. The node rank is the pod's completion index
     (JOB_COMPLETION_INDEX, set by the Job controller)."""
     spec = ftj.spec
-    if spec.world_size == 1:
+    if spec.world_size == 1 or spec.dryRun:  # a dry run is one process, whatever the gang
         return []
     nodes = spec.resources.nodes
     master = "127.0.0.1"
@@ -227,13 +229,46 @@ def build_service(job: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def build_gang_network_policy(job: dict[str, Any]) -> dict[str, Any] | None:
+    """A multi-node gang's NetworkPolicy (None for one pod): its pods accept connections only
+    from pods of the same Job. torch's rendezvous store on GANG_PORT is unauthenticated, and
+    NCCL/gloo open further ports between the peers, so any port, but no other pod. Owned by
+    the FineTuneJob and created before the Job, like the Service."""
+    subdomain = job["spec"]["template"]["spec"].get("subdomain")
+    if not subdomain:
+        return None
+    meta = job["metadata"]
+    same_job = {"matchLabels": {names.POD_JOB_LABELS[0]: meta["name"]}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": subdomain,  # the Service's name: one gang, one name
+            "namespace": meta["namespace"],
+            "labels": {k: v for k, v in meta["labels"].items() if k != names.LABEL_QUEUE},
+            "ownerReferences": meta["ownerReferences"],
+        },
+        "spec": {
+            "podSelector": same_job,
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": same_job}]}],
+        },
+    }
+
+
 def build_resources(spec: FineTuneJobSpec, settings: OperatorSettings) -> dict[str, Any]:
-    memory = spec.resources.memory or settings.default_memory
-    requests = {"cpu": spec.resources.cpu or settings.default_cpu, "memory": memory}
+    if spec.dryRun:
+        # The data stage only: a tokenizer and the rows, no weights and no GPU. The operator's
+        # defaults, not the training run's (sized for the model).
+        memory, cpu = settings.default_memory, settings.default_cpu
+    else:
+        memory = spec.resources.memory or settings.default_memory
+        cpu = spec.resources.cpu or settings.default_cpu
+    requests = {"cpu": cpu, "memory": memory}
     limits: dict[str, Any] = {"memory": memory}
-    if spec.resources.gpus:
+    if spec.pod_gpus:
         # Extended resources: the limit is the request.
-        limits["nvidia.com/gpu"] = str(spec.resources.gpus)
+        limits["nvidia.com/gpu"] = str(spec.pod_gpus)
     return {"requests": requests, "limits": limits}
 
 
@@ -244,8 +279,9 @@ def placement(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     opt out of a default). Kueue-queued jobs get no defaults: their ResourceFlavor injects
     its node labels and tolerations, and a default could contradict it. Every pod gets the
     lost-node tolerations (node_lost_tolerations) its tolerations do not already have.
+    A dry run gets no defaults either: they place GPU work, and it requests no GPU.
     """
-    queued = names.queue_name(ftj) is not None
+    queued = names.queue_name(ftj) is not None or ftj.spec.dryRun
     node_selector = ftj.spec.nodeSelector or (
         {} if queued else dict(settings.default_node_selector)
     )
@@ -347,7 +383,9 @@ def build_pod_spec(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, An
     container = {
         "name": names.TRAINER_CONTAINER,
         "image": spec.image or settings.trainer_image,
-        "imagePullPolicy": "IfNotPresent",
+        # A job's own image is pulled every time, so the registry checks this namespace's pull
+        # credentials: a node's cached copy of another team's private image opens nothing.
+        "imagePullPolicy": "Always" if spec.image else "IfNotPresent",
         "command": list(settings.trainer_command),
         "env": build_env(ftj, settings),
         "resources": build_resources(spec, settings),
@@ -366,6 +404,8 @@ def build_pod_spec(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, An
     }
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
+        # Time to finish the step and upload a checkpoint when stopped (see grace.py).
+        "terminationGracePeriodSeconds": grace.grace_period(spec, settings),
         # No API credentials in the pod: its only token is the progress token above.
         "automountServiceAccountToken": False,
         "securityContext": {
@@ -405,6 +445,16 @@ def _pod_failure_policy() -> dict[str, Any]:
                 "action": "Ignore",
                 "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
             },
+            {
+                # Stopped by SIGTERM with a checkpoint of its step saved (whatever sent it):
+                # the next attempt resumes there; not a failure, not counted as a retry.
+                "action": "Ignore",
+                "onExitCodes": {
+                    "containerName": names.TRAINER_CONTAINER,
+                    "operator": "In",
+                    "values": [contract.EXIT_PREEMPTED],
+                },
+            },
         ]
     }
 
@@ -413,7 +463,7 @@ def job_backoff_limit(spec: FineTuneJobSpec) -> int:
     """The Job's backoffLimit counts failed pods; spec.backoffLimit counts retries of the
     trainer. A gang is retried as a whole and one failure fails every pod of it (a dead peer
     fails the others' next collective), so each retry of an N-pod gang costs N failed pods."""
-    return spec.backoffLimit * spec.resources.nodes
+    return spec.backoffLimit * spec.trainer_pods
 
 
 def build_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
@@ -437,10 +487,10 @@ def build_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     }
     if spec.activeDeadlineSeconds:
         job_spec["activeDeadlineSeconds"] = spec.activeDeadlineSeconds
-    if spec.resources.nodes > 1:
+    if spec.trainer_pods > 1:
         # One pod per node, all at once (Kueue admits the Job, hence the gang, as one unit);
         # each pod's completion index is its node rank and names its hostname.
-        nodes = spec.resources.nodes
+        nodes = spec.trainer_pods
         job_spec.update(completionMode="Indexed", completions=nodes, parallelism=nodes)
         job_spec["template"]["spec"]["subdomain"] = names.service_name(name)
     hashes = json.dumps(spec_hashes(resolved), sort_keys=True)

@@ -89,6 +89,10 @@ class Cache:
     # FineTuneJob merely not seen yet (e.g. a Job event that arrives before the first
     # FineTuneJob list after a restart) must never cost a running trainer its Job.
     deleted: set[Key] = field(default_factory=set)
+    # The last state of trainer pods deleted after they ended (Job key -> uid -> pod): a
+    # suspended Job's pod can end and be deleted between two reconciles, and its exit code
+    # (5: stopped with its step saved) is only in its last state.
+    ended_pods: dict[Key, dict[str, dict]] = field(default_factory=dict)
 
     def observe_ftj(self, event_type: str | None, body: dict) -> tuple[Key, bool]:
         """Record a FineTuneJob event: (its key, whether it was replaced by a new object of
@@ -113,6 +117,7 @@ class Cache:
         if event_type == "DELETED":
             if self.jobs.get(job_key, {}).get("metadata", {}).get("uid") == meta.get("uid"):
                 self.jobs.pop(job_key, None)
+                self.ended_pods.pop(job_key, None)
         else:
             self.jobs[job_key] = slim_job(body)
         owner = names.controller_owner(body)
@@ -131,6 +136,11 @@ class Cache:
             self.pod_jobs.pop(meta["uid"], None)
             if not pods:
                 self.pods.pop(job_key, None)
+            if _trainer_ended(body):
+                ended = self.ended_pods.setdefault(job_key, {})
+                ended[meta["uid"]] = slim_pod(body)
+                for uid in list(ended)[: -api.MAX_ATTEMPTS_SHOWN]:
+                    del ended[uid]
         else:
             pods[meta["uid"]] = slim_pod(body)
             self.pod_jobs[meta["uid"]] = job_key
@@ -175,9 +185,24 @@ class Cache:
         uid = meta.get("uid")
         return [p for p in pods if not uid or _owned_by(p, uid)]
 
+    def ended_job_pods(self, job: dict) -> list[dict]:
+        """The last state of this Job's pods that ended and are deleted."""
+        meta = job["metadata"]
+        pods = self.ended_pods.get((meta["namespace"], meta["name"]), {}).values()
+        uid = meta.get("uid")
+        return [p for p in pods if not uid or _owned_by(p, uid)]
+
     def forget(self, key: Key) -> None:
         self.progress.pop(key, None)
         self.deleted.discard(key)
+
+
+def _trainer_ended(pod: dict) -> bool:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return any(
+        s.get("name") == names.TRAINER_CONTAINER and "terminated" in (s.get("state") or {})
+        for s in statuses
+    )
 
 
 def _older(stamp: str, than: str | None) -> bool:

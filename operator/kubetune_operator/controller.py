@@ -106,6 +106,7 @@ class Controller:
             deleted=key in self.cache.deleted,
             job=job,
             pods=self.cache.job_pods(job) if job else [],
+            ended_pods=self.cache.ended_job_pods(job) if job else [],
             progress=self.cache.progress.get(key),
             written=self.status.written.get(key),
         )
@@ -124,7 +125,7 @@ class Controller:
             self.status.forget(key)
             self.queue.forget(key)
         if plan.delete_job:
-            # The FineTuneJob is gone: its Job goes now, pods included (the rest by GC).
+            # The FineTuneJob is gone, or ran past its deadline: its Job goes now, pods included.
             await self.kube.delete(job_path(key[0], plan.delete_job), propagation="Background")
         if plan.set_suspend is not None:
             await self._set_suspend(key, plan.set_suspend)
@@ -139,9 +140,12 @@ class Controller:
     async def _create_job(self, key: Key, manifest: dict) -> bool:
         """Create the Job (or find the one already there) and put it in the cache; False
         when there is none to go on with yet."""
-        service = builders.build_service(manifest)
-        if service is not None:
-            await self.kube.create_quietly(service)  # one that exists already is fine
+        for child in (
+            builders.build_gang_network_policy(manifest),
+            builders.build_service(manifest),
+        ):
+            if child is not None:
+                await self.kube.create_quietly(child)  # one that exists already is fine
         created, was_created = await self.kube.create(manifest)
         if was_created and created:
             self.metrics.jobs_created.inc()

@@ -49,8 +49,16 @@ class OperatorMetrics:
         )
         self.progress_events = Counter(
             "kubetune_progress_events",
-            "Progress pushes from trainers, by result (accepted, rejected, invalid).",
+            "Progress pushes from trainers, by result (accepted, rejected, invalid, "
+            "forwarded, unforwarded, throttled).",
             ["result"],
+            registry=self.registry,
+        )
+        self.tokens_refused = Counter(
+            "kubetune_progress_tokens_refused",
+            "Progress tokens refused without a TokenReview, by reason (bad signature, expired, "
+            "wrong audience, refused before, ...).",
+            ["reason"],
             registry=self.registry,
         )
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kubetune.api.contract import Reason
-from kubetune.api.v1alpha1 import TERMINAL_PHASES, FineTuneJob
-from kubetune_operator import builders, names, status, validation
+from kubetune.api.v1alpha1 import TERMINAL_PHASES, FineTuneJob, FineTuneJobStatus
+from kubetune_operator import builders, grace, names, status, validation
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.validation import Problem
 
@@ -34,6 +34,8 @@ class Snapshot:
     deleted: bool = False  # its deletion was seen
     job: dict[str, Any] | None = None  # the Job of its deterministic name
     pods: list[dict[str, Any]] = field(default_factory=list)  # that Job's pods
+    # The last state of that Job's pods that ended and were deleted (status.attempts only).
+    ended_pods: list[dict[str, Any]] = field(default_factory=list)
     progress: dict[str, Any] | None = None
     written: dict[str, Any] | None = None  # the status this operator last wrote
 
@@ -85,18 +87,38 @@ def decide(snap: Snapshot, settings: OperatorSettings, now: str) -> Plan:
         previous=current,
         job=job,
         pods=snap.pods if job is not None else [],
+        ended_pods=snap.ended_pods if job is not None else [],
         progress=snap.progress,
         problem=problem,
         changed_fields=changed_fields(ftj, job),
         gpu_hour_price=settings.gpu_hour_price,
         currency=settings.currency,
+        grace_too_short=grace.grace_too_short(ftj.spec, settings),
     )
     plan = Plan(
         set_suspend=desired_suspend(ftj, job) if job is not None else None,
         current=current,
         requeue_after=requeue,
     )
-    return _with_status(plan, status.derive_status(observed, now))
+    desired = status.derive_status(observed, now)
+    if job is not None and _ended_by_the_operator(desired, job):
+        # The operator ended the job (its deadline over all attempts, a full work dir): stop
+        # its trainer.
+        plan = replace(plan, delete_job=job["metadata"]["name"], set_suspend=None)
+    return _with_status(plan, desired.wire())
+
+
+# Failures the operator decides while the Job still runs: the Job itself would not end it.
+_OPERATOR_ENDED = (Reason.DEADLINE_EXCEEDED, Reason.WORK_DIR_FULL)
+
+
+def _ended_by_the_operator(desired: FineTuneJobStatus, job: dict) -> bool:
+    """The status says Failed for a reason the operator enforces (the deadline over all
+    attempts, not the Job's own; a work dir past its size) while the Job has not finished."""
+    if desired.phase != "Failed" or desired.reason not in _OPERATOR_ENDED:
+        return False
+    conditions = (job.get("status") or {}).get("conditions") or []
+    return not any(c.get("type") in _JOB_FINISHED and c.get("status") == "True" for c in conditions)
 
 
 def _with_status(plan: Plan, desired: dict[str, Any]) -> Plan:
@@ -105,10 +127,15 @@ def _with_status(plan: Plan, desired: dict[str, Any]) -> Plan:
 
 
 def _invalid_status(snap: Snapshot, current: dict, problem: Problem) -> dict[str, Any]:
-    kept = {k: v for k, v in current.items() if k in ("jobName", "startTime")}
     generation = snap.ftj["metadata"].get("generation") if snap.ftj else None
-    desired = {**kept, "phase": problem.phase, "reason": problem.reason, "message": problem.message}
-    return desired | ({"observedGeneration": generation} if generation is not None else {})
+    return FineTuneJobStatus(
+        jobName=current.get("jobName"),
+        startTime=current.get("startTime"),
+        phase=problem.phase,
+        reason=problem.reason,
+        message=problem.message,
+        observedGeneration=generation,
+    ).wire()
 
 
 def changed_fields(ftj: FineTuneJob, job: dict | None) -> list[str] | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -46,7 +47,10 @@ def build_app(
     on_progress: ProgressSink,
     metrics: OperatorMetrics,
     ready: Callable[[], bool] = lambda: True,
+    unhealthy: Callable[[], str | None] = lambda: None,
 ) -> web.Application:
+    """`unhealthy` says why the process should be restarted (dead watches), else None."""
+
     async def progress(request: web.Request) -> web.Response:
         key = (request.match_info["namespace"], request.match_info["name"])
         presented = bearer_token(request.headers.get("Authorization"))
@@ -82,7 +86,8 @@ def build_app(
         return web.json_response({"accepted": True}, status=202)
 
     async def healthz(_: web.Request) -> web.Response:
-        return web.Response(text="ok")
+        problem = unhealthy()
+        return web.Response(text=problem, status=503) if problem else web.Response(text="ok")
 
     async def readyz(_: web.Request) -> web.Response:
         return web.Response(text="ok") if ready() else web.Response(text="starting", status=503)
@@ -99,11 +104,14 @@ def build_app(
     return app
 
 
-async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Start serving; returns the runner (to stop it) and the bound port."""
+async def start_server(
+    app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> tuple[web.AppRunner, int]:
+    """Start serving (HTTPS with `ssl_context`); returns the runner (to stop it) and the
+    bound port."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     bound = port
     server = getattr(site, "_server", None)

@@ -12,7 +12,14 @@ import typing
 from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from kubetune.api.errors import describe_validation_error
 
@@ -49,6 +56,12 @@ class OperatorSettings(BaseModel):
     )
     trainer_image: str = Field(
         "ghcr.io/kubetune/trainer:latest", description="Image when spec.image is not set."
+    )
+    trainer_allowed_images: list[str] = Field(
+        default_factory=list,
+        description="Images spec.image may name besides trainer_image: a prefix ending in '/' "
+        "or ':' (registry.internal/ml/) or a whole reference (pinned: ...@sha256:...); "
+        "empty = trainer_image only.",
     )
     trainer_command: list[str] = Field(
         default_factory=lambda: ["kubetune-trainer"],
@@ -134,6 +147,19 @@ class OperatorSettings(BaseModel):
         "8Gi", description="Memory request when spec.resources.memory is unset."
     )
     run_as_user: int = Field(1000, ge=1, description="UID of the trainer container (non-root).")
+    trainer_grace_seconds: int = Field(
+        60,
+        ge=1,
+        description="Trainer pods' terminationGracePeriodSeconds before the checkpoint "
+        "estimate is added (when spec.terminationGracePeriodSeconds is unset): time to finish "
+        "the optimizer step under way when SIGTERM arrives.",
+    )
+    checkpoint_mib_per_s: float = Field(
+        200.0,
+        gt=0,
+        description="Assumed speed of writing and uploading a checkpoint, which sizes the "
+        "grace period from the checkpoint estimate (parameters named in the model URI).",
+    )
     gpu_hour_price: float = Field(
         0.0,
         ge=0,
@@ -143,6 +169,55 @@ class OperatorSettings(BaseModel):
     workers: int = Field(8, ge=1, le=256, description="Concurrent reconciles.")
     api_threads: int = Field(16, ge=1, le=256, description="Threads for Kubernetes API calls.")
     log_format: str = Field("json", pattern="^(json|text)$", description="Log format.")
+    leader_election: bool = Field(
+        False,
+        description="Elect one leader among the operator's replicas through a Lease; only "
+        "the leader reconciles, the others forward progress pushes to it (the chart turns it "
+        "on). Off: this process acts alone.",
+    )
+    lease_name: str = Field("kubetune-operator", min_length=1, description="The Lease's name.")
+    lease_namespace: str | None = Field(
+        default_factory=lambda: os.environ.get("POD_NAMESPACE") or None,
+        description="The Lease's namespace (default: $POD_NAMESPACE, the operator's own).",
+    )
+    lease_duration_s: int = Field(
+        15, ge=2, description="A leader not renewing for this long is replaced (whole seconds)."
+    )
+    renew_deadline_s: float = Field(
+        10.0, ge=1.5, description="A leader stops (exits) when it could not renew for this long."
+    )
+    retry_period_s: float = Field(
+        2.0, ge=1, description="How often the leader renews and the others try to take over."
+    )
+    peer_url: str | None = Field(
+        None,
+        description="URL the other replicas forward progress pushes to while this one leads "
+        "(default: http://$POD_IP:<port>, else http://<listen host>:<port>).",
+    )
+    tls_dir: str | None = Field(
+        None,
+        description="Folder of a mounted kubernetes.io/tls Secret (tls.crt, tls.key, and "
+        "ca.crt when the certificate is not self-signed): the progress endpoint serves HTTPS "
+        "with it and trainer pods verify it against that CA. Unset: plain HTTP.",
+    )
+    watch_dead_after_s: float = Field(
+        300.0,
+        gt=0,
+        description="/healthz fails (and the liveness probe restarts the operator) when a "
+        "watch stream has delivered nothing and failed its freshness check for this long.",
+    )
+
+    @model_validator(mode="after")
+    def _lease_timing(self) -> OperatorSettings:
+        # The library's own rules: the deadline must leave room for retries, and a follower
+        # must wait longer than the leader keeps trying.
+        if not (self.lease_duration_s > self.renew_deadline_s > 1.2 * self.retry_period_s):
+            raise ValueError(
+                "lease_duration_s: need lease_duration_s > renew_deadline_s > 1.2 x retry_period_s"
+            )
+        if self.leader_election and not self.lease_namespace:
+            raise ValueError("lease_namespace: required with leader_election (or $POD_NAMESPACE)")
+        return self
 
     @field_validator("allowed_schemes")
     @classmethod
@@ -150,11 +225,43 @@ class OperatorSettings(BaseModel):
         return [s.lower().removesuffix("://") for s in value]
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.tls_dir else "http"
+
+    @property
     def effective_progress_base_url(self) -> str:
         if self.progress_base_url:
             return self.progress_base_url.rstrip("/")
         host = "127.0.0.1" if self.listen_host in ("0.0.0.0", "") else self.listen_host
-        return f"http://{host}:{self.listen_port}"
+        return f"{self.scheme}://{host}:{self.listen_port}"
+
+    def tls_file(self, name: str) -> str:
+        assert self.tls_dir, "only with tls_dir"
+        return os.path.join(self.tls_dir, name)
+
+    @property
+    def progress_ca_pem(self) -> str | None:
+        """The CA trainers verify the progress endpoint with: ca.crt, else the certificate
+        itself (self-signed). Read when needed: the kubelet updates the mounted Secret."""
+        if not self.tls_dir:
+            return None
+        for name in ("ca.crt", "tls.crt"):
+            path = self.tls_file(name)
+            if os.path.exists(path):
+                with open(path) as f:
+                    return f.read()
+        return None
+
+    @property
+    def effective_peer_url(self) -> str:
+        if self.peer_url:
+            return self.peer_url.rstrip("/")
+        pod_ip = os.environ.get("POD_IP")
+        if pod_ip:
+            host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
+        else:
+            host = "127.0.0.1" if self.listen_host in ("0.0.0.0", "") else self.listen_host
+        return f"{self.scheme}://{host}:{self.listen_port}"
 
     @classmethod
     def from_env(

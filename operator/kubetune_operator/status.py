@@ -19,8 +19,13 @@ from pydantic import ValidationError
 
 from kubetune.api import contract
 from kubetune.api.contract import Condition, Reason
-from kubetune.api.v1alpha1 import MAX_ATTEMPTS_SHOWN, TERMINAL_PHASES, FineTuneJob
-from kubetune_operator import names
+from kubetune.api.v1alpha1 import (
+    MAX_ATTEMPTS_SHOWN,
+    TERMINAL_PHASES,
+    FineTuneJob,
+    FineTuneJobStatus,
+)
+from kubetune_operator import deadline, gang, names
 from kubetune_operator.validation import Problem
 
 # The kubelet's words (CreateContainerConfigError) for a missing Secret or key of a secretKeyRef.
@@ -35,6 +40,15 @@ _NODE_LOST_DISRUPTIONS = ("DeletionByTaintManager", "DeletionByPodGC")
 # status.attempts changes with the pods (whose changes move the phase or reason anyway) and
 # with the trainer's `resumed` event: that one rides on the next progress patch.
 _PROGRESS_ONLY = frozenset({"progress", "resumedFromStep", "usage", "attempts"})
+# status.progress figures people read (`kubectl get ftj` shows the loss): 4 significant digits
+# say all a loss curve needs; 0.6844789981842041 says more than is true and reads badly.
+_DISPLAY_FIGURES = ("epoch", "loss", "evalLoss", "learningRate", "tokensPerSecond", "etaSeconds")
+DISPLAY_DIGITS = 4
+
+
+def significant(value: float, digits: int = DISPLAY_DIGITS) -> float:
+    """`value` rounded to `digits` significant digits (0.6844789981842041 -> 0.6845)."""
+    return float(f"{value:.{digits}g}")
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,8 @@ class Observed:
     previous: dict[str, Any] = field(default_factory=dict)  # its status as last written
     job: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = field(default_factory=list)
+    # The last state of pods that ended and were deleted: read for status.attempts only.
+    ended_pods: list[dict[str, Any]] = field(default_factory=list)
     progress: dict[str, Any] | None = None  # merged ProgressEvent fields, latest wins
     problem: Problem | None = None
     # Spec fields changed since the Job was created; None when unknown (no Job observed yet,
@@ -52,6 +68,8 @@ class Observed:
     changed_fields: list[str] | None = field(default_factory=list)
     gpu_hour_price: float = 0.0  # the operator's setting, for usage.estimatedCost
     currency: str = "USD"
+    # Why a stopped trainer may not fit a checkpoint in its grace period (grace.py), or None.
+    grace_too_short: str | None = None
 
 
 @dataclass(frozen=True)
@@ -141,8 +159,18 @@ def _pod_failure(
     pod: dict, memory: str | None, work_dir_size: str | None = None
 ) -> tuple[str, str] | None:
     """(reason, message) of a failed trainer pod, in the user's words."""
-    # An evicted pod's container shows as killed (137): the eviction is the cause.
+    term = _terminated(pod) or {}
     evicted = _eviction(pod, work_dir_size)
+    if evicted and evicted[0] == Reason.WORK_DIR_FULL:
+        # The job's own work dir outgrew its limit: a retry would fill it again, whether or
+        # not the trainer saved its step on the way out.
+        return evicted
+    if term.get("exitCode") == contract.EXIT_PREEMPTED:
+        # Stopped with its checkpoint saved, whatever stopped it (the eviction, if any, adds
+        # the cause).
+        cause = f" ({evicted[1]})" if evicted else ""
+        return Reason.PREEMPTED, (_first_line(term.get("message")) or "preempted") + cause
+    # An evicted pod's container shows as killed (137): the eviction is the cause.
     if evicted:
         return evicted
     term = _terminated(pod)
@@ -156,6 +184,9 @@ def _pod_failure(
     if code == contract.EXIT_EVAL_THRESHOLDS:
         text = _first_line(term.get("message"))
         return Reason.EVAL_THRESHOLDS_MISSED, text or "the evaluation missed a threshold"
+    if code == contract.EXIT_RENDEZVOUS_TIMEOUT:
+        text = _first_line(term.get("message"))
+        return Reason.RENDEZVOUS_TIMEOUT, text or "the gang's pods did not all reach the rendezvous"
     if term.get("reason") == "OOMKilled":
         limit = f" (memory limit {memory})" if memory else ""
         return (
@@ -276,11 +307,26 @@ def _result(pods: list[dict]) -> contract.TrainerResult | None:
     return None
 
 
+def dry_run_message(result: contract.TrainerResult | None) -> str:
+    """What a passed dry run found, in one line."""
+    preview = result.preview if result else None
+    if preview is None:
+        return "dry run passed; nothing was trained"
+    parts = [
+        f"{preview.trainRows} training rows",
+        f"{preview.tokens} tokens ({preview.trainedTokens} carry loss)",
+        f"{preview.stepsPerEpoch} steps per epoch",
+    ]
+    if preview.truncatedRows or preview.excludedRows:
+        parts.append(f"{preview.truncatedRows} truncated, {preview.excludedRows} excluded")
+    return f"dry run passed, nothing trained: {', '.join(parts)}; preview at {preview.uri}"
+
+
 def failed_attempts(ftj: FineTuneJob, job: dict) -> int:
     """Failed attempts of the trainer: failed pods, where a gang's attempt fails all of its
     `nodes` pods at once (rounded up: the Job may stop the last ones before they fail)."""
     failed = (job.get("status") or {}).get("failed") or 0
-    return -(-failed // ftj.spec.resources.nodes)
+    return -(-failed // ftj.spec.trainer_pods)
 
 
 def job_outcome(ftj: FineTuneJob, job: dict, pods: list[dict]) -> Outcome:
@@ -293,6 +339,8 @@ def job_outcome(ftj: FineTuneJob, job: dict, pods: list[dict]) -> Outcome:
             return Outcome(
                 "Failed", Reason.TRAINER_FAILED, result.message or "the trainer failed", result
             )
+        if spec.dryRun:
+            return Outcome("Validated", Reason.DRY_RUN_PASSED, dry_run_message(result), result)
         return Outcome("Succeeded", Reason.COMPLETED, "training finished", result)
     failed = conds.get("Failed") or conds.get("FailureTarget")
     if failed:
@@ -309,6 +357,12 @@ def job_outcome(ftj: FineTuneJob, job: dict, pods: list[dict]) -> Outcome:
         result = parse_result((_terminated(pod) or {}).get("message")) if pod else None
         if pod_failure:
             reason, message = pod_failure
+            if reason == Reason.RENDEZVOUS_TIMEOUT:
+                # The cause, when the scheduler still says it: a member it cannot place.
+                reason, message = gang.unschedulable_member(pods, spec.trainer_pods) or (
+                    reason,
+                    message,
+                )
             if job_reason == "BackoffLimitExceeded" and reason not in (
                 Reason.BAD_INPUT,
                 Reason.EVAL_THRESHOLDS_MISSED,
@@ -317,6 +371,13 @@ def job_outcome(ftj: FineTuneJob, job: dict, pods: list[dict]) -> Outcome:
                 message = f"the trainer failed {tries} time(s), giving up: {message}"
             return Outcome("Failed", reason, message, result)
         return Outcome("Failed", job_reason, failed.get("message") or "the trainer Job failed")
+    for pod in pods:
+        evicted = _eviction(pod, spec.resources.workDirSize)
+        if evicted and evicted[0] == Reason.WORK_DIR_FULL:
+            # Ended here, not by the Job: a trainer that saved its step on SIGTERM exits with
+            # the Preempted code, which the Job's failure policy ignores, so it would retry
+            # (and fill the work dir again) without end. The operator deletes the Job.
+            return Outcome("Failed", *evicted)
     if (job.get("spec") or {}).get("suspend"):
         if spec.suspend:
             return Outcome(
@@ -331,6 +392,9 @@ def job_outcome(ftj: FineTuneJob, job: dict, pods: list[dict]) -> Outcome:
         if (p.get("status") or {}).get("phase") in ("Pending", "Running", None)
         and not p["metadata"].get("deletionTimestamp")
     ]
+    nodes = spec.trainer_pods
+    if nodes > 1 and (member := gang.unschedulable_member(live, nodes)):
+        return Outcome("Pending", *member)  # rank 0 may run: it waits at the rendezvous
     if any((p.get("status") or {}).get("phase") == "Running" for p in live):
         return Outcome("Running", Reason.TRAINING, "the trainer is running")
     lost = _node_lost(pods)
@@ -343,7 +407,10 @@ def job_outcome(ftj: FineTuneJob, job: dict, pods: list[dict]) -> Outcome:
     # under way: saying Pending there would flap.
     if _latest(pods, "Succeeded"):
         return Outcome("Running", Reason.COMPLETING, "the trainer finished; completing the Job")
-    if _latest(pods, "Failed"):
+    if latest_failed := _latest(pods, "Failed"):
+        stopped = _pod_failure(latest_failed, memory)
+        if stopped and stopped[0] == Reason.PREEMPTED:
+            return Outcome("Running", Reason.PREEMPTED, f"{stopped[1]}; starting the next attempt")
         return Outcome("Running", Reason.RESTARTING, "the trainer pod failed; starting a retry")
     return Outcome("Pending", Reason.STARTING, "waiting for the trainer pod to start")
 
@@ -358,6 +425,9 @@ def build_progress(
     for key in (*contract.PROGRESS_FIELDS, "updatedAt"):
         if latest and latest.get(key) is not None:
             progress[key] = latest[key]
+    for key in _DISPLAY_FIGURES:
+        if isinstance(progress.get(key), float):
+            progress[key] = significant(progress[key])
     if total_steps:
         progress["totalSteps"] = total_steps
     if phase == "Succeeded" and progress.get("totalSteps"):
@@ -457,17 +527,17 @@ def _conditions(
 # --- the whole status -----------------------------------------------------------------
 
 
-def derive_status(obs: Observed, now: str) -> dict[str, Any]:
-    """The status the FineTuneJob should have (JSON, no None values)."""
+def derive_status(obs: Observed, now: str) -> FineTuneJobStatus:
+    """The status the FineTuneJob should have, typed: a key the model does not declare is an
+    error here (the API server would prune it silently). `.wire()` is what patches diff."""
     ftj, job = obs.ftj, obs.job
     prev = obs.previous
     generation = ftj.metadata.generation
-    status: dict[str, Any] = {}
     result: contract.TrainerResult | None = None
 
     if job is None and prev.get("phase") in TERMINAL_PHASES and prev.get("jobName"):
         # Finished, and the Job is gone (deleted by hand, or TTL): the outcome stands.
-        return {k: v for k, v in prev.items()}
+        return FineTuneJobStatus.model_validate(prev)
     if job is None and obs.problem is not None:
         outcome = Outcome(obs.problem.phase, obs.problem.reason, obs.problem.message)
     elif job is None:
@@ -475,69 +545,75 @@ def derive_status(obs: Observed, now: str) -> dict[str, Any]:
     else:
         outcome = job_outcome(ftj, job, obs.pods)
         result = outcome.result
-        status["jobName"] = job["metadata"]["name"]
     phase = outcome.phase
-    status.update(phase=phase, reason=outcome.reason, message=outcome.message)
-    status["observedGeneration"] = generation
 
     job_status = (job or {}).get("status") or {}
     start = prev.get("startTime")
     if not start and (phase in ("Running", *TERMINAL_PHASES)) and job is not None:
         start = job_status.get("startTime") or now
-    if start:
-        status["startTime"] = start
+    completion = None
     if phase in TERMINAL_PHASES and job is not None:
-        status["completionTime"] = (
-            prev.get("completionTime") or job_status.get("completionTime") or now
-        )
+        completion = prev.get("completionTime") or job_status.get("completionTime") or now
 
     total = result.totalSteps if result else None
-    progress = build_progress(prev.get("progress"), obs.progress, phase, total)
-    if progress:
-        status["progress"] = progress
-
     attempts = attempts_of(obs, now)
-    if attempts:
-        status["attempts"] = attempts
     failed = failed_attempts(ftj, job) if job is not None else 0
     job_failed = phase == "Failed" and job is not None
     restarts = max(prev.get("restarts") or 0, failed - (1 if job_failed and failed else 0))
-    if job is not None:
-        status["restarts"] = restarts
     resumed = (
         (result.resumedFromStep if result else None)
         or (obs.progress or {}).get("resumedFromStep")
         or next((a["resumedFromStep"] for a in reversed(attempts) if a.get("resumedFromStep")), 0)
         or prev.get("resumedFromStep")
     )
-    if resumed:
-        status["resumedFromStep"] = resumed
-    status["worldSize"] = ftj.spec.world_size
-    status["effectiveBatchSize"] = ftj.spec.effective_batch_size
 
     artifacts = dict(prev.get("artifacts") or {})
     metrics = dict(prev.get("metrics") or {})
+    preview = prev.get("preview")
+    if result and result.preview is not None:
+        preview = result.preview.model_dump(exclude_none=True)
     if result:
         artifacts.update(result.artifacts.model_dump(exclude_none=True))
         metrics.update(result.metrics.model_dump(exclude_none=True))
-    if artifacts:
-        status["artifacts"] = artifacts
-    if metrics:
-        status["metrics"] = metrics
     usage = usage_of(obs, metrics, now)
-    if usage:
-        status["usage"] = usage
+    over = deadline.deadline_exceeded(ftj.spec, usage) if job is not None else None
+    if over and phase not in TERMINAL_PHASES:
+        # Enforced here, over all attempts: resuming a suspended Job restarts its own timer.
+        phase, outcome = "Failed", Outcome("Failed", Reason.DEADLINE_EXCEEDED, over)
+        completion = prev.get("completionTime") or now
     tracking = [t.model_dump(exclude_none=True) for t in (result.tracking or [])] if result else []
-    if tracking or prev.get("tracking"):
-        status["tracking"] = tracking or prev.get("tracking")
 
-    status["conditions"] = merge_conditions(
-        prev.get("conditions"),
-        _conditions(phase, outcome.reason, outcome.message, obs, metrics),
-        now,
-        generation,
+    conditions = _conditions(phase, outcome.reason, outcome.message, obs, metrics)
+    if obs.grace_too_short:
+        conditions.append(
+            {
+                "type": Condition.CHECKPOINT_ON_STOP,
+                "status": "False",
+                "reason": Reason.GRACE_PERIOD_TOO_SHORT,
+                "message": obs.grace_too_short,
+            }
+        )
+    return FineTuneJobStatus(
+        phase=phase,
+        reason=outcome.reason,
+        message=outcome.message,
+        observedGeneration=generation,
+        jobName=job["metadata"]["name"] if job is not None else None,
+        startTime=start or None,
+        completionTime=completion,
+        progress=build_progress(prev.get("progress"), obs.progress, phase, total),
+        attempts=attempts or None,
+        restarts=restarts if job is not None else None,
+        resumedFromStep=resumed or None,
+        worldSize=ftj.spec.world_size,
+        effectiveBatchSize=ftj.spec.effective_batch_size,
+        artifacts=artifacts or None,
+        metrics=metrics or None,
+        usage=usage,
+        tracking=tracking or prev.get("tracking") or None,
+        preview=preview,
+        conditions=merge_conditions(prev.get("conditions"), conditions, now, generation),
     )
-    return {k: v for k, v in status.items() if v is not None}
 
 
 def usage_of(obs: Observed, metrics: dict, now: str) -> dict[str, Any] | None:
@@ -554,7 +630,7 @@ def usage_of(obs: Observed, metrics: dict, now: str) -> dict[str, Any] | None:
     if not attempts:
         return None
     wall = round(sum(attempts.values()), 1)
-    gpu_seconds = round(wall * obs.ftj.spec.resources.gpus, 1)
+    gpu_seconds = round(wall * obs.ftj.spec.pod_gpus, 1)
     usage: dict[str, Any] = {
         "gpuSeconds": gpu_seconds,
         "wallSeconds": wall,
@@ -570,7 +646,7 @@ def usage_of(obs: Observed, metrics: dict, now: str) -> dict[str, Any] | None:
 # --- attempts ---------------------------------------------------------------------------
 
 # A gang's pods carry their completion index; rank 0's pod stands for the attempt.
-COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+COMPLETION_INDEX_LABEL = gang.COMPLETION_INDEX_LABEL
 
 
 def _attempt_pods(pods: list[dict]) -> list[dict]:
@@ -607,6 +683,11 @@ def _seen_attempt(pod: dict, memory: str | None) -> dict[str, Any]:
         failure = _pod_failure(pod, memory)
         deleted = pod["metadata"].get("deletionTimestamp")
         seen["reason"] = Reason.POD_DELETED if deleted else (failure[0] if failure else "Failed")
+        if failure and failure[0] == Reason.WORK_DIR_FULL:
+            seen["reason"] = Reason.WORK_DIR_FULL  # also once the operator deleted its Job
+        if failure and failure[0] == Reason.PREEMPTED:
+            # Not a failure, also when its pod was deleted: it stopped with its step saved.
+            seen.update(result="Stopped", reason=Reason.PREEMPTED)
     else:
         seen["result"] = "Running" if "running" in state else "Pending"
     if result := parse_result(term.get("message")):
@@ -645,10 +726,12 @@ def attempts_of(obs: Observed, now: str) -> list[dict[str, Any]]:
     by_pod = {a.get("pod"): a for a in previous if a.get("pod")}
     number = max((a.get("attempt", 0) for a in previous), default=0)
     memory = obs.ftj.spec.resources.memory
-    present: set[str] = set()
-    for pod in _attempt_pods(obs.pods):
+    present = {p["metadata"].get("name") for p in obs.pods}
+    # A pod deleted after it ended is read from its last state: its exit code is the
+    # truth about how it ended. It is not `present`: if it had not ended, it is closed below.
+    gone = [p for p in obs.ended_pods if p["metadata"].get("name") not in present]
+    for pod in _attempt_pods(obs.pods + gone):
         name = pod["metadata"].get("name") or ""
-        present.add(name)
         seen = _seen_attempt(pod, memory)
         if name in by_pod:
             # The pod is the truth; only the resume step (from a progress event) is kept.

@@ -6,25 +6,18 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlparse
 
 from kubetune.api import contract
 from kubetune.api.contract import Reason
+
+# The estimates live in the API package: the trainer's preview says the same numbers.
+from kubetune.api.sizing import estimate_gpu_memory_gib, model_size_billions
 from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobSpec
 from kubetune_operator import builders
 from kubetune_operator.settings import OperatorSettings
-
-# Bytes of GPU memory per parameter, weights + gradients + optimizer state, before
-# activations: full = bf16 weights and grads + fp32 master weights + two fp32 Adam moments;
-# lora = frozen bf16 weights (the adapter is tiny); qlora = 4-bit weights + constants.
-BYTES_PER_PARAM = {"full": 16.0, "lora": 2.0, "qlora": 0.55}
-# Activations, CUDA context, fragmentation: a rough margin on top.
-OVERHEAD = 1.2
-# Sizes written like 7b, 8B, 1.5b, 70B, 0.5b in a model name; "8x7b" mixtures count whole.
-_SIZE = re.compile(r"(?<![0-9a-z.])(?:(\d+)x)?(\d+(?:\.\d+)?)b(?![a-z0-9])", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -36,20 +29,13 @@ class Problem:
     message: str
 
 
-def model_size_billions(uri: str) -> float | None:
-    """Parameter count (in billions) named in the model URI, e.g. 'Llama-3-8B' -> 8."""
-    last = uri.rstrip("/").rsplit("/", 1)[-1]
-    match = _SIZE.search(last) or _SIZE.search(uri)
-    if not match:
-        return None
-    experts = int(match.group(1)) if match.group(1) else 1
-    return experts * float(match.group(2))
-
-
-def estimate_gpu_memory_gib(method: str, billions: float, shards: int = 1) -> float:
-    """GPU memory per GPU: the whole estimate on each (one process, or DDP, which replicates
-    the model), or 1/shards of it with FSDP (weights, gradients and optimizer state sharded)."""
-    return billions * 1e9 * BYTES_PER_PARAM[method] * OVERHEAD / 2**30 / shards
+def holds_reference_copy(spec: FineTuneJobSpec) -> bool:
+    """Full fine-tuning with a live reference model keeps a second copy of the base."""
+    if spec.method != "full":
+        return False
+    if spec.objective in ("dpo", "kto"):
+        return spec.preference is None or spec.preference.referenceModel != "precomputed"
+    return spec.objective == "grpo" and spec.grpo is not None and spec.grpo.beta > 0
 
 
 def check_gpus(spec: FineTuneJobSpec, settings: OperatorSettings) -> Problem | None:
@@ -61,15 +47,20 @@ def check_gpus(spec: FineTuneJobSpec, settings: OperatorSettings) -> Problem | N
         return None  # CPU workers: no GPU memory to check
     world, per_gpu = spec.world_size, settings.gpu_memory_gib
     sharded = spec.strategy == "fsdp"
-    need = estimate_gpu_memory_gib(method, billions, world if sharded else 1)
+    reference = holds_reference_copy(spec)
+    need = estimate_gpu_memory_gib(
+        method, billions, world if sharded else 1, reference_copy=reference
+    )
     if need <= per_gpu:
         return None
     layout = f"{nodes} node(s) x {gpus} GPU(s)" if nodes > 1 else f"{gpus} GPU(s)"
     how = "sharded (fsdp) over" if sharded else "replicated on each of"
+    with_reference = f" with objective {spec.objective}'s reference copy" if reference else ""
     return Problem(
         "Failed",
         Reason.INSUFFICIENT_GPUS,
-        f"method {method} on a ~{billions:g}B model needs about {need:.0f} GiB per GPU, "
+        f"method {method}{with_reference} on a ~{billions:g}B model needs about {need:.0f} GiB "
+        f"per GPU, "
         f"{how} {layout} of {per_gpu:g} GiB: {advice(spec, billions, per_gpu)}",
     )
 
@@ -111,6 +102,27 @@ def check_uris(spec: FineTuneJobSpec, settings: OperatorSettings) -> Problem | N
     return None
 
 
+def image_allowed(image: str, settings: OperatorSettings) -> bool:
+    """The trainer image itself, or one the platform listed: a whole reference, or a prefix
+    ending in '/' or ':' (so registry.internal/ml/ does not admit registry.internal/ml-evil)."""
+    for allowed in [settings.trainer_image, *settings.trainer_allowed_images]:
+        if image == allowed or (allowed.endswith(("/", ":")) and image.startswith(allowed)):
+            return True
+    return False
+
+
+def check_image(spec: FineTuneJobSpec, settings: OperatorSettings) -> Problem | None:
+    """A custom image runs its own code with the job's Secrets: only listed images may."""
+    if not spec.image or image_allowed(spec.image, settings):
+        return None
+    allowed = ", ".join([settings.trainer_image, *settings.trainer_allowed_images])
+    return Problem(
+        "Failed",
+        Reason.IMAGE_NOT_ALLOWED,
+        f"spec.image: {spec.image} is not an allowed trainer image (allowed: {allowed})",
+    )
+
+
 def _largest_field(value: Any, path: str, depth: int = 3) -> str:
     """The path of the biggest part of a JSON value, `depth` levels down at most."""
     if depth == 0 or not isinstance(value, dict) or not value:
@@ -140,4 +152,8 @@ def validate(ftj: FineTuneJob, settings: OperatorSettings) -> Problem | None:
     """The first problem that keeps this FineTuneJob from getting a Job, or None. All of them
     are permanent: a missing Secret shows from the pod (the operator reads no Secrets); the
     size of the trainer's copy is checked on the Job itself (check_size)."""
-    return check_uris(ftj.spec, settings) or check_gpus(ftj.spec, settings)
+    return (
+        check_image(ftj.spec, settings)
+        or check_uris(ftj.spec, settings)
+        or check_gpus(ftj.spec, settings)
+    )

@@ -17,9 +17,9 @@ from kubetune.api import v1alpha1 as api
 BYTES_PER_CHAR = 6
 INT64_DIGITS = len(str(-(2**63)))
 FLOAT_CHARS = len(repr(-1.7976931348623157e308))
-# The one field the schema cannot bound (a free-form JSON Schema document): the operator
+# The fields the schema cannot bound (free-form JSON Schema documents): the operator
 # measures the job before creating its Job instead (validation.check_size).
-UNBOUNDED_BY_DESIGN = {"spec.evaluation.format.schema"}
+UNBOUNDED_BY_DESIGN = {"spec.evaluation.format.schema", "spec.rewards[].schema"}
 LONG_TEXT = {f"spec.{path}" for path in api.LONG_TEXT_FIELDS}
 
 
@@ -66,8 +66,9 @@ def worst_case(node: dict[str, Any], path: str, unbounded: list[str]) -> int:
 def spec_schema() -> dict[str, Any]:
     schema = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     spec = schema["properties"]["spec"]
-    # Placement stays on the pod: the trainer's copy leaves it out (builders.trainer_document).
-    properties = {k: v for k, v in spec["properties"].items() if k not in api.PLACEMENT_FIELDS}
+    # Placement, image and priority class stay on the pod: the trainer's copy leaves them out
+    # (builders.trainer_document).
+    properties = {k: v for k, v in spec["properties"].items() if k not in api.NOT_IN_TRAINER_COPY}
     return {**spec, "properties": properties}
 
 

@@ -6,12 +6,15 @@ Argo CD evaluates health checks with gopher-lua (Lua 5.1); each case runs under 
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from kubetune.api import v1alpha1 as api
 
 ROOT = Path(__file__).resolve().parents[2]
 HEALTH_LUA = ROOT / "helm" / "kubetune" / "files" / "argocd-health.lua"
@@ -109,6 +112,12 @@ CASES = [
         id="succeeded",
     ),
     pytest.param(
+        ftj({"phase": "Validated", "observedGeneration": 1, "message": "1000 rows, 92% packed"}),
+        "Healthy",
+        "1000 rows, 92% packed",
+        id="validated",
+    ),
+    pytest.param(
         ftj(
             {
                 "phase": "Failed",
@@ -163,7 +172,17 @@ def test_shipped_snippets_carry_the_same_lua(path: Path, keys: list[str]) -> Non
 
 
 def test_example_application_points_at_finetunejobs() -> None:
+    """The example Application syncs a folder of FineTuneJob manifests (the shipped examples
+    are such files), and the health check it relies on is keyed to that very kind."""
     app = yaml.safe_load((ROOT / "deploy" / "argocd" / "application.yaml").read_text())
     assert app["kind"] == "Application"
+    include = app["spec"]["source"]["directory"]["include"]
+    jobs = [
+        path
+        for path in sorted((ROOT / "examples").iterdir())
+        if any((doc or {}).get("kind") == api.KIND for doc in yaml.safe_load_all(path.read_text()))
+    ]
+    assert jobs and all(fnmatch.fnmatch(path.name, include) for path in jobs)
+    assert f"resource.customizations.health.{api.GROUP}_{api.KIND}" == HEALTH_KEY
     assert "ServerSideApply=true" in app["spec"]["syncPolicy"]["syncOptions"]
     assert app["spec"]["destination"]["namespace"]

@@ -29,6 +29,7 @@ CHART = ROOT / "helm" / "kubetune"
 RELEASE = "kt"
 RELEASE_NAMESPACE = "kubetune-system"
 FULLNAME = "kt-kubetune"
+LEADER_ELECTION_ROLE = f"{FULLNAME}-leader-election"
 SERVICE_ACCOUNT = FULLNAME
 
 # What the operator does to each namespaced resource: the API calls in
@@ -43,6 +44,7 @@ NAMESPACED_VERBS: dict[tuple[str, str], set[str]] = {
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "services"): {"create"},
+    ("networking.k8s.io", "networkpolicies"): {"create"},
 }
 # In both modes, cluster-scoped: TokenReviews, to check the trainers' progress tokens.
 TOKEN_REVIEW_VERBS: dict[tuple[str, str], set[str]] = {
@@ -263,13 +265,19 @@ def test_bad_values_are_rejected_naming_the_key(
 # ---- the Kubernetes version check ------------------------------------------------------------
 
 
-def test_helm_template_renders_offline_without_a_kube_version(helm: Path) -> None:
-    # helm's built-in default version is old; with no cluster there is nothing to check.
+def test_helm_template_renders_offline_without_a_kube_version(
+    helm: Path, default_objects: list[dict]
+) -> None:
+    # helm's built-in default version is old; with no cluster there is nothing to check, so
+    # the whole chart renders (the same objects as for the pinned version), even when the
+    # minimum is one no cluster meets.
+    expected = sorted((o["kind"], o["metadata"]["name"]) for o in default_objects)
     for extra in ([], ["--set", "compatibility.minKubeVersion=99.0.0"]):
         out = run_helm(
             helm, "template", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE, *extra
         ).stdout
-        assert "kind: Deployment" in out
+        rendered = [doc for doc in yaml.safe_load_all(out) if doc]
+        assert sorted((o["kind"], o["metadata"]["name"]) for o in rendered) == expected, extra
 
 
 @pytest.mark.cluster
@@ -300,9 +308,27 @@ def test_install_checks_the_clusters_version(installed: dict, helm: Path) -> Non
 # ---- RBAC ------------------------------------------------------------------------------------
 
 
+def operator_cluster_roles(objects: list[dict]) -> list[dict]:
+    """The ClusterRoles of the operator itself: not those aggregated to the users' roles."""
+    return [
+        role
+        for role in by_kind(objects, "ClusterRole")
+        if not any(
+            k.startswith("rbac.authorization.k8s.io/aggregate-to-")
+            for k in role["metadata"]["labels"]
+        )
+    ]
+
+
+def served_roles(objects: list[dict], kind: str) -> list[dict]:
+    """The Roles or RoleBindings of the served namespaces (not the leader's Lease's)."""
+    return [o for o in by_kind(objects, kind) if o["metadata"]["name"] != LEADER_ELECTION_ROLE]
+
+
 def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(default_objects: list[dict]) -> None:
-    assert not by_kind(default_objects, "Role") and not by_kind(default_objects, "RoleBinding")
-    role = one(default_objects, "ClusterRole")
+    assert not served_roles(default_objects, "Role")
+    assert not served_roles(default_objects, "RoleBinding")
+    (role,) = operator_cluster_roles(default_objects)
     assert rule_map(role["rules"]) == {**NAMESPACED_VERBS, **CLUSTER_ONLY_VERBS}
     binding = one(default_objects, "ClusterRoleBinding")
     assert binding["roleRef"] == {
@@ -318,17 +344,17 @@ def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(default_objects: li
 def test_namespaced_rbac_is_limited_to_the_listed_namespaces(
     namespaced_objects: list[dict],
 ) -> None:
-    roles = by_kind(namespaced_objects, "Role")
+    roles = served_roles(namespaced_objects, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     for role in roles:
         assert rule_map(role["rules"]) == NAMESPACED_VERBS
-    bindings = by_kind(namespaced_objects, "RoleBinding")
+    bindings = served_roles(namespaced_objects, "RoleBinding")
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     for binding in bindings:
         assert binding["roleRef"]["kind"] == "Role"
         assert binding["subjects"][0]["namespace"] == RELEASE_NAMESPACE
     # Outside the namespaces only TokenReviews: kopf's cluster scanning is off in this mode.
-    (cluster_role,) = by_kind(namespaced_objects, "ClusterRole")
+    (cluster_role,) = operator_cluster_roles(namespaced_objects)
     assert rule_map(cluster_role["rules"]) == TOKEN_REVIEW_VERBS
     (cluster_binding,) = by_kind(namespaced_objects, "ClusterRoleBinding")
     assert cluster_binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
@@ -341,7 +367,10 @@ def test_no_mode_grants_anything_on_secrets_or_configmaps(
     default_objects: list[dict], namespaced_objects: list[dict]
 ) -> None:
     for obj in default_objects + namespaced_objects:
-        if obj["kind"] in ("Role", "ClusterRole"):
+        if (
+            obj["kind"] in ("Role", "ClusterRole")
+            and obj["metadata"]["name"] != LEADER_ELECTION_ROLE
+        ):
             granted = rule_map(obj["rules"])
             assert not [r for r in granted if r[1] in ("secrets", "configmaps")], obj["metadata"]
 
@@ -356,15 +385,84 @@ def test_rbac_has_no_wildcards(default_objects: list[dict], namespaced_objects: 
 # ---- the operator Deployment -----------------------------------------------------------------
 
 
-def test_deployment_runs_one_operator_with_recreate(default_objects: list[dict]) -> None:
+def test_deployment_runs_two_elected_replicas_with_rolling_updates(
+    default_objects: list[dict], helm: Path, tmp_path: Path
+) -> None:
+    from kubetune_operator.settings import OperatorSettings
+
     deployment = one(default_objects, "Deployment")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    settings = OperatorSettings.from_env(operator_env(default_objects))
+    assert settings.leader_election and settings.lease_name == FULLNAME
+    assert settings.lease_namespace == RELEASE_NAMESPACE
+    (container,) = pod_spec(default_objects)["containers"]
+    pod_ip = {e["name"]: e.get("valueFrom") for e in container["env"]}["POD_IP"]
+    assert pod_ip == {"fieldRef": {"fieldPath": "status.podIP"}}  # followers forward there
+    # Without the election: one replica, never two at once.
+    alone = render(helm, tmp_path, {"leaderElection": {"enabled": False}})
+    assert one(alone, "Deployment")["spec"]["replicas"] == 1
+    assert one(alone, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    assert not by_kind(alone, "PodDisruptionBudget")
+    assert not [r for r in by_kind(alone, "Role") if "leases" in str(r["rules"])]
+    assert OperatorSettings.from_env(operator_env(alone)).leader_election is False
     spec = pod_spec(default_objects)
     assert spec["serviceAccountName"] == SERVICE_ACCOUNT
     (container,) = spec["containers"]
     assert container["command"] == ["kubetune-operator"]
     assert container["resources"]["requests"] and container["resources"]["limits"]
+
+
+def service_selector(objects: list[dict]) -> dict:
+    return one(objects, "Service")["spec"]["selector"]
+
+
+def test_a_disruption_budget_keeps_one_operator_through_drains(default_objects: list[dict]) -> None:
+    pdb = one(default_objects, "PodDisruptionBudget")
+    assert pdb["metadata"]["namespace"] == RELEASE_NAMESPACE
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    pod_labels = one(default_objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert selector_matches(pdb["spec"]["selector"], pod_labels)
+
+
+def test_lease_rbac_is_that_one_lease_and_create(
+    default_objects: list[dict], namespaced_objects: list[dict]
+) -> None:
+    for objects in (default_objects, namespaced_objects):
+        (role,) = [
+            r for r in by_kind(objects, "Role") if r["metadata"]["name"] == LEADER_ELECTION_ROLE
+        ]
+        assert role["metadata"]["namespace"] == RELEASE_NAMESPACE
+        assert role["rules"] == [
+            {
+                "apiGroups": ["coordination.k8s.io"],
+                "resources": ["leases"],
+                "resourceNames": [FULLNAME],
+                "verbs": ["get", "update"],
+            },
+            # create cannot name the object (it does not exist yet)
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        ]
+        (binding,) = [
+            b
+            for b in by_kind(objects, "RoleBinding")
+            if b["metadata"]["name"] == LEADER_ELECTION_ROLE
+        ]
+        assert binding["roleRef"]["name"] == LEADER_ELECTION_ROLE
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": RELEASE_NAMESPACE}
+        ]
+        # No other rule anywhere touches Leases.
+        others = [
+            o
+            for o in by_kind(objects, "Role") + by_kind(objects, "ClusterRole")
+            if o is not role and "leases" in json.dumps(o["rules"])
+        ]
+        assert others == []
 
 
 def test_probes_hit_the_operators_health_endpoints(default_objects: list[dict]) -> None:
@@ -417,6 +515,8 @@ FULL_VALUES = {
         "tolerations": [GPU_TAINT],
         "nodeLostTolerationSeconds": 30,
         "readOnlyRootFilesystem": False,
+        "graceSeconds": 90,
+        "checkpointMiBPerSecond": 50,
     },
     "s3": {
         "endpoint": "http://minio.minio.svc:9000",
@@ -424,7 +524,7 @@ FULL_VALUES = {
         "credentialsSecret": "team-s3",
     },
     "uriPolicy": {"allowedSchemes": ["s3", "pvc"], "allowedS3Prefixes": ["s3://team-a/"]},
-    "progress": {"port": 9090, "patchIntervalSeconds": 2.5},
+    "progress": {"port": 9090, "patchIntervalSeconds": 2.5, "tls": {"secretName": "kt-tls"}},
     "logFormat": "text",
 }
 
@@ -440,8 +540,9 @@ def test_env_is_the_operators_settings(helm: Path, tmp_path: Path, values: dict)
     settings = OperatorSettings.from_env(env)  # the operator accepts every value
     port = values.get("progress", {}).get("port", 8080)
     assert settings.listen_port == port
+    scheme = "https" if values else "http"  # all-set: TLS from a Secret
     assert settings.effective_progress_base_url == (
-        f"http://{FULLNAME}-progress.{RELEASE_NAMESPACE}.svc:{port}"
+        f"{scheme}://{FULLNAME}-progress.{RELEASE_NAMESPACE}.svc:{port}"
     )
     if values:
         assert settings.namespaces == ["team-a"]
@@ -451,11 +552,21 @@ def test_env_is_the_operators_settings(helm: Path, tmp_path: Path, values: dict)
         assert settings.allowed_s3_prefixes == ["s3://team-a/"]
         assert settings.patch_interval_s == 2.5
         assert settings.log_format == "text"
+        assert settings.tls_dir == "/etc/kubetune/tls"
+        objects = render(helm, tmp_path, values)
+        (container,) = pod_spec(objects)["containers"]
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "tls")
+        assert mount == {"name": "tls", "mountPath": settings.tls_dir, "readOnly": True}
+        volume = next(v for v in pod_spec(objects)["volumes"] if v["name"] == "tls")
+        assert volume == {"name": "tls", "secret": {"secretName": "kt-tls"}}
+        for probe in ("livenessProbe", "readinessProbe"):
+            assert container[probe]["httpGet"]["scheme"] == "HTTPS"
         assert settings.default_node_selector == {"nvidia.com/gpu.present": "true"}
         assert [t.manifest() for t in settings.default_tolerations] == [GPU_TAINT]
         assert settings.s3_region == "eu-west-1"
         assert settings.default_credentials_secret == "team-s3"
         assert settings.trainer_read_only_root is False
+        assert (settings.trainer_grace_seconds, settings.checkpoint_mib_per_s) == (90, 50)
     else:
         assert settings.namespaces == []
         assert settings.trainer_image.endswith(":0.1.0")
@@ -468,7 +579,7 @@ def test_env_is_the_operators_settings(helm: Path, tmp_path: Path, values: dict)
 # image's own program, the server listens on all addresses in its pod, the trainer's default
 # requests and user come from trainer.resources / trainer.runAsUser... listed here so a new
 # setting is a decision (expose it in values.yaml, or add it here).
-NOT_IN_CHART = {"trainer_command", "listen_host", "api_threads"}
+NOT_IN_CHART = {"trainer_command", "listen_host", "api_threads", "peer_url"}
 
 
 def test_every_operator_setting_is_a_chart_value_or_deliberately_not(
@@ -550,7 +661,7 @@ def test_service_routes_to_the_operator(default_objects: list[dict]) -> None:
     assert selector_matches({"matchLabels": service["spec"]["selector"]}, pod_labels)
     (port,) = service["spec"]["ports"]
     assert port["targetPort"] == "progress"
-    assert not by_kind(default_objects, "NetworkPolicy")  # off by default
+    assert one(default_objects, "NetworkPolicy")  # on by default
 
 
 def test_network_policy_admits_only_trainer_pods(helm: Path, tmp_path: Path) -> None:
@@ -562,7 +673,9 @@ def test_network_policy_admits_only_trainer_pods(helm: Path, tmp_path: Path) -> 
     assert selector_matches(policy["spec"]["podSelector"], pod_labels)
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     (ingress,) = policy["spec"]["ingress"]
-    (peer,) = ingress["from"]
+    peer, replicas = ingress["from"]
+    # The other replicas: a follower forwards progress pushes to the leader.
+    assert replicas == {"podSelector": {"matchLabels": service_selector(objects)}}
     # The labels of the pods the operator's Job template makes (the Job controller adds its
     # own, which the selector ignores).
     trainer_pod = trainer_job(objects)["spec"]["template"]["metadata"]["labels"]
@@ -582,7 +695,7 @@ def test_network_policy_in_namespaced_mode_admits_only_the_served_namespaces(
         "networkPolicy": {"enabled": True, "extraFrom": [prometheus]},
     }
     (ingress,) = one(render(helm, tmp_path, values), "NetworkPolicy")["spec"]["ingress"]
-    trainers, extra = ingress["from"]
+    trainers, _replicas, extra = ingress["from"]
     for namespace, admitted in (("team-a", True), ("team-b", True), ("other", False)):
         labels = {"kubernetes.io/metadata.name": namespace}
         assert selector_matches(trainers["namespaceSelector"], labels) is admitted
@@ -708,6 +821,32 @@ def test_installed_service_accounts_can_do_what_the_operator_does(installed: dic
         )
     for who in ("wide", "narrow"):
         assert can_i(installed, who, "create", "tokenreviews.authentication.k8s.io", None)
+
+
+@pytest.mark.cluster
+def test_installed_lease_rbac_is_exactly_the_operators_lease(installed: dict) -> None:
+    release_ns, team = installed["ns"]["wide"], installed["ns"]["team"]
+    lease = installed["sa"]["wide"].rsplit(":", 1)[1]  # the Lease is named like the release
+
+    def may(verb: str, resource: str, namespace: str) -> bool:
+        kind, _, name = resource.partition("/")  # `leases/NAME`: that one object
+        target = f"{kind}.coordination.k8s.io" + (f"/{name}" if name else "")
+        args = ["auth", "can-i", verb, target, "--as", installed["sa"]["wide"], "-n", namespace]
+        answer = _kubectl(installed["kubeconfig"], *args).stdout.strip()
+        assert answer in ("yes", "no"), answer
+        return answer == "yes"
+
+    assert may("get", f"leases/{lease}", release_ns) and may(
+        "update", f"leases/{lease}", release_ns
+    )
+    assert may("create", "leases", release_ns)
+    assert not may("get", "leases/kube-controller-manager", release_ns)
+    assert not may("update", "leases/another-operator", release_ns)
+    for verb in ("list", "watch", "patch", "delete"):
+        assert not may(verb, f"leases/{lease}", release_ns), verb
+    for verb in ("get", "update", "create"):
+        assert not may(verb, f"leases/{lease}", team), verb
+        assert not may(verb, f"leases/{lease}", "kube-system"), verb
 
 
 ALL_VERBS = ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection")
@@ -849,9 +988,9 @@ def test_operator_runs_under_the_charts_rbac(
     installed: dict, k8s_cluster: Any, who: str, tmp_path: Path
 ) -> None:
     """The operator, authenticated as the chart's ServiceAccount, makes every call of a job's
-    life (Job, status, Event, pod watch, a progress token's review, suspend, delete) without
-    one refusal; namespaced, it needs only TokenReviews outside its namespaces and ignores
-    other namespaces."""
+    life (its Lease, Job, status, Event, pod watch, the signing keys and a progress token's
+    review, suspend, delete) without one refusal; namespaced, it needs only TokenReviews
+    outside its namespaces and ignores other namespaces."""
     from kubetune_devcluster.processes import wait_for
     from kubetune_devcluster.rest import MERGE
     from tests.fixtures.operator import OperatorProcess
@@ -861,11 +1000,14 @@ def test_operator_runs_under_the_charts_rbac(
     api = k8s_cluster.rest()
     ftj_path = f"/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs"
     name = f"rbac-{who}"
+    # Elected as the chart runs it: the Lease named like the release, in its namespace.
+    election = ["--leader-election", "true", "--lease-namespace", installed["ns"][who]]
+    election += ["--lease-name", installed["sa"][who].rsplit(":", 1)[1]]
     operator = OperatorProcess(
         k8s_cluster,
         tmp_path,
         trainer_command=["true"],
-        extra_args=["--namespace", team] if who == "narrow" else [],
+        extra_args=election + (["--namespace", team] if who == "narrow" else []),
         env={"KUBECONFIG": str(service_account_kubeconfig(installed, who, tmp_path / "kc"))},
     )
 
@@ -893,6 +1035,8 @@ def test_operator_runs_under_the_charts_rbac(
         url = f"{operator.url}/v1/progress/{namespace}/{name}"
         event = b'{"event": "step", "time": "2026-01-01T00:00:00Z", "step": 1, "totalSteps": 10}'
         assert push(url, token, event) == 202
+        assert operator.metric("kubetune_token_reviews_total") == 1
+        assert "became the leader" in operator.logs()
         job_path = f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}-trainer"
         api.patch(f"{ftj_path}/{name}", {"spec": {"suspend": True}}, MERGE)
         wait_for(

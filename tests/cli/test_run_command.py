@@ -52,6 +52,24 @@ def test_kubetune_run_writes_artifacts_and_prints_them(tiny_job, tmp_path, capsy
     assert "Token F1" in printed and "ROUGE-L" in printed and "Thresholds:" in printed
 
 
+def test_kubetune_run_of_a_dry_run_writes_the_preview_and_trains_nothing(
+    tiny_job, tmp_path, capsys
+):
+    manifest = tiny_job("s3://not-used-when-output-is-given/", dryRun=True)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(manifest))
+    out = tmp_path / "artifacts"
+
+    code = kubetune_run([str(job_file), "--output", str(out), "--work-dir", str(tmp_path / "w")])
+
+    assert code == 0
+    run = out / "local" / "tiny"
+    assert sorted(p.name for p in run.iterdir()) == ["preview.json"]  # no model, no manifest
+    assert json.loads((run / "preview.json").read_text())["totals"]["train_rows"] > 0
+    printed = capsys.readouterr().out.replace("\n", "")
+    assert "nothing trained" in printed and (run / "preview.json").as_uri() in printed
+
+
 def test_kubetune_run_bad_manifest_is_one_line_and_exit_3(tmp_path, capsys):
     job_file = tmp_path / "job.yaml"
     job_file.write_text(

@@ -6,13 +6,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
 import tomllib
 from pathlib import Path
 
-from kubetune_devcluster import realnode
+import pytest
+
+from kubetune_devcluster import binaries, realnode
 from kubetune_devcluster.binaries import (
     CONTAINERD_VERSION,
     K8S_VERSION,
@@ -22,11 +25,30 @@ from kubetune_devcluster.binaries import (
 )
 
 
-def test_versions_come_from_the_pinned_modules() -> None:
-    kube_mod = (MODULES_DIR / "kube" / "go.mod").read_text()
-    assert f"k8s.io/kubernetes {K8S_VERSION}" in kube_mod
-    assert CONTAINERD_VERSION.startswith("v2.")
-    # Both spellings of a requirement: in a block and on a `require` line.
+def test_module_version_reads_both_spellings_of_a_requirement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "go.mod").write_text(
+        "module demo\n\ngo 1.24\n\n"
+        "require example.com/single v1.2.3\n\n"
+        "require (\n"
+        "\texample.com/block/v2extra v9.9.9\n"
+        "\texample.com/block/v2 v2.0.1 // indirect\n"
+        ")\n"
+    )
+    monkeypatch.setattr(binaries, "MODULES_DIR", tmp_path)
+    assert binaries.module_version("demo", "example.com/single") == "v1.2.3"
+    # In a block, and not confused with a module whose path merely starts the same.
+    assert binaries.module_version("demo", "example.com/block/v2") == "v2.0.1"
+    with pytest.raises(LookupError, match="demo/go.mod: no version of example.com/absent"):
+        binaries.module_version("demo", "example.com/absent")
+
+
+def test_the_pinned_versions_are_releases_of_the_expected_majors() -> None:
+    release = re.compile(r"v\d+\.\d+\.\d+")
+    assert release.fullmatch(K8S_VERSION) and K8S_VERSION.startswith("v1.")
+    assert release.fullmatch(CONTAINERD_VERSION) and CONTAINERD_VERSION.startswith("v2.")
     assert module_version("etcd", "go.etcd.io/etcd/server/v3").startswith("v3.")
     assert module_version("helm", "helm.sh/helm/v3").startswith("v3.")
 

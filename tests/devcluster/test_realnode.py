@@ -11,9 +11,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -34,7 +36,7 @@ from kubetune_devcluster.binaries import (
 )
 from kubetune_devcluster.controlplane import DevCluster, NodeConfig
 from kubetune_devcluster.processes import wait_for
-from tests.fixtures.cluster import cluster_or_skip, running_cluster
+from tests.fixtures.cluster import STATE_DIR_PREFIX, cluster_or_skip, running_cluster
 
 pytestmark = pytest.mark.cluster
 
@@ -418,11 +420,29 @@ def test_stopping_leaves_nothing_behind(real_cluster: DevCluster, namespace: str
     assert leftovers(real_cluster.state_dir, pod_interfaces) == NOTHING_LEFT
 
 
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A state-dir parent as short as a test cluster's: pytest's tmp_path can be too deep for
+    containerd's socket paths (realnode.check_socket_path)."""
+    path = Path(tempfile.mkdtemp(prefix=f"{STATE_DIR_PREFIX}dev-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_state_dir_too_deep_for_containerd_is_refused_before_anything_starts() -> None:
+    deep = realnode.NodePaths(Path("/tmp") / ("d" * 80) / "node")
+    with pytest.raises(ValueError, match=r"state dir too deep .* \(at most 104\); use a short"):
+        realnode.check_socket_path(deep)
+    realnode.check_socket_path(realnode.NodePaths(Path("/tmp/kubetune-cluster-abc/node")))
+
+
 def test_dev_up_status_load_image_down_and_up_again(
-    real_cluster: DevCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    real_cluster: DevCluster, tmp_path: Path, short_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """After the module's cluster is gone: the command drives a second one, twice."""
-    state_dir = tmp_path / "dev"
+    state_dir = short_dir / "dev"
     base = ["dev", "--state-dir", str(state_dir)]
     for lose_state in (False, True):
         try:
@@ -440,12 +460,12 @@ def test_dev_up_status_load_image_down_and_up_again(
 
 
 def test_a_live_node_refuses_a_second_and_a_lost_one_is_removed_by_the_next(
-    real_cluster: DevCluster, tmp_path: Path
+    real_cluster: DevCluster, short_dir: Path
 ) -> None:
     """A node whose processes were killed without a teardown (its CI job was) leaves its
     bridge, mounts, rules and running containers; the next start removes them. A node
     that still runs is never touched: the start is refused, naming its state dir."""
-    lost_dir, next_dir = tmp_path / "lost", tmp_path / "next"
+    lost_dir, next_dir = short_dir / "lost", short_dir / "next"
     assert cli.main(["dev", "--state-dir", str(lost_dir), "up", "--runtime", "containerd"]) == 0
     lost = realnode.NodePaths(lost_dir.resolve() / "node")
     assert realnode.bridge_owner() == (os.getpid(), lost)

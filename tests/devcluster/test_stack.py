@@ -25,6 +25,7 @@ def test_chart_values_use_the_local_images_never_pulled() -> None:
     assert values["s3.endpoint"] == "http://10.0.0.1:9000"
     assert (values["trainer.resources.cpu"], values["trainer.resources.memory"]) == ("500m", "2Gi")
     assert values["progress.patchIntervalSeconds"] == "1"
+    assert values["trainer.allowedImages[0]"] == "localhost/kubetune/"  # other local images
 
 
 def oci_archive(path: Path, members: dict[str, bytes]) -> Path:

@@ -7,6 +7,7 @@ pods on the local node, S3 = the moto server. Polls conditions; never sleeps to 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import ssl
@@ -21,6 +22,7 @@ import yaml
 from kubetune_devcluster.controlplane import DevCluster
 from kubetune_devcluster.processes import wait_for
 from kubetune_devcluster.rest import ApiError
+from tests.cli.test_preview_command import kubetune_preview
 from tests.fixtures.ftj import (
     FTJ_API,
     checkpoint_written,
@@ -59,7 +61,11 @@ def test_end_to_end_succeeds_with_progress_artifacts_and_events(
     tmp_path: Path,
 ) -> None:
     manifest_file = tmp_path / "e2e.yaml"
-    manifest_file.write_text(yaml.safe_dump(ftj_manifest("e2e", assets, steps=10)))
+    # Enough steps to outlast the operator's patch interval (1 s here) on a quiet machine,
+    # where 10 tiny steps once finished between two progress patches.
+    body = ftj_manifest("e2e", assets, steps=40)
+    body["spec"]["training"]["checkpointEverySteps"] = 10
+    manifest_file.write_text(yaml.safe_dump(body))
     submitted = kubetune(k8s_cluster, "submit", str(manifest_file), "-n", ns)
     assert submitted.returncode == 0, submitted.stderr
     seen: set[int] = set()
@@ -73,8 +79,8 @@ def test_end_to_end_succeeds_with_progress_artifacts_and_events(
 
     st = wait_for(finished, timeout=300, interval=0.3, what="e2e finished")
     assert st["phase"] == "Succeeded", st
-    assert any(0 < s < 10 for s in seen), f"no intermediate progress seen: {seen}"
-    assert st["progress"]["summary"] == "10/10 (100%)"
+    assert any(0 < s < 40 for s in seen), f"no intermediate progress seen: {seen}"
+    assert st["progress"]["summary"] == "40/40 (100%)"
     assert st["jobName"] == "e2e-trainer" and st["startTime"] and st["completionTime"]
     assert st["restarts"] == 0
     artifacts = st["artifacts"]
@@ -129,6 +135,68 @@ def test_bad_dataset_fails_at_once_with_the_trainers_message(
         timeout=30,
         what="a Warning event",
     )
+
+
+def test_a_dry_run_is_validated_without_a_gpu_with_the_previews_totals(
+    k8s_cluster: DevCluster,
+    operator: OperatorProcess,
+    ns: str,
+    assets: str,
+    s3_server: S3Server,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Eight GPUs on each of two nodes: far more than the node offers (the job below would stay
+    # Unschedulable, as the test after this one shows); a dry run asks for none.
+    manifest = ftj_manifest("dry", assets, dryRun=True)
+    manifest["spec"]["resources"].update(gpus=8, nodes=2)
+    create(k8s_cluster, ns, manifest)
+    st = wait_phase(k8s_cluster, ns, "dry", "Validated", "Failed", "Succeeded")
+    assert (st["phase"], st["reason"]) == ("Validated", "DryRunPassed"), st
+    (job,) = jobs_of(k8s_cluster, ns)
+    assert "nvidia.com/gpu" not in json.dumps(job["spec"]["template"])
+    assert job["spec"].get("completions", 1) == 1 and job["status"].get("succeeded") == 1
+    preview = st["preview"]
+    assert preview["uri"] == f"s3://{assets}/runs/{ns}/dry/preview.json"
+    assert s3_keys(s3_server, f"s3://{assets}/runs/{ns}/dry/") == [f"runs/{ns}/dry/preview.json"]
+    bucket, _, key = preview["uri"].removeprefix("s3://").partition("/")
+    document = json.loads(s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+    # The totals are what `kubetune preview --json` computes for the same manifest.
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    job_file = tmp_path / "dry.yaml"
+    job_file.write_text(yaml.safe_dump({**manifest, "metadata": {"name": "dry", "namespace": ns}}))
+    code = kubetune_preview([str(job_file), "--json", "--work-dir", str(tmp_path / "work")])
+    assert code == 0
+    local = json.loads(capsys.readouterr().out)
+    assert document == local
+    totals = local["totals"]
+    assert preview["trainRows"] == totals["train_rows"] and preview["tokens"] == totals["tokens"]
+    assert preview["trainedTokens"] == totals["trained_tokens"]
+    assert preview["stepsPerEpoch"] == totals["steps_per_epoch"]  # the real 16-process run's
+    assert preview["memoryEstimateGiBPerGpu"] == totals["memory_estimate_gib_per_gpu"]
+    assert "metrics" not in st and "artifacts" not in st
+    listed = kubetune(k8s_cluster, "list", "-n", ns)
+    assert listed.returncode == 0 and "Validated" in listed.stdout, listed.stdout
+    watched = kubetune(k8s_cluster, "watch", "dry", "-n", ns)
+    assert watched.returncode == 0, watched.stdout + watched.stderr
+
+
+def test_a_dry_run_on_a_bad_row_fails_with_bad_input_naming_it(
+    k8s_cluster: DevCluster, operator: OperatorProcess, ns: str, assets: str, s3_server: S3Server
+) -> None:
+    rows = [{"instruction": "Say hi.", "output": "Hi."}] * 6
+    rows[2] = {"colour": "blue"}
+    body = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    s3_server.client().put_object(Bucket=assets, Key="data/bad-row.jsonl", Body=body)
+    manifest = ftj_manifest("dry-bad", assets, dryRun=True)
+    manifest["spec"]["dataset"]["uri"] = f"s3://{assets}/data/bad-row.jsonl"
+    create(k8s_cluster, ns, manifest)
+    st = wait_phase(k8s_cluster, ns, "dry-bad", "Failed", "Validated", "Succeeded")
+    assert (st["phase"], st["reason"]) == ("Failed", "BadInput"), st
+    assert "bad-row.jsonl" in st["message"] and "row 3" in st["message"], st["message"]
+    assert "preview" not in st and st["restarts"] == 0
 
 
 def test_more_gpus_than_the_node_has_stays_pending_with_the_schedulers_message(
@@ -241,6 +309,12 @@ def test_suspend_stops_the_trainer_and_resume_continues_from_the_checkpoint(
     assert st["phase"] == "Succeeded", st
     assert st["resumedFromStep"] > 0
     assert len(jobs_of(k8s_cluster, ns)) == 1
+    # The suspension's SIGTERM was a preemption: the step under way saved (exit code 5), no
+    # retry used, and the next attempt resumed from that step.
+    first, second = st["attempts"][:2]
+    assert (first["result"], first["reason"], first["exitCode"]) == ("Stopped", "Preempted", 5)
+    assert st["restarts"] == 0
+    assert second["resumedFromStep"] == st["resumedFromStep"]
 
 
 def test_operator_restart_mid_job_keeps_one_job_and_status_moving(

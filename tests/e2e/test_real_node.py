@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 
+from kubetune_devcluster.nodefaults import pod_paused
 from kubetune_devcluster.processes import wait_for
 from tests.fixtures.ftj import (
     FTJ_API,
@@ -215,6 +217,17 @@ def test_missing_secret_and_missing_key_are_named_within_seconds(
     )
 
 
+def leader_pod(real_stack: RealStack) -> dict:
+    """The operator pod holding the leader Lease (its holderIdentity starts with the pod's name)."""
+    leases = real_stack.cluster.rest().get(
+        f"/apis/coordination.k8s.io/v1/namespaces/{real_stack.namespace}/leases"
+    )["items"]
+    holders = [(lease.get("spec") or {}).get("holderIdentity") or "" for lease in leases]
+    pods = real_stack.operator_pods()
+    (leader,) = [p for p in pods if any(h.startswith(p["metadata"]["name"] + "_") for h in holders)]
+    return leader
+
+
 def test_operator_pod_deleted_mid_run_the_new_one_carries_on(
     real_stack: RealStack, real_ns: str, real_assets: str
 ) -> None:
@@ -226,24 +239,29 @@ def test_operator_pod_deleted_mid_run_the_new_one_carries_on(
         interval=0.5,
         what="progress",
     )
-    (old,) = real_stack.operator_pods()
-    before = step_of(real_stack, real_ns, "steady")
-    cluster.kubectl("delete", "pod", "-n", real_stack.namespace, old["metadata"]["name"])
+    old = leader_pod(real_stack)
 
     def new_operator_ready() -> bool:
         pods = [
             p for p in real_stack.operator_pods() if p["metadata"]["uid"] != old["metadata"]["uid"]
         ]
-        return any(
-            c["type"] == "Ready" and c["status"] == "True"
+        return len(pods) == 2 and all(
+            any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in p["status"].get("conditions") or []
+            )
             for p in pods
-            for c in p["status"].get("conditions") or []
         )
 
-    wait_for(new_operator_ready, timeout=180, interval=0.5, what="the new operator pod Ready")
-    assert status_of(cluster, real_ns, "steady")["phase"] == "Running", (
-        "finished during the restart"
-    )
+    (trainer,) = pods_of(cluster, real_ns)
+    # The trainer is paused while the operator restarts: a fast machine would otherwise
+    # finish the run inside the restart, and progress after it is what is under test.
+    with pod_paused(cluster, real_ns, trainer["metadata"]["name"]):
+        before = step_of(real_stack, real_ns, "steady")
+        killed = time.monotonic()
+        cluster.kubectl("delete", "pod", "-n", real_stack.namespace, old["metadata"]["name"])
+        wait_for(new_operator_ready, timeout=180, interval=0.5, what="the new operator pod Ready")
+    assert status_of(cluster, real_ns, "steady")["phase"] == "Running"
     # Progress keeps flowing to the new pod through the Service.
     wait_for(
         lambda: step_of(real_stack, real_ns, "steady") > before,
@@ -251,6 +269,9 @@ def test_operator_pod_deleted_mid_run_the_new_one_carries_on(
         interval=0.5,
         what="progress after the operator's restart",
     )
+    # The other replica leads now (the deleted pod released its Lease on SIGTERM).
+    assert leader_pod(real_stack)["metadata"]["uid"] != old["metadata"]["uid"]
+    print(f"\nleader pod deleted: progress again {time.monotonic() - killed:.1f} s later")
     st = wait_phase(cluster, real_ns, "steady", "Succeeded", "Failed", timeout=RUN_TIMEOUT)
     assert st["phase"] == "Succeeded", st
     assert st["progress"]["step"] == 60

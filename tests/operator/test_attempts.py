@@ -197,7 +197,7 @@ def test_attempts_ride_on_the_status_and_alone_wait_for_the_progress_interval() 
         trainer_pod("p2", at(2, 10), started=at(2, 12)),
     ]
     obs = status.Observed(ftj=ftj, job=job, pods=pods, progress=starts((at(2, 30), 6)))
-    st = status.derive_status(obs, NOW)
+    st = status.derive_status(obs, NOW).wire()
     assert [a["resumedFromStep"] for a in st["attempts"][1:]] == [6]
     assert st["restarts"] == 1 and st["resumedFromStep"] == 6
     before = {**st, "attempts": st["attempts"][:1] + [{**st["attempts"][1]}]}
@@ -223,3 +223,41 @@ def test_a_late_push_or_a_checkpoint_report_does_not_move_progress_back() -> Non
     # A start still counts for status.attempts, whenever it arrives.
     assert cache.observe_progress(key, resumed)
     assert len(cache.progress[key][contract.PROGRESS_STARTS]) == 2
+
+
+def test_a_suspended_pod_that_saved_its_step_and_was_deleted_before_a_reconcile_is_preempted() -> (
+    None
+):
+    """The Job controller deletes a suspended Job's pod: it ends (exit 5, its step saved) and is
+    gone before the next reconcile. Its last state, from the deletion event, tells how it ended."""
+    from kubetune_operator import names
+
+    ftj = make_ftj()
+    job = job_for(ftj, suspend=True)
+    cache = Cache()
+    cache.observe_job("MODIFIED", job)
+    running = trainer_pod("p1", at(0), started=at(0, 5))
+    ended = trainer_pod("p1", at(0), started=at(0, 5), ended=at(1), exit_code=5, deleted=True)
+    for pod in (running, ended):
+        pod["metadata"]["namespace"] = job["metadata"]["namespace"]
+        pod["metadata"]["labels"] = {names.POD_JOB_LABELS[0]: job["metadata"]["name"]}
+        pod["metadata"]["ownerReferences"] = [{"uid": job["metadata"]["uid"]}]
+    cache.observe_pod("ADDED", running)
+    recorded = status.attempts_of(status.Observed(ftj=ftj, job=job, pods=cache.job_pods(job)), NOW)
+    assert recorded[0]["result"] == "Running"
+    cache.observe_pod("MODIFIED", ended)
+    cache.observe_pod("DELETED", ended)
+    obs = status.Observed(
+        ftj=ftj,
+        previous={"attempts": recorded},
+        job=job,
+        pods=cache.job_pods(job),
+        ended_pods=cache.ended_job_pods(job),
+    )
+    assert obs.pods == []
+    (got,) = status.attempts_of(obs, NOW)
+    assert (got["result"], got["reason"], got["exitCode"]) == ("Stopped", "Preempted", 5)
+    assert got["endedAt"] == at(1)
+    # Once the Job is gone, so is what was kept of its pods.
+    cache.observe_job("DELETED", job)
+    assert cache.ended_job_pods(job) == []

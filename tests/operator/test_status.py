@@ -63,7 +63,7 @@ def derive(
         problem=problem,
         changed_fields=None if changed is None else list(changed),
     )
-    return status.derive_status(obs, now)
+    return status.derive_status(obs, now).wire()
 
 
 def cond(st: dict, type_: str) -> dict:
@@ -415,7 +415,7 @@ def test_usage_sums_every_attempt_and_prices_gpu_hours() -> None:
     obs = status.Observed(
         ftj=ftj, job=job, pods=[first, second], gpu_hour_price=3.6, currency="EUR"
     )
-    usage = status.derive_status(obs, T2)["usage"]
+    usage = status.derive_status(obs, T2).wire()["usage"]
     # 60 s of the first attempt, 120 s so far of the second (running since T0).
     assert usage["attempts"] == {"tune-trainer-a": 60.0, "tune-trainer-b": 120.0}
     assert (usage["wallSeconds"], usage["gpuSeconds"]) == (180.0, 360.0)
@@ -426,7 +426,7 @@ def test_usage_sums_every_attempt_and_prices_gpu_hours() -> None:
     later = status.Observed(
         ftj=ftj, job=job, pods=[second], previous={"usage": usage}, gpu_hour_price=3.6
     )
-    again = status.derive_status(later, "2026-01-01T00:03:00Z")["usage"]
+    again = status.derive_status(later, "2026-01-01T00:03:00Z").wire()["usage"]
     assert again["attempts"] == {"tune-trainer-a": 60.0, "tune-trainer-b": 180.0}
     assert again["gpuSeconds"] == 480.0
 
@@ -435,10 +435,10 @@ def test_usage_has_no_cost_without_a_price_and_is_throttled_like_progress() -> N
     ftj = make_ftj()
     running = pod("Running", name="tune-trainer-a", running=True)
     obs = status.Observed(ftj=ftj, job=job_for(ftj, active=1), pods=[running])
-    first = status.derive_status(obs, T1)
+    first = status.derive_status(obs, T1).wire()
     assert "estimatedCost" not in first["usage"] and first["usage"]["gpuSeconds"] == 120.0
     later = status.Observed(ftj=ftj, job=obs.job, pods=[running], previous=first)
-    second = status.derive_status(later, T2)
+    second = status.derive_status(later, T2).wire()
     assert second["usage"] != first["usage"]
     assert not status.needs_immediate_patch(first, second)  # ticking seconds wait their turn
 

@@ -165,7 +165,7 @@ def test_convert_row(row: dict, fmt: str, expected: dict) -> None:
         (
             {"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]},
             "chat",
-            "message 2: unknown role 'bot' (expected system, user or assistant)",
+            "message 2: unknown role 'bot' (expected system, user, assistant or tool)",
         ),
         (
             {"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]},

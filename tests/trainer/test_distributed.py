@@ -73,6 +73,8 @@ def test_gang_exit_code_keeps_bad_input_and_threshold_codes(tmp_path: Path) -> N
     assert gang_exit_code(1, {1: "1"}) == 1
     assert gang_exit_code(1, {0: "3", 1: "1"}) == 3  # bad input: the operator must not retry
     assert gang_exit_code(1, {0: "1", 1: "4"}) == 4  # thresholds missed: the same
+    assert gang_exit_code(1, {0: "5", 1: "5"}) == 5  # stopped with a checkpoint: Preempted
+    assert gang_exit_code(1, {0: "5", 1: "3"}) == 3  # a non-retryable code still wins
 
 
 def test_rank_from_environment() -> None:
@@ -268,6 +270,10 @@ def test_killed_gang_resumes_with_the_same_remaining_steps(two_rank_lora, tmp_pa
 
     start_step = resumed["resumedFromStep"]
     assert start_step == 2
+    # One copy of the checkpoint on the node, read by both ranks (not one per rank).
+    copies = sorted(p.relative_to(tmp_path / "work" / "resume").as_posix()
+                    for p in (tmp_path / "work" / "resume").rglob("checkpoint-*"))  # fmt: skip
+    assert copies == ["checkpoint-2"]
     reference = _losses(_metrics(out, "ddp"))
     after = {
         e["step"]: e["loss"]
@@ -322,14 +328,17 @@ def test_two_rank_full_fine_tune_publishes_the_trained_model(tiny_job, tmp_path)
     _kubetune_run(manifest, tmp_path, 2)
 
     run = out / "local" / "full"
-    published = AutoModelForCausalLM.from_pretrained(run / "model").state_dict()
+    published = AutoModelForCausalLM.from_pretrained(run / "model", dtype="auto").state_dict()
     trained = load_file(run / "checkpoints" / f"checkpoint-{STEPS}" / "model.safetensors")
     base = AutoModelForCausalLM.from_pretrained(
         Path(manifest["spec"]["model"]["uri"].removeprefix("file://"))
     ).state_dict()
     changed = [k for k in trained if not torch.equal(trained[k], base[k])]
     assert len(changed) > len(trained) // 2, "training changed too few tensors"
+    # Published in bf16 (the base's own 16-bit dtype or bf16; the fp32 master weights would
+    # double the size): the trained weights rounded to it.
     for key, tensor in trained.items():
-        assert torch.equal(published[key], tensor), key
+        assert published[key].dtype == torch.bfloat16, key
+        assert torch.equal(published[key], tensor.to(torch.bfloat16)), key
     doc = json.loads((run / "manifest.json").read_text())
     assert distributed.CPU_FSDP_NOTE in doc.get("notes", []), doc.get("notes")

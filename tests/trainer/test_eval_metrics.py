@@ -75,23 +75,44 @@ def test_rouge_l_known_values():
 # --- unsupported content -----------------------------------------------------------------
 
 
-def test_unsupported_content_counts_claims_in_neither_prompt_nor_reference():
+def test_unsupported_content_counts_content_in_neither_prompt_nor_reference():
     found = unsupported_content(
         "In Paris there are 3 museums and Bob owns 2,000 cats.",
         "Tell me about paris.",
         "There are 3 museums and 2000 cats.",
     )
-    # claims: 3, 2,000 (numbers), Paris, Bob (names inside the sentence; "In" opens it);
-    # only Bob is in no source
-    assert found.claims == 4
-    assert found.unsupported == ("Bob",)
+    # content: paris, 3, museums, bob, owns, 2,000, cats (function words do not count);
+    # "bob" and "owns" are in no source; words match case-insensitively, numbers by value
+    assert found.claims == 7
+    assert sorted(found.unsupported) == ["bob", "owns"]
+    assert found.rate == pytest.approx(2 / 7)
 
 
-def test_unsupported_content_rate_pools_claims_over_outputs():
-    first = unsupported_content("She met Alice at 30", "Alice", "")  # 2 claims, 30 unsupported
-    second = unsupported_content("We saw Zed and Quinn", "", "")  # 2 claims, both unsupported
-    assert unsupported_content_rate([first, second]) == pytest.approx(3 / 4)
-    assert unsupported_content_rate([unsupported_content("no claims here", "")]) is None
+def test_list_numbering_is_layout_not_a_claim():
+    prompt = "Name the two largest cities of Norway."
+    reference = "Oslo and Bergen."
+    numbered = unsupported_content("1. Oslo\n2. Bergen", prompt, reference)
+    prose = unsupported_content("Oslo and Bergen.", prompt, reference)
+    assert numbered.unsupported == prose.unsupported == ()
+    assert numbered.rate == prose.rate == 0.0
+    invented = unsupported_content("1) Oslo\n2) Trondheim", prompt, reference)
+    assert invented.unsupported == ("trondheim",)
+
+
+def test_answers_without_numbers_or_names_are_measured():
+    # Lower-case prose with no number and no capitalised word still states things.
+    found = unsupported_content("she sells seashells by the seashore", "Who sells what?", "")
+    assert found.unsupported == ("seashells", "seashore")  # "sells" is in the prompt
+    assert found.rate == pytest.approx(2 / 3)
+    assert unsupported_content_rate([found]) == pytest.approx(2 / 3)
+
+
+def test_unsupported_content_rate_averages_answers():
+    first = unsupported_content("She met Alice at 30", "Alice", "")  # met, alice, 30: 2 of 3
+    second = unsupported_content("zed and quinn", "", "")  # zed, quinn: 2 of 2
+    assert unsupported_content_rate([first, second]) == pytest.approx((2 / 3 + 1) / 2)
+    # An answer without content (empty, function words only) states nothing to check.
+    assert unsupported_content_rate([unsupported_content("it is", "")]) is None
 
 
 # --- format compliance -------------------------------------------------------------------
@@ -151,7 +172,8 @@ def test_score_outputs_averages_per_example_metrics():
     assert scored.format_ok == (True, False)
     assert scored.tokenF1 == pytest.approx(0.5)  # 1.0 and 0.0
     assert scored.rougeL == pytest.approx(0.5)
-    assert scored.unsupportedContentRate == 0.0  # "Oslo" is in the prompt
+    # "city" and "oslo" are in the prompt; "idea" of "no idea" is in no source
+    assert scored.unsupportedContentRate == pytest.approx(0.5)
 
 
 def test_score_outputs_without_examples_measures_nothing():

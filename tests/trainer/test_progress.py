@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from kubetune.api.contract import ProgressEvent
+from kubetune.api.contract import MAX_EVENT_MESSAGE_LENGTH, ProgressEvent
 from kubetune_trainer.progress import (
     HttpReporter,
     JsonLinesReporter,
@@ -218,3 +218,21 @@ def test_http_reporter_reads_the_projected_token_file_for_every_push(
     reporter.close()
     assert endpoint.rejected == 1
     assert [e["step"] for e in endpoint.received] == [2]
+
+
+def test_an_event_never_breaks_the_operators_bounds() -> None:
+    """A diverged run's NaN or infinite loss is left out and a long message cut, so the event
+    is one the operator accepts (it refuses non-finite numbers and over-long strings)."""
+    event = make_event(
+        "step",
+        step=3,
+        loss=float("nan"),
+        evalLoss=float("inf"),
+        etaSeconds=1e12,
+        learningRate=2e-4,
+        message="x" * 10_000,
+    )
+    assert event.loss is None and event.evalLoss is None and event.etaSeconds is None
+    assert event.step == 3 and event.learningRate == 2e-4
+    wire = event.model_dump_json()
+    assert ProgressEvent.model_validate_json(wire).message == "x" * MAX_EVENT_MESSAGE_LENGTH

@@ -105,7 +105,7 @@ def train_with_tracking(tiny_job: Any, tmp_path: Path, tracking_spec: dict) -> t
 
 @pytest.mark.slow
 def test_the_whole_run_is_logged_to_mlflow(
-    mlflow_server: str, tiny_job: Any, tmp_path: Path
+    mlflow_server: str, s3_env: str, tiny_job: Any, tmp_path: Path
 ) -> None:
     """Through the pipeline, as `kubetune run` and the trainer pod run it."""
     from mlflow.tracking import MlflowClient
@@ -114,11 +114,17 @@ def test_the_whole_run_is_logged_to_mlflow(
     from kubetune_trainer.progress import JsonLinesReporter
 
     manifest = tiny_job(
-        (tmp_path / "out").as_uri(),
+        f"s3://{s3_env}/out/",  # the registry takes remote sources only
         name="tracked",
         training={"maxSteps": 4},
         evaluation={"enabled": True, "maxSamples": 2, "maxNewTokens": 4, "sampleOutputs": 1},
-        tracking={"mlflow": {"uri": mlflow_server, "experiment": "kubetune-tests"}},
+        tracking={
+            "mlflow": {
+                "uri": mlflow_server,
+                "experiment": "kubetune-tests",
+                "registeredModel": "support-assistant",
+            }
+        },
     )
     job = FineTuneJob.model_validate(manifest)
     options = RunOptions(work_dir=tmp_path / "work", namespace="default", hardware=CPU)
@@ -139,6 +145,48 @@ def test_the_whole_run_is_logged_to_mlflow(
     assert run.data.metrics["tokenF1"] == pytest.approx(result.metrics.tokenF1)
     assert run.data.tags["artifacts.model"] == result.artifacts.model
     assert run.data.tags["artifacts.report"] == result.artifacts.report
+
+    # The published adapter is the registered model's first version, pointing at it.
+    [version] = client.search_model_versions("name = 'support-assistant'")
+    assert status.modelVersion == f"support-assistant/{version.version}" == "support-assistant/1"
+    assert (version.source, version.run_id) == (result.artifacts.model, run.info.run_id)
+    assert version.tags["kubetune.baseModel"] == job.spec.model.uri
+    assert version.tags["kubetune.method"] == "lora"
+    assert version.tags["kubetune.evalPassed"] == "none"  # no thresholds set
+    assert float(version.tags["metrics.evalLoss"]) == pytest.approx(result.metrics.evalLoss)
+
+
+@pytest.mark.slow
+def test_a_run_that_missed_its_thresholds_is_not_registered(
+    mlflow_server: str, tiny_job: Any, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from kubetune_trainer.pipeline import RunOptions, run_pipeline
+    from kubetune_trainer.progress import JsonLinesReporter
+
+    manifest = tiny_job(
+        (tmp_path / "out").as_uri(),
+        name="missed",
+        training={"maxSteps": 2},
+        evaluation={
+            "enabled": True,
+            "maxSamples": 1,
+            "maxNewTokens": 2,
+            "sampleOutputs": 0,
+            "thresholds": {"maxEvalLoss": 0.0001},
+        },
+        tracking={"mlflow": {"uri": mlflow_server, "registeredModel": "never-registered"}},
+    )
+    options = RunOptions(work_dir=tmp_path / "work", namespace="default", hardware=CPU)
+    result = run_pipeline(
+        FineTuneJob.model_validate(manifest), JsonLinesReporter(io.StringIO()), options
+    )
+    assert result.metrics.evalPassed is False
+    [status] = result.tracking
+    assert (status.state, status.modelVersion) == ("Logged", None)
+    client = MlflowClient(tracking_uri=mlflow_server)
+    assert client.search_model_versions("name = 'never-registered'") == []
 
 
 @pytest.mark.slow

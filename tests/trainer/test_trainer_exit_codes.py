@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from kubetune.api.contract import EXIT_EVAL_THRESHOLDS, NON_RETRYABLE_EXIT_CODES
+from kubetune.api.contract import EXIT_EVAL_THRESHOLDS, EXIT_PREEMPTED, NON_RETRYABLE_EXIT_CODES
 from tests.fixtures.tiny_model import trainer_pod_files
 
 
@@ -46,9 +46,11 @@ def test_missed_gate_exits_with_its_own_non_retryable_code(tiny_job, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_trainer_at_once_with_a_message(tiny_job, tmp_path):
+def test_sigterm_stops_the_trainer_after_its_step_with_a_message(tiny_job, tmp_path):
     """The kubelet stops a pod with SIGTERM; as PID 1 without a handler the trainer would
-    ignore it until the SIGKILL at the end of the grace period."""
+    ignore it until the SIGKILL at the end of the grace period. Mid-training it finishes the
+    step, saves it and exits with the Preempted code (tests/trainer/test_preemption.py has the
+    checkpoint and the resume)."""
     manifest = tiny_job((tmp_path / "out").as_uri(), training={"maxSteps": 500})
     termination_log, env = trainer_pod_files(manifest, tmp_path)
     proc = subprocess.Popen(
@@ -66,6 +68,6 @@ def test_sigterm_stops_the_trainer_at_once_with_a_message(tiny_job, tmp_path):
         code = proc.wait(timeout=30)
     finally:
         proc.kill()
-    assert code == 1, code  # an ordinary failure: the Job retries it or ignores a disruption
+    assert code == EXIT_PREEMPTED, code  # not a failure: the Job's podFailurePolicy ignores it
     message = termination_log.read_text()
-    assert message.startswith("TrainerStopped: stopped by SIGTERM"), message
+    assert message.startswith("Preempted: stopped by SIGTERM after step "), message

@@ -274,13 +274,13 @@ def test_checkpoint_upload_error_fails_training(tmp_path):
         uploader.on_train_end(args, state, None)
 
 
-# --- 18. unsupported content counts names and numbers, not sentence openers ---------------
+# --- 18. unsupported content: every content word, wherever it stands ----------------------
 
 
-def test_sentence_initial_words_are_not_unsupported_claims():
-    prompt = "Where does Alice live?"
-    found = unsupported_content("However, she lives in Paris. Yes. The end.", prompt)
-    assert found.unsupported == ("Paris",) and found.claims == 1
+def test_sentence_position_and_case_do_not_decide_what_is_content():
+    prompt = "Where does Alice live? She lives in paris."
+    found = unsupported_content("However, she lives in Paris. Yes.", prompt)
+    assert found.unsupported == ("however",) and found.claims == 3  # however, lives, paris
     listed = unsupported_content("Answer:\n- Yes\n- Alice is 30", prompt)
-    assert listed.unsupported == ("30",)
-    assert unsupported_content("Alice met Bob", prompt).unsupported == ("Bob",)
+    assert listed.unsupported == ("30", "answer")
+    assert unsupported_content("Alice met Bob", prompt).unsupported == ("met", "bob")

@@ -2,7 +2,9 @@
 
 stdout carries JSON-line progress events only (the last line is `completed` or `failed`);
 library chatter goes to stderr. Exit codes: 0 done (termination message: TrainerResult JSON),
-3 bad input (nothing trained; the message names the file, row or field), 1 anything else.
+3 bad input (nothing trained; the message names the file, row or field), 4 evaluation gate
+missed, 5 stopped by SIGTERM with a checkpoint of the current step saved, 1 anything else.
+A job with spec.dryRun runs the data stage only and writes its preview (kubetune_trainer.preview).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from kubetune.api.contract import (
     EXIT_BAD_INPUT,
     EXIT_EVAL_THRESHOLDS,
     EXIT_FAILURE,
+    EXIT_PREEMPTED,
 )
 from kubetune_trainer.errors import BadInputError, one_line, write_termination_message
 
@@ -65,15 +68,20 @@ STOPPED_MESSAGE = (
 )
 
 
-def _stop(signum: int, frame: object) -> None:
-    """Exit at once, as SIGKILL would, but with a message. Not an exception: one raised here
-    surfaces wherever the main thread happens to be, and a handler there (a progress
-    reporter's, say) would swallow it. Checkpoints need no cleanup: an upload cut short has
-    no completeness marker."""
+def _stop() -> None:
+    """SIGTERM outside training: exit at once, as SIGKILL would, but with a message. Not an
+    exception: one raised here surfaces wherever the main thread happens to be, and a handler
+    there (a progress reporter's, say) would swallow it. Checkpoints need no cleanup: an upload
+    cut short has no completeness marker."""
     with contextlib.suppress(OSError):
         write_termination_message(STOPPED_MESSAGE)
     print(STOPPED_MESSAGE, file=sys.stderr, flush=True)
     os._exit(EXIT_FAILURE)
+
+
+def _die_by_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,13 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     if distributed.is_gang_pod():
         # The pod of a gang: start torchrun, whose workers run this program again.
         return distributed.main(argv)
-    if distributed.ENV_LOCAL_RANK not in os.environ:
-        # As the container's PID 1 the trainer would ignore SIGTERM (init has no default
-        # action): the kubelet would wait out the grace period, the trainer training on,
-        # then SIGKILL it without a word. Under torchrun the agent stops the workers (and
-        # their own failure messages stay).
-        signal.signal(signal.SIGTERM, _stop)
-    args = parse_args(argv)
+    args = parse_args(argv)  # before the imports below: `--help` stays instant
+    from kubetune_trainer import preemption
+
+    # During training SIGTERM stops after the current optimizer step with a checkpoint of it
+    # (kubetune_trainer.preemption); otherwise at once. As the container's PID 1 the trainer
+    # must handle it itself (init has no default action: the kubelet would wait out the grace
+    # period, then SIGKILL it without a word); a torchrun worker outside training dies as
+    # SIGTERM's default action would have it.
+    under_torchrun = distributed.ENV_LOCAL_RANK in os.environ
+    preemption.install(_die_by_sigterm if under_torchrun else _stop)
     config = args.config or Path(os.environ.get(ENV_JOB_CONFIG) or DEFAULT_JOB_CONFIG)
     work_dir = args.work_dir or Path(os.environ.get(ENV_WORK_DIR) or DEFAULT_WORK_DIR)
     logging.basicConfig(
@@ -124,9 +135,24 @@ def main(argv: list[str] | None = None) -> int:
 
             job = load_job(config)
             namespace = args.namespace or job.namespace
-            result = run_pipeline(job, reporter, RunOptions(work_dir=work_dir, namespace=namespace))
+            if job.spec.dryRun:  # the data stage and its preview only: nothing is trained
+                from kubetune_trainer.preview import dry_run
+
+                result = dry_run(job, reporter, work_dir, namespace)
+            else:
+                options = RunOptions(work_dir=work_dir, namespace=namespace)
+                result = run_pipeline(job, reporter, options)
             if result is None:  # a rank other than 0: rank 0 published and reported
                 return 0
+    except preemption.Preempted as error:
+        # Every rank exits with the code: the gang's launcher and the operator read it.
+        message = f"Preempted: {error}"
+        print(message, file=sys.stderr)
+        if rank.is_main:
+            write_termination_message(message)
+        reporter.emit(make_event("stage", stage="preempted", step=error.step, message=message))
+        reporter.close()
+        return EXIT_PREEMPTED
     except BadInputError as error:
         message = str(error)
         print(message, file=sys.stderr)
@@ -158,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             loss=result.metrics.trainLoss,
             evalLoss=result.metrics.evalLoss,
             resumedFromStep=result.resumedFromStep,
-            message=result.artifacts.manifest,
+            message=result.artifacts.manifest or result.message,
         )
     )
     reporter.close()
@@ -168,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
 def main_recording_exit() -> int:
     """`main`, leaving its exit code where a gang launcher reads it: torchrun itself exits 1
     for any failed worker, and the pod's exit code must still say "bad input, do not retry"."""
-    from kubetune_trainer.distributed import record_exit_code
+    from kubetune_trainer.distributed import record_exit_code, record_start
 
+    record_start()
     code = main()
     record_exit_code(code)
     return code

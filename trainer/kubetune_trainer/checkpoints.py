@@ -50,6 +50,10 @@ def training_fingerprint(
     )
     parts["training"] = {k: v for k, v in parts["training"].items() if k not in _NOT_TRAJECTORY}
     parts["dataDigest"] = data_digest
+    if spec.objective != "sft":  # what training optimises (sft jobs keep their old digest)
+        parts["objective"] = spec.model_dump(
+            mode="json", by_alias=True, include={"objective", "preference", "grpo", "rewards"}
+        )
     if spec.world_size > 1:
         # The data order and the optimizer's shards follow the gang's shape: a checkpoint is
         # resumed by the same world size and strategy only (a changed gang starts over).

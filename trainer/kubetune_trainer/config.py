@@ -1,4 +1,5 @@
-"""Reading the FineTuneJob manifest the trainer runs (a ConfigMap file, or `kubetune run`'s)."""
+"""Reading the FineTuneJob manifest the trainer runs (the pod's downward-API file of its Job's
+annotation `kubetune.io/job`, or `kubetune run`'s file)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,10 @@ Formats and what they become (the column names TRL's SFTTrainer expects):
   the tokenizer has a chat template), -> messages: one user turn (instruction, a blank line,
   input) and one assistant turn (output), rendered like the model is served;
 - prompt-completion: prompt, completion -> prompt, completion (plain strings);
-- chat: messages = [{role: system|user|assistant, content}] -> messages;
+- chat: messages = [{role: system|user|assistant|tool, content}] -> messages; tool calling:
+  assistant `tool_calls` ([{id?, type?, function: {name, arguments}}], content may then be
+  empty), `tool` messages (`tool_call_id`, `name` optional) and a row-level `tools` list
+  (function definitions, given to the chat template); arguments and tools kept as JSON text;
 - text: text -> text.
 
 Row numbers in errors are 1-based: the line number for JSON Lines (blank lines count), the
@@ -49,7 +52,10 @@ from kubetune_trainer.model_source import hub_offline
 from kubetune_trainer.storage import SYNC_INDEX, fetch, parse_uri
 
 FORMATS = ("alpaca", "chat", "prompt-completion", "text")
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+# A chat row's tool definitions, passed to the chat template; kept as JSON text because
+# Arrow would merge differently shaped JSON schemas across rows into one padded struct.
+TOOLS_FIELD = "tools"
 EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 EXTENSION_LIST = ".jsonl, .json, .csv or .parquet"
 
@@ -158,7 +164,49 @@ def _text_of_parts(parts: list[Any], at: str) -> str:
     return "".join(texts)
 
 
-def _messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+def _tool_calls(value: Any, at: str) -> list[dict[str, Any]]:
+    """An assistant message's tool calls, arguments as JSON text (see TOOLS_FIELD)."""
+    if not isinstance(value, list) or not value:
+        raise BadInputError(f"{at}: field 'tool_calls' must be a non-empty list of objects")
+    calls = []
+    for number, call in enumerate(value, start=1):
+        where = f"{at}: tool call {number}"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise BadInputError(f"{where}: expected {{function: {{name, arguments}}}}")
+        arguments = function.get("arguments", {})
+        if not isinstance(arguments, (str, dict)):
+            raise BadInputError(f"{where}: 'arguments' must be an object or JSON text")
+        calls.append(
+            {
+                "id": str(call["id"]) if call.get("id") is not None else None,
+                "type": call.get("type") or "function",
+                "function": {
+                    "name": function["name"],
+                    "arguments": arguments
+                    if isinstance(arguments, str)
+                    else json.dumps(arguments, ensure_ascii=False),
+                },
+            }
+        )
+    return calls
+
+
+def _tools(row: dict[str, Any], where: str) -> str | None:
+    tools = row.get(TOOLS_FIELD)
+    if tools is None:
+        return None
+    if isinstance(tools, str):  # CSV cells hold the list as JSON text
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as error:
+            raise BadInputError(f"{where}: field 'tools' is not valid JSON ({error.msg})") from None
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        raise BadInputError(f"{where}: field 'tools' must be a list of function definitions")
+    return json.dumps(tools, ensure_ascii=False)
+
+
+def _messages(row: dict[str, Any], where: str) -> list[dict[str, Any]]:
     messages = row.get("messages")
     if messages is None:
         raise BadInputError(f"{where}: missing field 'messages' (format chat)")
@@ -182,10 +230,15 @@ def _messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
         if role is None:
             raise BadInputError(f"{at}: missing field 'role'")
         if role not in CHAT_ROLES:
-            raise BadInputError(f"{at}: unknown role {role!r} (expected system, user or assistant)")
+            raise BadInputError(
+                f"{at}: unknown role {role!r} (expected system, user, assistant or tool)"
+            )
         if role == "system" and index != 1:
             raise BadInputError(f"{at}: a system message must come first")
         content = message.get("content")
+        calls = message.get("tool_calls") if role == "assistant" else None
+        if content is None and calls:
+            content = ""  # a turn that only calls tools
         if content is None:
             raise BadInputError(f"{at}: missing field 'content'")
         if isinstance(content, list):  # OpenAI-style content parts: text parts only
@@ -194,8 +247,18 @@ def _messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
             raise BadInputError(
                 f"{at}: field 'content' must be a string, got {type(content).__name__}"
             )
-        converted.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in converted):
+        entry: dict[str, Any] = {"role": role, "content": content}
+        if calls:
+            entry["tool_calls"] = _tool_calls(calls, at)
+        if role == "tool":
+            for key in ("tool_call_id", "name"):
+                if message.get(key) is not None:
+                    entry[key] = str(message[key])
+        converted.append(entry)
+    if not any(
+        m["role"] == "assistant" and (m["content"].strip() or m.get("tool_calls"))
+        for m in converted
+    ):
         raise BadInputError(f"{where}: no assistant message with content (nothing to learn from)")
     return converted
 
@@ -244,7 +307,11 @@ def convert_row(
         prompt = _text_field(row, "prompt", fmt, where, required=False)
         return {"prompt": prompt, "completion": _text_field(row, "completion", fmt, where)}
     if fmt == "chat":
-        return {"messages": _messages(row, where)}
+        converted = {"messages": _messages(row, where)}
+        tools = _tools(row, where)
+        if tools is not None:
+            converted[TOOLS_FIELD] = tools
+        return converted
     if fmt == "text":
         return {"text": _text_field(row, "text", fmt, where)}
     raise BadInputError(f"{source}: unknown dataset format {fmt!r} (expected {', '.join(FORMATS)})")

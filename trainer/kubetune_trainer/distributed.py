@@ -32,7 +32,11 @@ from kubetune.api.contract import (  # set by the operator on a gang's pods
     ENV_NNODES,
     ENV_NODE_RANK,
     ENV_NPROC_PER_NODE,
+    ENV_RENDEZVOUS_TIMEOUT,
+    EXIT_PREEMPTED,
+    EXIT_RENDEZVOUS_TIMEOUT,
     GANG_PORT,
+    RENDEZVOUS_TIMEOUT_S,
 )
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,9 @@ ENV_EXIT_CODES = "KUBETUNE_EXIT_CODE_DIR"  # where each worker leaves its exit c
 
 # Worker exit codes that decide the gang's (contract: 3 bad input, 4 thresholds missed).
 NON_RETRYABLE = (3, 4)
+# A worker's code after a stop with a checkpoint: the gang's, when no worker had a
+# non-retryable one.
+PREEMPTED = EXIT_PREEMPTED
 
 DEFAULT_MASTER_PORT = GANG_PORT
 # How long a collective may wait for a peer before the process group gives up. Inside training
@@ -139,6 +146,10 @@ def torchrun_argv(
         f"--node-rank={node_rank}",
         f"--master-addr={master_addr}",
         f"--master-port={master_port or DEFAULT_MASTER_PORT}",
+        # How long each pod waits at the static rendezvous for the others (the TCPStore's
+        # wait for its clients, and a client's wait for the store): a member that never
+        # starts (unschedulable) ends the attempt instead of holding rank 0 forever.
+        f"--rdzv-conf=timeout={rendezvous_timeout_s()}",
         "--max-restarts=0",
         *program,
     ]
@@ -154,6 +165,11 @@ def pod_argv(environ: dict[str, str], program: list[str]) -> list[str]:
         master_addr=environ.get(ENV_MASTER_ADDR) or "127.0.0.1",
         master_port=int(environ.get(ENV_MASTER_PORT) or DEFAULT_MASTER_PORT),
     )
+
+
+def rendezvous_timeout_s(environ: dict[str, str] | None = None) -> int:
+    env = os.environ if environ is None else environ
+    return int(env.get(ENV_RENDEZVOUS_TIMEOUT) or RENDEZVOUS_TIMEOUT_S)
 
 
 def collective_timeout() -> timedelta:
@@ -239,6 +255,13 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
+def record_start() -> None:
+    """A worker: say it started, so past the rendezvous (only under a launcher that asked)."""
+    folder = os.environ.get(ENV_EXIT_CODES)
+    if folder:
+        (Path(folder) / f"started-{current().rank}").touch()
+
+
 def record_exit_code(code: int) -> None:
     """A worker: leave `code` for the launcher (only under one that asked for it)."""
     folder = os.environ.get(ENV_EXIT_CODES)
@@ -248,15 +271,45 @@ def record_exit_code(code: int) -> None:
 
 def gang_exit_code(launcher_code: int, folder: Path) -> int:
     """The gang's exit code: a worker's bad-input (3) or thresholds-missed (4) code wins over
-    torchrun's generic 1, so the operator does not retry what cannot succeed. The folder
-    is removed."""
+    torchrun's generic 1, so the operator does not retry what cannot succeed; then preempted
+    (5), so a stop with a checkpoint is not counted as a failure. The folder is removed."""
     import shutil
 
     codes = {int(f.read_text() or 1) for f in Path(folder).glob("rank-*")}
+    started = any(Path(folder).glob("started-*"))
     shutil.rmtree(folder, ignore_errors=True)
     if launcher_code == 0:
         return 0
-    return next((code for code in NON_RETRYABLE if code in codes), launcher_code)
+    if not codes and not started:
+        return EXIT_RENDEZVOUS_TIMEOUT  # no worker of this pod ever ran: the gang never met
+    return next((code for code in (*NON_RETRYABLE, PREEMPTED) if code in codes), launcher_code)
+
+
+def stop_workers(launcher_pid: int, signum: int) -> None:
+    """Pass SIGTERM to torchrun's workers, not to torchrun: its agent would pass it on too, but
+    SIGKILL the workers 30 s later (a fixed timeout), cutting a large checkpoint's upload short.
+    The workers stop after their current step and exit; torchrun then ends on their codes."""
+    import psutil  # accelerate's dependency
+
+    try:
+        workers = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for worker in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.send_signal(signum)
+
+
+def rendezvous_failure_message(environ: dict[str, str]) -> str:
+    """The termination message of a pod whose gang never met, for the operator's status."""
+    nnodes = int(environ.get(ENV_NNODES) or 1)
+    rank = int(environ.get(ENV_NODE_RANK) or 0)
+    master = environ.get(ENV_MASTER_ADDR) or "127.0.0.1"
+    return (
+        f"the gang did not meet: node rank {rank} waited {rendezvous_timeout_s(environ)} s at "
+        f"the rendezvous ({master}) for the other {nnodes - 1} pod(s) of the gang "
+        f"({ENV_RENDEZVOUS_TIMEOUT}); is one of them unschedulable?"
+    )
 
 
 def launch(command: list[str], **popen: Any) -> tuple[Any, Path]:
@@ -279,7 +332,7 @@ def is_gang_pod(environ: dict[str, str] | None = None) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """The trainer pod's entry point: one worker without a gang, else torchrun. SIGTERM (the
-    kubelet stopping the pod) is passed on to torchrun, which stops its workers."""
+    kubelet stopping the pod) is passed on to torchrun's workers (`stop_workers`)."""
     import signal
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -291,8 +344,15 @@ def main(argv: list[str] | None = None) -> int:
     command = pod_argv(dict(os.environ), program)
     print(" ".join(command), file=sys.stderr, flush=True)
     gang, folder = launch(command)
-    signal.signal(signal.SIGTERM, lambda signum, _frame: gang.send_signal(signum))
-    return gang_exit_code(gang.wait(), folder)
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stop_workers(gang.pid, signum))
+    code = gang_exit_code(gang.wait(), folder)
+    if code == EXIT_RENDEZVOUS_TIMEOUT:
+        from kubetune_trainer.errors import write_termination_message
+
+        message = rendezvous_failure_message(dict(os.environ))
+        print(message, file=sys.stderr, flush=True)
+        write_termination_message(message)
+    return code
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +37,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import is_flash_attn_2_available
 
 from kubetune.api.v1alpha1 import FineTuneJobSpec, LoraSpec, QuantizationSpec
+from kubetune_trainer import moe, options
 from kubetune_trainer.errors import BadInputError
 
 log = logging.getLogger(__name__)
@@ -321,24 +323,39 @@ class BuiltModel:
     notes: list[str] = field(default_factory=list)
     packing: bool = False  # packed rows with per-example attention (may differ from the spec)
     warnings: list[str] = field(default_factory=list)  # where the run deviates from the spec
+    # lora/qlora: modules, fused expert parameters adapted and not (moe.AdapterTargets)
+    adapter_targets: dict[str, Any] = field(default_factory=dict)
+    initial_adapter: Path | None = None  # PiSSA/OLoRA: the adapter as initialised
+    liger: bool = False  # Liger's kernels applied by the trainer
 
     @property
     def is_adapter(self) -> bool:
         return isinstance(self.model, PeftModel)
 
 
-def lora_config(lora: LoraSpec, target_modules: list[str] | str | None = None) -> LoraConfig:
-    """peft's LoraConfig; `target_modules` as resolved by `resolve_target_modules`."""
-    targets: list[str] | str = target_modules or lora.targetModules
+def lora_config(
+    lora: LoraSpec,
+    target_modules: list[str] | str | None = None,
+    target_parameters: list[str] | None = None,
+) -> LoraConfig:
+    """peft's LoraConfig; `target_modules` as resolved by `resolve_target_modules`,
+    `target_parameters` the fused expert weights (`moe.split_targets`), adapted without
+    dropout (peft's parameter adapters have none)."""
+    targets: list[str] | str = target_modules if target_modules is not None else lora.targetModules
     if targets == ["all-linear"]:
         targets = "all-linear"  # peft's shorthand: every linear layer except the output head
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.effective_alpha,
-        lora_dropout=lora.dropout,
+        lora_dropout=0.0 if target_parameters else lora.dropout,
         target_modules=targets,
+        target_parameters=target_parameters or None,
         bias="none",
         task_type="CAUSAL_LM",
+        use_rslora=lora.useRslora,
+        use_dora=lora.useDora,
+        init_lora_weights=options.init_lora_weights(lora),
+        eva_config=options.eva_config() if lora.init == "eva" else None,
     )
 
 
@@ -505,9 +522,18 @@ def build_model(
     tokenizer = tokenizer or load_tokenizer(model_path, trust_remote_code=trust)
     notes = [f"device {hardware.device}, precision {hardware.precision}"]
     targets, warnings = None, []
+    experts = None
     if spec.lora is not None:
         skeleton = meta_model(model_path, trust_remote_code=trust)
-        targets, warnings = resolve_target_modules(spec.lora.targetModules, skeleton)
+        experts = moe.split_targets(spec.lora.targetModules, skeleton)
+        targets = []
+        if experts.remaining or not experts.parameters:
+            targets, warnings = resolve_target_modules(experts.remaining, skeleton)
+        model_type = getattr(skeleton.config, "model_type", "this")
+        if experts.not_adapted:
+            warnings.append(moe.not_adapted_warning(experts.not_adapted, model_type))
+        if experts.parameters and spec.lora.dropout:
+            warnings.append(moe.DROPOUT_NOTE.format(dropout=spec.lora.dropout))
         del skeleton
 
     quantized = spec.method == "qlora"
@@ -528,10 +554,15 @@ def build_model(
         sharded=spec.strategy == "fsdp",
     )
     packing = spec.training.packing and packing_supported(model, hardware, notes, warnings)
+    liger = liger_setting(spec, model, hardware, notes, warnings)
+    if optimizer_note := options.optimizer_note(spec.training, hardware.device):
+        warnings.append(optimizer_note)  # a deviation from the spec: in the manifest's notes
     for warning in warnings:
         log.warning("%s", warning)
     if spec.method == "full":
-        return BuiltModel(model, tokenizer, spec.method, hardware, False, notes, packing, warnings)
+        return BuiltModel(
+            model, tokenizer, spec.method, hardware, False, notes, packing, warnings, liger=liger
+        )
 
     assert spec.lora is not None  # filled in by the spec's validator for lora/qlora
     if quantized and hardware.device == "cpu":
@@ -543,14 +574,50 @@ def build_model(
             model, use_gradient_checkpointing=spec.training.gradientCheckpointing
         )
     set_seed(spec.training.seed)
+    assert experts is not None
     try:
-        model = get_peft_model(model, lora_config(spec.lora, targets))
+        model = get_peft_model(model, lora_config(spec.lora, targets, experts.parameters))
     except ValueError as error:
         # peft names the missing modules: "Target modules {'x_proj'} not found in the base model"
         raise BadInputError(f"spec.lora.targetModules: {str(error).splitlines()[0]}") from None
+    initial_adapter = None
+    if options.mutates_base(spec.lora):
+        initial_adapter = options.save_initial_adapter(model, Path(tempfile.mkdtemp()))
+    if spec.lora.init == "loftq":
+        options.apply_loftq(model, model_path)
+    notes.append(
+        f"lora init {spec.lora.init}, rslora {spec.lora.useRslora}, dora {spec.lora.useDora}"
+    )
     trainable, total = model.get_nb_trainable_parameters()
     notes.append(f"trainable parameters {trainable:,} of {total:,}")
-    return BuiltModel(model, tokenizer, spec.method, hardware, quantized, notes, packing, warnings)
+    adapted = experts.document(targets)
+    notes.append(f"adapted: {adapted}")
+    return BuiltModel(
+        model,
+        tokenizer,
+        spec.method,
+        hardware,
+        quantized,
+        notes,
+        packing,
+        warnings,
+        adapter_targets=adapted,
+        initial_adapter=initial_adapter,
+        liger=liger,
+    )
+
+
+def liger_setting(
+    spec: FineTuneJobSpec, model: Any, hardware: Hardware, notes: list[str], warnings: list[str]
+) -> bool:
+    """Whether the trainer applies Liger's kernels (see `options.use_liger`)."""
+    model_type = getattr(model.config, "model_type", None)
+    liger, note = options.use_liger(spec.training.ligerKernels, hardware.device, model_type)
+    if note:
+        warnings.append(note)
+    if liger:
+        notes.append("liger kernels on")
+    return liger
 
 
 PACKING_OFF_NOTE = (

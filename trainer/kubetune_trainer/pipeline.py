@@ -12,14 +12,17 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from kubetune.api.contract import TrainerResult
 from kubetune.api.v1alpha1 import Artifacts, FineTuneJob, Metrics
-from kubetune_trainer import distributed, publish
+from kubetune_trainer import distributed, gguf, publish, servable
+from kubetune_trainer.chat_masks import register_turn_end
 from kubetune_trainer.checkpoints import (
     CheckpointUploader,
+    checkpoint_prefix,
     download_checkpoint,
     latest_resumable,
     training_fingerprint,
@@ -34,14 +37,22 @@ from kubetune_trainer.data import (
 from kubetune_trainer.evaluate import EvalInputs, EvalOutcome, evaluate_after_training
 from kubetune_trainer.model_source import model_reference, resolve_model, resolved_revision
 from kubetune_trainer.modeling import BuiltModel, Hardware, build_model, load_tokenizer
+from kubetune_trainer.objectives.pipeline import (
+    evaluate_objective,
+    load_objective_rows,
+    train_objective,
+)
+from kubetune_trainer.preemption import Preempted, StopAtStepEnd
 from kubetune_trainer.progress import ProgressCallback, Reporter, make_event
 from kubetune_trainer.storage import ArtifactStore, open_store
 from kubetune_trainer.tokens import TokenizedData, tokenize_training_data
+from kubetune_trainer.topology import published_dtype, run_topology
 from kubetune_trainer.tracking import TrackingCallback, flat_params, make_tracking, numeric
 from kubetune_trainer.train import (
     TrainOutcome,
     perplexity,
     release_training_state,
+    splits_overlong_rows,
     train_model,
 )
 
@@ -84,6 +95,7 @@ class PreparedRun:
     tokenized: TokenizedData
     eval_rows: list[dict]
     built: BuiltModel
+    serving_note: str | None = None  # set at publishing: why vLLM would refuse the adapter
 
     @property
     def spec(self) -> Any:
@@ -119,7 +131,10 @@ def headline_metrics(
     metrics: dict[str, Any] = {
         "trainLoss": outcome.train_loss,
         "evalLoss": outcome.eval_loss,
-        "perplexity": perplexity(outcome.eval_loss),
+        # Only a token cross-entropy has a perplexity (not a preference or reward loss).
+        "perplexity": perplexity(outcome.eval_loss)
+        if run is None or run.spec.objective == "sft"
+        else None,
         "tokensTrained": outcome.tokens_trained,
         "trainSamples": outcome.train_samples,
         "durationSeconds": round(duration, 3),
@@ -162,6 +177,8 @@ def load_data(
     tokenizer = load_tokenizer(model_path, trust_remote_code=spec.model.trustRemoteCode)
     if spec.dataset.chatTemplate:
         ensure_chat_template(tokenizer, spec.dataset.chatTemplate, spec.model.uri)
+    if spec.objective != "sft":  # TRL's preference and reward trainers tokenise their rows
+        return (tokenizer, *load_objective_rows(spec, tokenizer, work))
     template = resolve_prompt_template(spec.dataset.promptTemplate, tokenizer, spec.model.uri)
     as_chat = template == "chat"
     data = load_training_data(
@@ -174,6 +191,7 @@ def load_data(
         tokenizer,
         max_length=spec.training.maxSeqLength,
         train_on_prompt=spec.training.trainOnPrompt,
+        split_overlong=splits_overlong_rows(spec.training),
     )
     lengths = tokenized.train_lengths
     if lengths.truncated or lengths.excluded:
@@ -191,6 +209,20 @@ def load_data(
     return tokenizer, data, tokenized, eval_rows
 
 
+def init_eva(built: BuiltModel, tokenized: TokenizedData, spec: Any) -> None:
+    """lora.init eva: the adapters set from the first training batches, before training."""
+    from kubetune_trainer import options as lora_options
+    from kubetune_trainer.evaluate.inference import pad_token_id
+
+    lora_options.apply_eva(
+        built.model,
+        tokenized.train,
+        pad_token_id(built.tokenizer),
+        spec.training.batchSize,
+        spec.lora.r,
+    )
+
+
 def prepare(job: FineTuneJob, reporter: Reporter, options: RunOptions) -> PreparedRun:
     """Stages model-download, dataset and model-build: every input checked, BadInputError
     for anything wrong, before any training."""
@@ -202,12 +234,31 @@ def prepare(job: FineTuneJob, reporter: Reporter, options: RunOptions) -> Prepar
         store: ArtifactStore = open_store(spec.output.uri)
         store.check_access()  # a wrong bucket or key must fail now, not after hours of training
         model_path = resolve_model(spec.model, work / "models")
+        hardware = options.hardware or Hardware.detect()
+        # Bytes per parameter of the trained model, still in memory while merging.
+        held = 0.5 if spec.method == "qlora" else hardware.train_dtype(spec.method).itemsize
+        # A merged model that could not be made or served is refused now, not after training.
+        servable.check_merge(
+            spec,
+            model_path,
+            device=hardware.device,
+            published=published_dtype(model_path),
+            held_bytes=held,
+        )
+        if spec.output.gguf is not None:  # an architecture llama.cpp lacks: refused now
+            gguf.check_convertible(model_path, work / "gguf-check")
 
     with distributed.node_lock(work), stage(reporter, "dataset"):
         tokenizer, data, tokenized, eval_rows = load_data(job, model_path, work)
 
     with stage(reporter, "model-build"):
-        built = build_model(spec, model_path, hardware=options.hardware, tokenizer=tokenizer)
+        built = build_model(spec, model_path, hardware=hardware, tokenizer=tokenizer)
+        if spec.lora is not None and spec.lora.init == "eva":
+            init_eva(built, tokenized, spec)
+        if spec.dataset.chatTemplate:  # a base model's new turns must end generation
+            stop_note = register_turn_end(built.model, built.tokenizer)
+            if stop_note:
+                built.warnings.append(stop_note)
         for note in built.notes:
             log.info("%s", note)
         for warning in built.warnings:
@@ -241,9 +292,14 @@ def train_stage(
     resume_step = distributed.agree(resume_step)
     resume_dir = None
     if resume_step is not None:
-        # One copy per rank: each reads it on its own schedule, no rank deletes another's.
-        resume_root = run.work / "resume" / f"rank-{rank.rank}"
-        resume_dir = download_checkpoint(store, prefix, resume_step, resume_root)
+        # One copy per node (a 70B checkpoint with its optimizer state is ~1 TB): the node's
+        # first local rank downloads it, the others read it once the barrier says it is
+        # complete. Nobody deletes it while the gang trains; the next attempt replaces it.
+        resume_root = run.work / "resume"
+        if rank.is_local_main:
+            download_checkpoint(store, prefix, resume_step, resume_root)
+        distributed.barrier()
+        resume_dir = resume_root / f"checkpoint-{resume_step}"
         log.info(
             "resuming from %s", store.uri_for(f"{prefix}checkpoints/checkpoint-{resume_step}/")
         )
@@ -260,8 +316,10 @@ def train_stage(
         distributed.barrier()  # nobody writes a checkpoint into the folder being cleared
         # Rank 0 alone reports: its step count and the gathered token count are the gang's.
         progress = [ProgressCallback(reporter, resumed_from_step=resume_step)]
+        stop = StopAtStepEnd()
         callbacks = [
             *(progress if rank.is_main else []),
+            stop,
             CheckpointUploader(
                 store,
                 prefix,
@@ -271,7 +329,8 @@ def train_stage(
             ),
             *(extra_callbacks or []),
         ]
-        outcome = train_model(
+        train = train_model if spec.objective == "sft" else partial(train_objective, spec)
+        outcome = train(
             run.built,
             run.data,
             spec.training,
@@ -282,6 +341,10 @@ def train_stage(
             tokenized=run.tokenized,
             strategy=strategy,
         )
+    if stop.stopped_at is not None:
+        distributed.barrier()  # rank 0 has uploaded the checkpoint: no rank exits before that
+        uri = store.uri_for(checkpoint_prefix(prefix, stop.stopped_at))
+        raise Preempted(stop.stopped_at, uri)
     if strategy == "fsdp":
         outcome.final_model = gather_full_model(outcome, run)
     # Evaluation needs the model, not the optimizer state (two fp32 values per parameter).
@@ -315,8 +378,9 @@ def evaluate_stage(
     eval_dir = publish.fresh_dir(run.work / "evaluation")
     if not run.spec.evaluation.enabled:
         return None, eval_dir
+    evaluate = evaluate_after_training if run.spec.objective == "sft" else evaluate_objective
     with stage(reporter, "evaluate"):
-        evaluation = evaluate_after_training(
+        evaluation = evaluate(
             EvalInputs(
                 spec=run.spec,
                 model=outcome.model,
@@ -353,20 +417,41 @@ def publish_stage(
     spec, built = run.spec, run.built
     staging = publish.fresh_dir(run.work / "publish")
     base = publish.BaseModelRef(model_reference(spec.model), run.revision)
+    stored_dtype = published_dtype(run.model_path)
     model_folder = publish.save_model_files(
-        outcome.model, built.tokenizer, is_adapter=built.is_adapter, staging=staging, base=base
+        outcome.model,
+        built.tokenizer,
+        is_adapter=built.is_adapter,
+        staging=staging,
+        base=base,
+        dtype=stored_dtype,
+        initial_adapter=built.initial_adapter,
     )
+    # The stop tokens evaluation used, for servers (a custom template's end of turn among them).
+    servable.write_generation_config(staging / model_folder, outcome.model, built.tokenizer)
+    if built.is_adapter:
+        run.serving_note = servable.vllm_adapter_note(staging / model_folder)
     artifacts = {"model": f"{model_folder}/"}
-    if built.is_adapter and spec.output.mergeAdapter:
-        publish.save_merged_model(
+    merged_loss = None
+    if built.is_adapter and spec.output.publishes_merged:
+        merged = publish.save_merged_model(
             run.model_path,
             staging / model_folder,
             built.tokenizer,
             staging / publish.MERGED_DIR,
             built.hardware.weights_dtype,
             device_map=built.hardware.device_map(),
+            published_dtype=stored_dtype,
+        )
+        servable.write_generation_config(
+            staging / publish.MERGED_DIR, outcome.model, built.tokenizer
         )
         artifacts["mergedModel"] = f"{publish.MERGED_DIR}/"
+        if built.quantized and evaluation is not None:
+            merged_loss = merged_eval_loss(merged, evaluation, run)
+        del merged
+    if spec.output.gguf is not None:
+        artifacts["gguf"] = publish_gguf(run, staging, artifacts, model_folder)
     eval_keys = stage_eval_files(evaluation, eval_dir, staging)
     report = next((k for k in eval_keys if k.endswith("report.md")), None) or next(
         (k for k in eval_keys if k.endswith("report.json")), None
@@ -374,7 +459,12 @@ def publish_stage(
     if report:
         artifacts["report"] = report
     artifacts["metrics"] = publish.METRICS
+    uris = {role: run.store.uri_for(run.prefix + key) for role, key in artifacts.items()}
+    publish.write_serving_files(run.job, options.namespace, uris, staging)
+    artifacts["serving"] = f"{publish.SERVE_DIR}/"
     metrics = headline_metrics(outcome, evaluation, time.monotonic() - started, run)
+    if merged_loss is not None:
+        metrics["mergedEvalLoss"] = merged_loss
     lengths = {"train": run.tokenized.train_lengths.document()}
     if run.tokenized.validation_lengths is not None:
         lengths["validation"] = run.tokenized.validation_lengths.document()
@@ -395,11 +485,46 @@ def publish_stage(
         artifacts=artifacts,
         resolved_revision=run.revision,
         lengths=lengths,
-        notes=list(built.warnings),
+        notes=[*built.warnings, *([run.serving_note] if run.serving_note else [])],
+        topology=run_topology(distributed.current(), spec, built.hardware.device),
+        adapter=built.adapter_targets,
     )
     publish.write_run_documents(summary, staging)
     publish.upload_run(run.store, run.prefix, staging, summary)
     return artifacts, metrics
+
+
+def publish_gguf(
+    run: PreparedRun, staging: Path, artifacts: dict[str, str], model_folder: str
+) -> str:
+    """gguf/: the merged model (full: the model) in each quantization, and a LoRA job's
+    adapter as a llama.cpp LoRA where llama.cpp can apply it (else a note saying why not)."""
+    spec, name = run.spec, run.job.metadata.name or "model"
+    model_dir = staging / artifacts.get("mergedModel", f"{model_folder}/")
+    gguf.convert_model(model_dir, staging, name, list(spec.output.gguf.quantizations))
+    if run.built.is_adapter:
+        why_not = gguf.adapter_unsupported(staging / model_folder)
+        if why_not is None:
+            gguf.convert_adapter(staging / model_folder, run.model_path, staging, name)
+        else:
+            run.built.warnings.append(f"no GGUF LoRA adapter: {why_not}")
+    return f"{gguf.GGUF_DIR}/"
+
+
+def merged_eval_loss(merged: Any, evaluation: EvalOutcome, run: PreparedRun) -> float | None:
+    """QLoRA: the published merged model (16-bit base + merged adapter) is not the model that
+    was evaluated (4-bit base + adapter); its loss on the same examples, reported beside."""
+    from kubetune_trainer.evaluate.inference import pad_token_id, token_loss
+
+    if not evaluation.loss_examples:
+        return None
+    return token_loss(
+        merged,
+        evaluation.loss_examples,
+        pad_id=pad_token_id(run.built.tokenizer),
+        batch_size=run.spec.training.batchSize,
+        max_length=run.spec.training.maxSeqLength,
+    ).loss
 
 
 def run_pipeline(job: FineTuneJob, reporter: Reporter, options: RunOptions) -> TrainerResult | None:
@@ -437,6 +562,26 @@ class GangFailedError(Exception):
     """Rank 0 failed: the other ranks fail with it, so the gang is restarted as a whole."""
 
 
+def registry_tags(
+    job: FineTuneJob,
+    namespace: str,
+    revision: str | None,
+    metrics: dict[str, Any],
+    evaluation: EvalOutcome | None,
+) -> dict[str, str]:
+    """Tags of a Model Registry version: what it was tuned from, how, and how it scored."""
+    tags = {
+        "kubetune.job": f"{namespace}/{job.metadata.name}",
+        "kubetune.method": job.spec.method,
+        "kubetune.baseModel": job.spec.model.uri,
+        "kubetune.evalPassed": "none" if evaluation is None else str(evaluation.passed).lower(),
+    }
+    if revision:
+        tags["kubetune.baseModelRevision"] = revision
+    tags.update({f"metrics.{k}": f"{v:.6g}" for k, v in numeric(metrics).items()})
+    return tags
+
+
 def lead(
     job: FineTuneJob, run: PreparedRun, reporter: Reporter, options: RunOptions, started: float
 ) -> TrainerResult:
@@ -457,12 +602,17 @@ def lead(
     tracking.log_summary(numeric(metrics), {f"artifacts.{role}": uri for role, uri in uris.items()})
     gate = job.spec.evaluation.failOnThresholds
     passed = not (evaluation is not None and gate and evaluation.passed is False)
+    if evaluation is None or evaluation.passed is not False:
+        tags = registry_tags(job, options.namespace, run.revision, metrics, evaluation)
+        tracking.register_model(uris["model"], tags)
     tracking.finish(succeeded=passed)
     if not passed:
         raise EvaluationGateError("evaluation thresholds missed: " + "; ".join(evaluation.missed))
     return TrainerResult(
         result="succeeded",
-        artifacts=Artifacts(manifest=store.uri_for(prefix + publish.MANIFEST), **uris),
+        artifacts=Artifacts(
+            manifest=store.uri_for(prefix + publish.MANIFEST), servingNote=run.serving_note, **uris
+        ),
         metrics=Metrics(**metrics),
         resumedFromStep=outcome.resumed_from_step,
         totalSteps=outcome.global_step,

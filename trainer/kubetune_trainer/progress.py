@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import ssl
 import sys
 import threading
 import time
@@ -22,13 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from pydantic import ValidationError
 from transformers import TrainerCallback
 
 from kubetune import formatting
 from kubetune.api.contract import (
+    ENV_PROGRESS_CA,
     ENV_PROGRESS_TOKEN,
     ENV_PROGRESS_TOKEN_FILE,
     ENV_PROGRESS_URL,
+    MAX_EVENT_MESSAGE_LENGTH,
     ProgressEvent,
 )
 
@@ -40,8 +44,18 @@ def now_rfc3339() -> str:
 
 
 def make_event(kind: str, **fields: Any) -> ProgressEvent:
-    """A `ProgressEvent` of `kind` stamped with the current time."""
-    return ProgressEvent(event=kind, time=now_rfc3339(), **fields)
+    """A `ProgressEvent` of `kind` stamped with the current time. The operator refuses an
+    event with a figure out of its bounds, and reporting must never fail the run: a long
+    message is cut to the bound, and a figure out of bounds (a diverged run's NaN or infinite
+    loss, an absurd ETA) is left out."""
+    if isinstance(fields.get("message"), str):
+        fields["message"] = fields["message"][:MAX_EVENT_MESSAGE_LENGTH]
+    try:
+        return ProgressEvent(event=kind, time=now_rfc3339(), **fields)
+    except ValidationError as error:
+        bad = {str(e["loc"][0]) for e in error.errors() if e["loc"]}
+        kept = {name: value for name, value in fields.items() if name not in bad}
+        return ProgressEvent(event=kind, time=now_rfc3339(), **kept)
 
 
 class Reporter(Protocol):
@@ -93,9 +107,12 @@ class HttpReporter:
         queue_size: int = 64,
         close_timeout_s: float = 10.0,
         token_file: str | None = None,
+        ca_pem: str | None = None,
     ) -> None:
         self.url = url
         self._token = token
+        # An HTTPS endpoint is verified against the operator's CA (and no other).
+        self._tls = ssl.create_default_context(cadata=ca_pem) if ca_pem else None
         # Read for every push: the kubelet renews the projected token in place.
         self._token_file = Path(token_file) if token_file else None
         self._timeout_s = timeout_s
@@ -114,6 +131,7 @@ class HttpReporter:
             url,
             os.environ.get(ENV_PROGRESS_TOKEN),
             token_file=os.environ.get(ENV_PROGRESS_TOKEN_FILE),
+            ca_pem=os.environ.get(ENV_PROGRESS_CA) or None,
         )
 
     def emit(self, event: ProgressEvent) -> None:
@@ -129,7 +147,9 @@ class HttpReporter:
             headers["Authorization"] = f"Bearer {token}"
         body = event.model_dump_json(exclude_none=True).encode()
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self._timeout_s) as response:
+        with urllib.request.urlopen(
+            request, timeout=self._timeout_s, context=self._tls
+        ) as response:
             if not 200 <= response.status < 300:
                 raise urllib.error.HTTPError(self.url, response.status, "not 2xx", None, None)
 

@@ -1,9 +1,10 @@
 """Publishing a finished run to `<output.uri>/<namespace>/<name>/`.
 
 Layout: `adapter/` (lora, qlora) or `model/` (full) with the tokenizer alongside,
-`merged-model/` when spec.output.mergeAdapter, `metrics.json`, `loss_curve.png`, the
-evaluation files, and `manifest.json` LAST: the manifest lists every file with its sha256, so
-its presence means the run completed and everything it names is in place.
+`merged-model/` when spec.output.mergeAdapter (or gguf), `gguf/` when spec.output.gguf
+(kubetune_trainer.gguf), `metrics.json`, `loss_curve.png`, the evaluation files, and
+`manifest.json` LAST: the manifest lists every file with its sha256, so its presence means
+the run completed and everything it names is in place.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ LOSS_CURVE = "loss_curve.png"
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
 MERGED_DIR = "merged-model"
+SERVE_DIR = "serve"  # serving manifests: serve/ for the adapter (or model), serve/merged/
 LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate")
 
 
@@ -91,15 +93,27 @@ def save_model_files(
     is_adapter: bool,
     staging: Path,
     base: BaseModelRef | None = None,
+    dtype: Any = None,
+    initial_adapter: Path | None = None,
 ) -> str:
     """Save the adapter (or full model) and tokenizer under `staging`; returns the folder name.
 
     An adapter's config names `base` (hub id or URI, and the commit), not the pod-local path
-    the base was loaded from, so `PeftModel.from_pretrained` finds it anywhere.
+    the base was loaded from, so `PeftModel.from_pretrained` finds it anywhere. A full model
+    is cast to `dtype` (`topology.published_dtype`) first, in place: training is over, and
+    the fp32 master weights would double the published size.
+    `initial_adapter` (PiSSA/OLoRA, which trained on a residual base): the adapter is saved as
+    its difference from that initial adapter, a standard LoRA adapter of twice the rank on
+    the original base (peft's conversion).
     """
     folder = ADAPTER_DIR if is_adapter else MODEL_DIR
     target = staging / folder
-    model.save_pretrained(target)  # safetensors by default
+    if dtype is not None and not is_adapter:
+        model.to(dtype)
+    if initial_adapter is not None:
+        model.save_pretrained(target, path_initial_model_for_weight_conversion=str(initial_adapter))
+    else:
+        model.save_pretrained(target)  # safetensors by default
     tokenizer.save_pretrained(target)
     if is_adapter and base is not None:
         name_adapter_base(target / "adapter_config.json", base)
@@ -120,23 +134,53 @@ def save_merged_model(
     target: Path,
     dtype: Any,
     device_map: dict[str, Any] | None = None,
-) -> None:
+    published_dtype: Any = None,
+) -> Any:
     """The base model (reloaded unquantised) with the adapter merged into its weights.
 
     With `device_map` (a GPU) the base loads straight into GPU memory and the merge runs
     there; on CPU transformers loads shard by shard into the final tensors, so host memory
     holds one copy of the merged model (2 bytes per parameter in bf16), not two.
+    Returns the merged model (to measure what is published; the caller drops it).
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    # Loaded in the dtype it is published in, so the merged model in memory is the published
+    # one (casting a loaded model would also cast its fp32 rotary buffers).
+    kwargs: dict[str, Any] = {"dtype": published_dtype or dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
     base = AutoModelForCausalLM.from_pretrained(base_model_path, **kwargs)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(target)
     tokenizer.save_pretrained(target)
+    return merged.eval()
+
+
+def write_serving_files(
+    job: FineTuneJob, namespace: str, uris: dict[str, str], staging: Path
+) -> None:
+    """KServe manifests and the `vllm serve` line for the published model (and the merged
+    one) under `staging`/serve/, as `kubetune serve` prints them. What could not be written
+    (e.g. KServe manifests for a file:// base model, which KServe cannot fetch) is said, with
+    the reason, in serve/SKIPPED.txt."""
+    from kubetune import serving
+
+    spec = job.spec.model_dump(mode="json", exclude_none=True)
+    variants = [(SERVE_DIR, False)]
+    if "mergedModel" in uris:
+        variants.append((f"{SERVE_DIR}/merged", True))
+    skipped = []
+    for folder, merged in variants:
+        model = serving.model_to_serve(job.metadata.name, namespace, spec, uris, merged=merged)
+        files, missing = serving.serving_files(model)
+        (staging / folder).mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (staging / folder / name).write_text(text)
+        skipped += [f"{folder}/: {note}" for note in missing]
+    if skipped:
+        (staging / SERVE_DIR / "SKIPPED.txt").write_text("\n".join(skipped) + "\n")
 
 
 @dataclass
@@ -160,6 +204,8 @@ class RunSummary:
     resolved_revision: str | None = None  # hub commit of a hf:// base model
     lengths: dict[str, Any] = field(default_factory=dict)  # split -> LengthReport.document()
     notes: list[str] = field(default_factory=list)  # how the run deviated from the spec, why
+    topology: dict[str, Any] = field(default_factory=dict)  # topology.run_topology
+    adapter: dict[str, Any] = field(default_factory=dict)  # what a LoRA adapter covers
 
 
 def metrics_document(summary: RunSummary) -> dict[str, Any]:
@@ -201,6 +247,8 @@ def manifest_document(summary: RunSummary, files: dict[str, dict[str, Any]]) -> 
             "validationDigest": data.validation_digest,
         },
         "config": spec.model_dump(mode="json", by_alias=True),
+        "topology": summary.topology,
+        "adapter": summary.adapter or None,
         "libraries": library_versions(),
         "durationSeconds": round(summary.duration_seconds, 3),
         "tokensTrained": summary.metrics.get("tokensTrained"),

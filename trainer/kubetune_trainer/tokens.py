@@ -6,10 +6,10 @@ the evaluation stage alike:
 
 - prompt-completion (alpaca rendered with the alpaca template included): the tokens after
   the prompt, eos included, as TRL does (`completion + eos` tokenised after the prompt);
-- chat: every assistant turn, its end-of-turn token included (so the model learns to stop);
-  system and user turns carry none. The turns are found by rendering the conversation up to
-  each assistant message with and without it, so any chat template works, with or without
-  `{% generation %}` markers;
+- chat: every assistant turn (tool calls included), its end-of-turn token included (so the
+  model learns to stop); system, user and tool turns carry none. The turns are found in one
+  rendering of the whole conversation (see `chat_masks`), so templates that render a prefix
+  of the conversation differently (Mistral v0.3, Qwen3) are masked right;
 - text: every token;
 - `trainOnPrompt: true`: every token of every format.
 
@@ -22,13 +22,16 @@ naming them: maxSeqLength is then wrong for this data, not the odd row.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
 
+from kubetune_trainer.chat_masks import apply_template, chat_tokens, render_messages
 from kubetune_trainer.errors import BadInputError
 
 IGNORE_INDEX = -100  # labels the loss skips, as in transformers
@@ -83,26 +86,21 @@ def _ids(encoding: Any) -> list[int]:
 
 
 def chat_ids(tokenizer: Any, messages: list[dict], *, generation_prompt: bool) -> list[int]:
-    encoding = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt
+    encoding = apply_template(
+        tokenizer,
+        render_messages(messages),
+        "row",
+        tokenize=True,
+        return_dict=True,
+        add_generation_prompt=generation_prompt,
     )
     return _ids(encoding)
 
 
-def _chat_tokens(tokenizer: Any, messages: list[dict]) -> tuple[list[int], list[int]]:
-    ids = chat_ids(tokenizer, messages, generation_prompt=False)
-    mask = [0] * len(ids)
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = 0
-        if index:
-            before = chat_ids(tokenizer, messages[:index], generation_prompt=True)
-            start = common_prefix_length(before, ids)
-        through = chat_ids(tokenizer, messages[: index + 1], generation_prompt=False)
-        end = common_prefix_length(through, ids)
-        mask[start:end] = [1] * max(0, end - start)
-    return ids, mask
+def row_tools(row: dict[str, Any]) -> list | None:
+    """A chat row's tool definitions (stored as JSON text, see data.TOOLS_FIELD)."""
+    tools = row.get("tools")
+    return json.loads(tools) if isinstance(tools, str) and tools else (tools or None)
 
 
 def _prompt_completion_tokens(
@@ -123,12 +121,13 @@ def _text_tokens(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
 
 
 def row_tokens(
-    row: dict[str, Any], tokenizer: Any, *, train_on_prompt: bool = False
+    row: dict[str, Any], tokenizer: Any, *, train_on_prompt: bool = False, where: str = "row"
 ) -> tuple[list[int], list[int]]:
-    """(token ids, loss mask) of one converted row ({messages} | {prompt, completion} |
-    {text}); mask 1 marks a token the loss is computed on."""
+    """(token ids, loss mask) of one converted row ({messages[, tools]} | {prompt,
+    completion} | {text}); mask 1 marks a token the loss is computed on. `where` names the
+    row in errors."""
     if "messages" in row:
-        ids, mask = _chat_tokens(tokenizer, row["messages"])
+        ids, mask = chat_tokens(tokenizer, row["messages"], tools=row_tools(row), where=where)
     elif "prompt" in row and "completion" in row:
         ids, mask = _prompt_completion_tokens(tokenizer, row["prompt"], row["completion"])
     else:
@@ -143,9 +142,15 @@ def labels_for(ids: Sequence[int], mask: Sequence[int]) -> list[int]:
 
 
 def _tokenize_row(
-    row: dict[str, Any], tokenizer: Any, max_length: int, train_on_prompt: bool
+    row: dict[str, Any],
+    index: int,
+    tokenizer: Any,
+    max_length: int,
+    train_on_prompt: bool,
+    refs: Sequence[str],
 ) -> dict[str, Any]:
-    ids, mask = row_tokens(row, tokenizer, train_on_prompt=train_on_prompt)
+    where = refs[index] if index < len(refs) else f"row {index + 1}"
+    ids, mask = row_tokens(row, tokenizer, train_on_prompt=train_on_prompt, where=where)
     had_loss = any(mask)
     truncated = len(ids) > max_length
     ids, mask = ids[:max_length], mask[:max_length]
@@ -180,7 +185,9 @@ def tokenize_split(
             "tokenizer": tokenizer,
             "max_length": max_length,
             "train_on_prompt": train_on_prompt,
+            "refs": list(refs),
         },
+        with_indices=True,
         remove_columns=dataset.column_names,
         num_proc=tokenise_processes(len(dataset)),
     )
@@ -213,15 +220,22 @@ def check_excluded_share(
 
 
 def tokenize_training_data(
-    data: Any, tokenizer: Any, *, max_length: int, train_on_prompt: bool
+    data: Any,
+    tokenizer: Any,
+    *,
+    max_length: int,
+    train_on_prompt: bool,
+    split_overlong: bool = False,
 ) -> TokenizedData:
     """Training and validation splits of a `TrainingData`, tokenised; fails before training
-    when too many training rows would be left out (see `check_excluded_share`)."""
+    when too many training rows would be left out (see `check_excluded_share`).
+    `split_overlong` (packingStrategy bfd_split): training rows are kept whole, for the packer
+    to split into pieces of `max_length`; validation rows are still cut."""
     train, train_lengths = tokenize_split(
         data.train,
         data.train_refs,
         tokenizer,
-        max_length=max_length,
+        max_length=sys.maxsize if split_overlong else max_length,
         train_on_prompt=train_on_prompt,
     )
     check_excluded_share(train_lengths, max_length)

@@ -79,6 +79,12 @@ class Tracker(ABC):
     @abstractmethod
     def finish(self, succeeded: bool) -> None: ...
 
+    model_version: str | None = None  # NAME/VERSION once registered
+
+    def register_model(self, source: str, tags: dict[str, str]) -> None:  # noqa: B027
+        """A new version of the spec's registered model; backends without a registry
+        (W&B here) do nothing."""
+
 
 class MlflowTracker(Tracker):
     backend = "mlflow"
@@ -131,6 +137,24 @@ class MlflowTracker(Tracker):
 
     def finish(self, succeeded: bool) -> None:
         self.client.set_terminated(self.run_id, status="FINISHED" if succeeded else "FAILED")
+
+    def register_model(self, source: str, tags: dict[str, str]) -> None:
+        from mlflow.exceptions import MlflowException
+
+        name = self.spec.registeredModel
+        if not name:
+            return
+        try:
+            self.client.create_registered_model(
+                name, description="Fine-tuned by kubetune FineTuneJobs."
+            )
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = self.client.create_model_version(
+            name, source=source, run_id=self.run_id, tags=tags
+        )
+        self.model_version = f"{name}/{version.version}"
 
 
 class WandbTracker(Tracker):
@@ -206,6 +230,9 @@ class Tracking:
     def finish(self, succeeded: bool) -> None:
         self._each(lambda t: t.finish(succeeded), "finish")
 
+    def register_model(self, source: str, tags: dict[str, str]) -> None:
+        self._each(lambda t: t.register_model(source, tags), "register model")
+
     def status(self) -> list[TrackingStatus]:
         return [
             TrackingStatus(
@@ -213,6 +240,7 @@ class Tracking:
                 state="Unavailable" if t.backend in self.failures else "Logged",
                 run=t.run,
                 message=self.failures.get(t.backend),
+                modelVersion=t.model_version,
             )
             for t in self.trackers
         ]

@@ -26,6 +26,7 @@ from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
 from kubetune.api.v1alpha1 import DEFAULT_LEARNING_RATES, TrainingSpec
+from kubetune_trainer import options
 from kubetune_trainer.data import TrainingData
 from kubetune_trainer.modeling import BuiltModel, Hardware
 from kubetune_trainer.tokens import TokenizedData, tokenize_training_data
@@ -101,6 +102,61 @@ def distributed_settings(strategy: str, gradient_checkpointing: bool) -> dict[st
     return settings
 
 
+def training_arguments(
+    training: TrainingSpec,
+    *,
+    output_dir: Path,
+    has_validation: bool,
+    hardware: Hardware,
+    strategy: str = "none",
+    liger: bool = False,
+) -> dict[str, Any]:
+    """The TrainingArguments every objective shares (SFT's SFTConfig, DPO's DPOConfig, ...).
+    Checkpoints go to `output_dir` (local scratch); uploading and pruning them in the output
+    location is the checkpoint callback's job. `strategy`: the resolved distributed strategy
+    (none, ddp, fsdp)."""
+    precision = hardware.precision
+    learning_rate = training.learningRate
+    if learning_rate is None:  # a bare TrainingSpec; a FineTuneJobSpec resolves it by method
+        learning_rate = DEFAULT_LEARNING_RATES["lora"]
+    workers = dataloader_workers(hardware)
+    return {
+        "output_dir": str(output_dir),
+        "num_train_epochs": training.epochs,
+        "max_steps": training.maxSteps or -1,
+        "learning_rate": learning_rate,
+        "lr_scheduler_type": training.lrScheduler,
+        "warmup_steps": training.warmupRatio,  # a float below 1 is a ratio of the total steps
+        "weight_decay": training.weightDecay,
+        "per_device_train_batch_size": training.batchSize,
+        "per_device_eval_batch_size": training.batchSize,
+        "gradient_accumulation_steps": training.gradientAccumulationSteps,
+        "optim": options.optimizer_name(training),
+        "neftune_noise_alpha": training.neftuneNoiseAlpha,
+        "use_liger_kernel": liger,
+        "activation_checkpointing": training.gradientCheckpointing and strategy != "fsdp",
+        "seed": training.seed,
+        "data_seed": training.seed,
+        "logging_strategy": "steps",
+        "logging_steps": training.logEverySteps,
+        **eval_strategy(training, has_validation),
+        "save_strategy": "steps",
+        "save_steps": training.checkpointEverySteps,
+        "save_total_limit": 1,  # local scratch; the output location keeps checkpointsToKeep
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
+        "tf32": True if hardware.tf32 else None,
+        "use_cpu": hardware.device == "cpu",
+        "report_to": "none",
+        "disable_tqdm": True,  # progress goes through the reporters (JSON lines in a pod)
+        "log_level": "warning",
+        "dataloader_pin_memory": hardware.device == "cuda",
+        "dataloader_num_workers": workers,
+        "dataloader_persistent_workers": workers > 0,
+        **distributed_settings(strategy, training.gradientCheckpointing),
+    }
+
+
 def sft_config(
     training: TrainingSpec,
     *,
@@ -109,52 +165,37 @@ def sft_config(
     hardware: Hardware,
     packing: bool | None = None,
     strategy: str = "none",
+    liger: bool = False,
 ) -> SFTConfig:
-    """The SFTConfig for a TrainingSpec. Checkpoints go to `output_dir` (local scratch);
-    uploading and pruning them in the output location is the checkpoint callback's job.
-    `packing`: what the built model supports (default: the spec's). `strategy`: the resolved
-    distributed strategy (none, ddp, fsdp)."""
-    precision = hardware.precision
-    learning_rate = training.learningRate
-    if learning_rate is None:  # a bare TrainingSpec; a FineTuneJobSpec resolves it by method
-        learning_rate = DEFAULT_LEARNING_RATES["lora"]
-    workers = dataloader_workers(hardware)
+    """The SFTConfig for a TrainingSpec (see `training_arguments`). `packing`: what the built
+    model supports (default: the spec's)."""
+    packed = training.packing if packing is None else packing
     return SFTConfig(
-        output_dir=str(output_dir),
-        num_train_epochs=training.epochs,
-        max_steps=training.maxSteps or -1,
-        learning_rate=learning_rate,
-        lr_scheduler_type=training.lrScheduler,
-        warmup_steps=training.warmupRatio,  # a float below 1 is a ratio of the total steps
-        weight_decay=training.weightDecay,
-        per_device_train_batch_size=training.batchSize,
-        per_device_eval_batch_size=training.batchSize,
-        gradient_accumulation_steps=training.gradientAccumulationSteps,
+        **training_arguments(
+            training,
+            output_dir=output_dir,
+            has_validation=has_validation,
+            hardware=hardware,
+            strategy=strategy,
+            liger=liger,
+        ),
         max_length=training.maxSeqLength,
-        packing=training.packing if packing is None else packing,
-        packing_strategy="bfd",
-        activation_checkpointing=training.gradientCheckpointing and strategy != "fsdp",
-        seed=training.seed,
-        data_seed=training.seed,
-        logging_strategy="steps",
-        logging_steps=training.logEverySteps,
-        **eval_strategy(training, has_validation),
-        save_strategy="steps",
-        save_steps=training.checkpointEverySteps,
-        save_total_limit=1,  # local scratch; the output location keeps checkpointsToKeep
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        tf32=True if hardware.tf32 else None,
-        use_cpu=hardware.device == "cpu",
-        include_num_input_tokens_seen="non_padding",
-        report_to="none",
-        disable_tqdm=True,  # progress goes through the reporters (JSON lines in a pod)
-        log_level="warning",
-        dataloader_pin_memory=hardware.device == "cuda",
-        dataloader_num_workers=workers,
-        dataloader_persistent_workers=workers > 0,
-        **distributed_settings(strategy, training.gradientCheckpointing),
+        packing=packed,
+        packing_strategy=training.packingStrategy,
+        # Packed rows are padding-free and carry no attention mask: "non_padding" would count
+        # `input_ids != pad`, dropping every eos when pad = eos. Every packed token is real.
+        include_num_input_tokens_seen="all" if packed else "non_padding",
     )
+
+
+def splits_overlong_rows(training: TrainingSpec) -> bool:
+    """Rows longer than maxSeqLength are split by the packer rather than cut."""
+    return training.packing and training.packingStrategy == "bfd_split"
+
+
+def cut_rows(dataset: Any, max_length: int) -> Any:
+    """Each row's input_ids and labels cut at `max_length`."""
+    return dataset.map(lambda row: {key: row[key][:max_length] for key in ("input_ids", "labels")})
 
 
 def keep_adapter_dtype(model: Any, built: BuiltModel) -> None:
@@ -206,7 +247,13 @@ def train_model(
             built.tokenizer,
             max_length=training.maxSeqLength,
             train_on_prompt=training.trainOnPrompt,
+            split_overlong=splits_overlong_rows(training),
         )
+    train_rows = tokenized.train
+    if splits_overlong_rows(training) and not built.packing:
+        # Packing went off (the model cannot keep packed examples apart): nothing splits
+        # the whole rows kept for it, so they are cut here as bfd would have cut them.
+        train_rows = cut_rows(train_rows, training.maxSeqLength)
     config = sft_config(
         training,
         output_dir=output_dir,
@@ -214,11 +261,12 @@ def train_model(
         hardware=built.hardware,
         packing=built.packing,
         strategy=strategy,
+        liger=built.liger,
     )
     trainer = SFTTrainer(
         model=built.model,
         args=config,
-        train_dataset=tokenized.train,
+        train_dataset=train_rows,
         eval_dataset=tokenized.validation,
         processing_class=built.tokenizer,
         callbacks=callbacks or [],
@@ -235,10 +283,36 @@ def train_model(
     eval_losses = _losses(history, "eval_loss")
     last_eval_step = max((e["step"] for e in history if "eval_loss" in e), default=None)
     eval_loss = eval_losses[-1] if eval_losses else None
-    if tokenized.validation is not None and last_eval_step != state.global_step:
+    final = state.global_step >= state.max_steps  # else stopped early (preempted): no report
+    if tokenized.validation is not None and last_eval_step != state.global_step and final:
         # The reported eval loss is always the final model's.
         eval_loss = float(trainer.evaluate()["eval_loss"])
         history = list(state.log_history)
+    return outcome_of(
+        trainer,
+        summary,
+        history=history,
+        eval_loss=eval_loss,
+        train_samples=len(tokenized.train),
+        seconds=seconds,
+        cpu_seconds=cpu_seconds,
+        resumed_from_step=resumed_from_step,
+    )
+
+
+def outcome_of(
+    trainer: Any,
+    summary: Any,
+    *,
+    history: list[dict[str, Any]],
+    eval_loss: float | None,
+    train_samples: int,
+    seconds: float,
+    cpu_seconds: float,
+    resumed_from_step: int | None,
+) -> TrainOutcome:
+    """The TrainOutcome of a finished `trainer.train()` (any objective's trainer)."""
+    state = trainer.state
     train_losses = _losses(history, "loss")
     mean_loss = summary.metrics.get("train_loss") if summary else None
     return TrainOutcome(
@@ -251,7 +325,7 @@ def train_model(
         mean_train_loss=float(mean_loss) if mean_loss is not None else None,
         eval_loss=eval_loss,
         tokens_trained=int(state.num_input_tokens_seen or 0),
-        train_samples=len(tokenized.train),
+        train_samples=train_samples,
         seconds=seconds,
         cpu_seconds=cpu_seconds,
         resumed_from_step=resumed_from_step,

@@ -131,6 +131,8 @@ class DevCluster:
             binaries.update(require_binaries(NODE_BINARIES))
             realnode.check_can_run()
         state_dir = Path(state_dir).resolve()
+        if node.runtime == "containerd":
+            realnode.check_socket_path(realnode.NodePaths(state_dir / "node"))
         state_dir.mkdir(parents=True, exist_ok=True)
         if (state_dir / STATE_FILE).exists():
             raise RuntimeError(f"{state_dir} already holds a cluster (state.json); stop it first")

@@ -440,6 +440,13 @@ def run_demo(
             if took is not None:
                 tokens = (status.get("metrics") or {}).get("tokensTrained") or 0
                 console.print(f"\nthe job took {took:.0f} s ({tokens:,} tokens trained)")
+            if result.phase == "Succeeded":
+                # The hand-off to serving (docs/serving.md): KServe on a GPU cluster.
+                console.print(
+                    f"serve it: kubetune serve {plan.name} | kubectl apply -f -"
+                    f"   (--target vllm for a plain vLLM server)",
+                    markup=False,
+                )
 
             if before_teardown is not None:
                 before_teardown({"cluster": cluster, "s3": s3, "plan": plan, "operator": operator})

@@ -86,22 +86,31 @@ def signal_all(pids: list[int], sig: signal.Signals) -> None:
 
 
 @contextlib.contextmanager
-def node_down(cluster: DevCluster, namespace: str, pod: str) -> Iterator[list[int]]:
-    """The node hangs with the pod `namespace/pod` on it for as long as the block runs;
-    yields the pod's frozen pids. The kubelet and the pod carry on afterwards, whatever
-    the block raised (other tests use the node next)."""
+def pod_paused(cluster: DevCluster, namespace: str, pod: str) -> Iterator[list[int]]:
+    """Every process of the pod `namespace/pod` stops (SIGSTOP) for as long as the block
+    runs and carries on where it stopped afterwards, whatever the block raised; yields the
+    frozen pids. Works on either node: the pids come from the node, not the API server."""
     pids = process_tree(cluster.pod_pids(namespace, pod))
     if not pids:
         raise RuntimeError(f"{namespace}/{pod}: no running container to stop")
     signal_all(pids, signal.SIGSTOP)
     try:
+        yield pids
+    finally:
+        signal_all(pids, signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def node_down(cluster: DevCluster, namespace: str, pod: str) -> Iterator[list[int]]:
+    """The node hangs with the pod `namespace/pod` on it for as long as the block runs;
+    yields the pod's frozen pids. The kubelet and the pod carry on afterwards, whatever
+    the block raised (other tests use the node next)."""
+    with pod_paused(cluster, namespace, pod) as pids:
         stop_kubelet(cluster)
         try:
             yield pids
         finally:
             start_kubelet(cluster)
-    finally:
-        signal_all(pids, signal.SIGCONT)
 
 
 # ---- a standby node -----------------------------------------------------------------------

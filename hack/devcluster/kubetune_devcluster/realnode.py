@@ -131,6 +131,21 @@ def _sysctl_path(name: str) -> Path:
 # ---- the network: bridge, routes, forwarding rule, sysctls --------------------------------
 
 
+# containerd refuses a unix socket path longer than this (Go's portable limit), and its
+# longest is the ttrpc socket next to the main one.
+MAX_SOCKET_PATH = 104
+
+
+def check_socket_path(paths: NodePaths) -> None:
+    """Refuse a state dir so deep that containerd could not create its sockets in it."""
+    longest = f"{paths.socket}.ttrpc"
+    if len(longest) > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"state dir too deep for containerd's sockets: {longest} is {len(longest)} "
+            f"characters (at most {MAX_SOCKET_PATH}); use a shorter --state-dir"
+        )
+
+
 def check_can_run() -> None:
     """Refuse early, with the reason, where the real node cannot run. A bridge left by
     a node whose processes are all gone (its owner was killed, e.g. with its CI job) is

@@ -152,6 +152,8 @@ class ChartValues:
             "s3.endpoint": self.s3_endpoint,
             "s3.region": self.s3_region,
             "logFormat": self.log_format,
+            # Jobs may name other local images (the real-node tests name a missing one).
+            "trainer.allowedImages[0]": "localhost/kubetune/",
         }
         strings = [a for key, value in values.items() for a in ("--set-string", f"{key}={value}")]
         return [*strings, "--set", f"progress.patchIntervalSeconds={self.patch_interval_s}"]

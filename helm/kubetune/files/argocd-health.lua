@@ -43,6 +43,10 @@ local phase = status.phase
 if phase == "Succeeded" then
   hs.status = "Healthy"
   hs.message = with_default(status.message, "Fine-tuning succeeded")
+elseif phase == "Validated" then
+  -- A dry run (spec.dryRun) that found nothing to refuse: done, nothing trained.
+  hs.status = "Healthy"
+  hs.message = with_default(status.message, "Dry run passed")
 elseif phase == "Failed" then
   hs.status = "Degraded"
   local reason = status.reason

@@ -94,6 +94,10 @@ tests/chart/test_helm.py holds the same table (NAMESPACED_VERBS).
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["create"]
+# ... and its NetworkPolicy (only the gang's own pods may connect to it), the same way.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["create"]
 # Trainer pods: watched, read only (status, termination message, which pod a progress
 # token is bound to).
 - apiGroups: [""]
@@ -121,6 +125,8 @@ kubetune_operator.settings.OperatorSettings (tests/test_helm.py keeps the names 
   value: {{ join "," $v.watchNamespaces | quote }}
 - name: KUBETUNE_OPERATOR_TRAINER_IMAGE
   value: {{ include "kubetune.image" (dict "root" . "image" $v.trainer.image) | quote }}
+- name: KUBETUNE_OPERATOR_TRAINER_ALLOWED_IMAGES
+  value: {{ join "," $v.trainer.allowedImages | quote }}
 - name: KUBETUNE_OPERATOR_DEFAULT_CPU
   value: {{ $v.trainer.resources.cpu | toString | quote }}
 - name: KUBETUNE_OPERATOR_DEFAULT_MEMORY
@@ -137,6 +143,10 @@ kubetune_operator.settings.OperatorSettings (tests/test_helm.py keeps the names 
   value: {{ if kindIs "invalid" $v.trainer.nodeLostTolerationSeconds }}""{{ else }}{{ $v.trainer.nodeLostTolerationSeconds | int | toString | quote }}{{ end }}
 - name: KUBETUNE_OPERATOR_TRAINER_READ_ONLY_ROOT
   value: {{ $v.trainer.readOnlyRootFilesystem | toString | quote }}
+- name: KUBETUNE_OPERATOR_TRAINER_GRACE_SECONDS
+  value: {{ $v.trainer.graceSeconds | int | toString | quote }}
+- name: KUBETUNE_OPERATOR_CHECKPOINT_MIB_PER_S
+  value: {{ $v.trainer.checkpointMiBPerSecond | toString | quote }}
 {{- with $v.s3.endpoint }}
 - name: KUBETUNE_OPERATOR_S3_ENDPOINT
   value: {{ . | quote }}
@@ -157,7 +167,11 @@ kubetune_operator.settings.OperatorSettings (tests/test_helm.py keeps the names 
   value: {{ $v.progress.port | toString | quote }}
 # Trainer pods reach the progress endpoint through the Service, not the pod address.
 - name: KUBETUNE_OPERATOR_PROGRESS_BASE_URL
-  value: {{ printf "http://%s.%s.svc:%v" (include "kubetune.progressServiceName" .) .Release.Namespace $v.progress.port | quote }}
+  value: {{ printf "%s://%s.%s.svc:%v" (ternary "https" "http" (not (empty $v.progress.tls.secretName))) (include "kubetune.progressServiceName" .) .Release.Namespace $v.progress.port | quote }}
+{{- with $v.progress.tls.secretName }}
+- name: KUBETUNE_OPERATOR_TLS_DIR
+  value: /etc/kubetune/tls
+{{- end }}
 - name: KUBETUNE_OPERATOR_PATCH_INTERVAL_S
   value: {{ $v.progress.patchIntervalSeconds | toString | quote }}
 - name: KUBETUNE_OPERATOR_PROGRESS_AUDIENCE
@@ -172,6 +186,25 @@ kubetune_operator.settings.OperatorSettings (tests/test_helm.py keeps the names 
   value: {{ $v.workers | toString | quote }}
 - name: KUBETUNE_OPERATOR_LOG_FORMAT
   value: {{ $v.logFormat | quote }}
+- name: KUBETUNE_OPERATOR_LEADER_ELECTION
+  value: {{ $v.leaderElection.enabled | toString | quote }}
+- name: KUBETUNE_OPERATOR_LEASE_NAME
+  value: {{ include "kubetune.fullname" . | quote }}
+- name: KUBETUNE_OPERATOR_LEASE_NAMESPACE
+  value: {{ .Release.Namespace | quote }}
+- name: KUBETUNE_OPERATOR_LEASE_DURATION_S
+  value: {{ $v.leaderElection.leaseDurationSeconds | toString | quote }}
+- name: KUBETUNE_OPERATOR_RENEW_DEADLINE_S
+  value: {{ $v.leaderElection.renewDeadlineSeconds | toString | quote }}
+- name: KUBETUNE_OPERATOR_RETRY_PERIOD_S
+  value: {{ $v.leaderElection.retryPeriodSeconds | toString | quote }}
+- name: KUBETUNE_OPERATOR_WATCH_DEAD_AFTER_S
+  value: {{ $v.watchDeadAfterSeconds | toString | quote }}
+# Followers forward progress pushes to the leader's pod address (the operator's peer URL).
+- name: POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
 {{- end }}
 
 {{/*

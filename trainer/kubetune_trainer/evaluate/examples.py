@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kubetune_trainer.chat_masks import render_messages
 from kubetune_trainer.errors import BadInputError
 from kubetune_trainer.tokens import chat_ids, row_tokens
 
@@ -58,9 +59,9 @@ def _chat_example(row: dict[str, Any], tokenizer: Any, train_on_prompt: bool) ->
     )
     if last_answer is None:
         raise BadInputError("evaluation chat row has no assistant message to compare against")
-    context = messages[:last_answer]
+    context = render_messages(messages[:last_answer])  # without Arrow's None-filled keys
     ids, mask = row_tokens(
-        {"messages": messages[: last_answer + 1]}, tokenizer, train_on_prompt=train_on_prompt
+        {**row, "messages": messages[: last_answer + 1]}, tokenizer, train_on_prompt=train_on_prompt
     )
     return EvalExample(
         input_ids=ids,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from kubetune.api.v1alpha1 import EvalThresholds
 
@@ -25,6 +26,8 @@ GATES = (
     Gate("minRougeL", "rougeL", operator.ge, "<"),
     Gate("maxUnsupportedContentRate", "unsupportedContentRate", operator.le, ">"),
     Gate("maxRegressionPerplexityIncrease", "regressionPerplexityIncrease", operator.le, ">"),
+    Gate("minPreferenceAccuracy", "preferenceAccuracy", operator.ge, "<"),
+    Gate("minMeanReward", "meanReward", operator.ge, "<"),
 )
 
 
@@ -65,3 +68,14 @@ def check_thresholds(
     if checked == 0:
         return None, []
     return not missed, missed
+
+
+def gates_document(
+    passed: bool | None, missed: list[str], thresholds: EvalThresholds | None
+) -> dict[str, Any]:
+    """The report's `gates` section: the verdict, what was missed, the thresholds set."""
+    return {
+        "passed": passed,
+        "missed": missed,
+        "thresholds": thresholds.model_dump(mode="json", exclude_none=True) if thresholds else None,
+    }

@@ -17,14 +17,24 @@ from dataclasses import dataclass
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 _WORD = re.compile(r"[a-z0-9]+")
-# Claims a model can invent: numbers (with optional sign, decimals, thousands separators)
-# and capitalised words (names, places, brands).
+# Content of an answer: numbers (with optional sign, decimals, thousands separators) and
+# words (letters of any script) that are not function words.
 _NUMBER = re.compile(r"(?<![\w.])[-+]?\d[\d,]*(?:\.\d+)?")
-_CAPITALISED = re.compile(r"\b[A-Z][A-Za-z]+\b")
-_ANY_WORD = re.compile(r"[A-Za-z]+")
-# What may precede a sentence-initial word: the start, an end of sentence (. ! ?) or a line
-# break (with a list marker), then opening quotes or brackets. Not ":" ("Capital: Paris").
-_SENTENCE_START = re.compile(r"(?:\A|[.!?]\s+|\n\s*(?:[-*•]\s+|\d+[.)]\s+)?)[\"'(\[]*\Z")
+_LETTERS = re.compile(r"[^\W\d_]+")
+# A list item's marker ("1.", "2)", "a)", "-", "*", "•") numbers the answer's layout, it
+# states nothing: removed before the answer's content is read.
+_LIST_MARKER = re.compile(r"^[ \t]*(?:[-*•]|\d{1,3}[.)]|[A-Za-z][.)])[ \t]+", re.MULTILINE)
+# English function words: they carry no claim, so they count neither way.
+FUNCTION_WORDS = frozenset(
+    """a about above after again against all am an and any are as at be because been before
+    being below between both but by can could did do does doing down during each few for from
+    further had has have having he her here hers herself him himself his how i if in into is it
+    its itself just me more most my myself no nor not of off on once only or other our ours
+    ourselves out over own same she should so some such than that the their theirs them
+    themselves then there these they this those through to too under until up very was we
+    were what when where which while who whom why will with would you your yours yourself
+    yourselves s t don yes ok okay also""".split()  # noqa: SIM905 (a word list reads best as text)
+)
 
 
 def normalize_whitespace(text: str) -> str:
@@ -96,45 +106,55 @@ def _number_key(text: str) -> str:
 
 @dataclass(frozen=True)
 class UnsupportedContent:
-    """Claims (numbers, capitalised words) in an output and those found in no source."""
+    """The content items (numbers, non-function words) of one answer and those found in no
+    source."""
 
     claims: int
     unsupported: tuple[str, ...]
 
+    @property
+    def rate(self) -> float | None:
+        """Share of the answer's content found in no source; None for an answer without
+        content (empty, or function words only)."""
+        return len(self.unsupported) / self.claims if self.claims else None
+
+
+def _content(text: str) -> tuple[list[str], list[str]]:
+    """(numbers, words) of `text`: words lower-cased, function words and list markers left out."""
+    text = _LIST_MARKER.sub("", text)
+    numbers = _NUMBER.findall(text)
+    words = [
+        word
+        for word in (w.lower() for w in _LETTERS.findall(_NUMBER.sub(" ", text)))
+        if word not in FUNCTION_WORDS
+    ]
+    return numbers, words
+
 
 def unsupported_content(prediction: str, *sources: str) -> UnsupportedContent:
-    """Numbers and names (capitalised words inside a sentence) of `prediction` that appear
-    in none of `sources`.
+    """The content of `prediction` (its numbers and non-function words) that appears in none
+    of `sources` (the prompt and the reference).
 
-    A hallucination PROXY, not a fact check: a number or a name the model wrote that is in
-    neither the prompt nor the reference was not given to it, so it is more likely invented.
-    A word is capitalised at the start of a sentence, a line or a list item whatever it is
-    ("However", "Yes", "The"), so there it is not taken for a name: a name opening a
-    sentence is missed, a name inside one is not. A true fact the reference does not mention
-    counts as unsupported too, and an invented lower-case claim is not seen. Words match
-    case-insensitively; numbers match by value.
+    A hallucination PROXY, not a fact check, and lexical: content the model wrote that it was
+    not given is more likely invented. A list's numbering is layout, not content. A true fact
+    the sources do not mention, a synonym or another inflection ("cities" for "city") counts
+    as unsupported; a false statement made of supported words ("Alice lives in Lima" when the
+    prompt names both but she lives in Oslo) is not seen. Words match case-insensitively,
+    numbers by value; the function-word list is English.
     """
-    source_text = " ".join(sources)
+    source_text = "\n".join(sources)
     source_numbers = {_number_key(n) for n in _NUMBER.findall(source_text)}
-    source_words = {w.lower() for w in _ANY_WORD.findall(source_text)}
-    numbers = _NUMBER.findall(prediction)
-    words = [
-        match.group()
-        for match in _CAPITALISED.finditer(prediction)
-        if not _SENTENCE_START.search(prediction[: match.start()])
-    ]
+    source_words = {w.lower() for w in _LETTERS.findall(source_text)}
+    numbers, words = _content(prediction)
     unsupported = [n for n in numbers if _number_key(n) not in source_numbers]
-    unsupported += [w for w in words if w.lower() not in source_words]
+    unsupported += [w for w in words if w not in source_words]
     return UnsupportedContent(claims=len(numbers) + len(words), unsupported=tuple(unsupported))
 
 
 def unsupported_content_rate(findings: Iterable[UnsupportedContent]) -> float | None:
-    """Unsupported claims over all claims (pooled over examples); None when there were none."""
-    findings = list(findings)
-    claims = sum(f.claims for f in findings)
-    if claims == 0:
-        return None
-    return sum(len(f.unsupported) for f in findings) / claims
+    """Mean over answers of the share of each answer's content found in no source: every
+    answer with content weighs the same, however long. None when no answer had content."""
+    return mean(f.rate for f in findings if f.rate is not None)
 
 
 def mean(values: Iterable[float]) -> float | None:

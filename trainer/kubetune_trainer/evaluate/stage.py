@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubetune.api.v1alpha1 import FineTuneJobSpec
+from kubetune.api.v1alpha1 import BASE_MUTATING_INITS, FineTuneJobSpec
 from kubetune_trainer.evaluate.examples import EvalExample, build_example
 from kubetune_trainer.evaluate.formats import FormatChecker, build_format_checker
-from kubetune_trainer.evaluate.gates import check_thresholds
+from kubetune_trainer.evaluate.gates import check_thresholds, gates_document
 from kubetune_trainer.evaluate.metrics import perplexity
 from kubetune_trainer.evaluate.report import (
     HALLUCINATION_PROXY_NOTE,
@@ -33,6 +33,11 @@ from kubetune_trainer.evaluate.report import (
 from kubetune_trainer.evaluate.scoring import Scored, score_outputs
 
 DEFAULT_BATCH_SIZE = 8
+QLORA_NOTE = (
+    "QLoRA: these numbers describe the model as trained, the 4-bit base with the adapter. "
+    "The merged model (mergeAdapter: the 16-bit base with the adapter merged) is a slightly "
+    "different model: its loss on the same examples is status.metrics.mergedEvalLoss."
+)
 
 
 @dataclass
@@ -63,6 +68,8 @@ class EvalOutcome:
     missed: list[str] = field(default_factory=list)  # "exactMatch 0.12 < minExactMatch 0.5"
     seconds: float = 0.0
     report: dict[str, Any] = field(default_factory=dict)  # what report.json holds
+    # Every example the loss was measured on (to measure another form of the model alike).
+    loss_examples: list[EvalExample] = field(default_factory=list)
 
 
 @dataclass
@@ -88,10 +95,12 @@ class ModelResult:
 
 @dataclass(frozen=True)
 class EvalData:
-    examples: list[EvalExample]
+    examples: list[EvalExample]  # the first maxSamples: generation and its task metrics
     source: str
     regression: list[EvalExample] | None
     regression_source: str | None
+    # Every example: evalLoss, perplexity and the maxEvalLoss gate are over the whole set.
+    loss_examples: list[EvalExample] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -102,21 +111,35 @@ class RunSettings:
     checker: FormatChecker | None
 
 
+@dataclass(frozen=True)
+class Answers:
+    """One model's greedy answers to the generative examples, scored against their references."""
+
+    outputs: list[str]
+    scored: Scored
+    seconds: float
+
+
+def run_settings(inputs: EvalInputs) -> RunSettings:
+    """spec.evaluation's decoding settings and format check. A bad schema or pattern is bad
+    input: it is reported here, before any time is spent on generation."""
+    evaluation = inputs.spec.evaluation
+    return RunSettings(
+        max_new_tokens=evaluation.maxNewTokens,
+        max_length=inputs.spec.training.maxSeqLength,
+        batch_size=max(1, inputs.batch_size),
+        checker=build_format_checker(evaluation.format) if evaluation.format else None,
+    )
+
+
 def evaluate_after_training(inputs: EvalInputs) -> EvalOutcome:
     """Measure tuned and base model, write the report files, check the thresholds."""
     started = time.perf_counter()
     evaluation = inputs.spec.evaluation
     if not evaluation.enabled:
         return EvalOutcome(metrics={}, files=[])
-    # A bad schema or pattern is bad input: report it before spending time on generation.
-    checker = build_format_checker(evaluation.format) if evaluation.format else None
+    settings = run_settings(inputs)
     data = _load_data(inputs)
-    settings = RunSettings(
-        max_new_tokens=evaluation.maxNewTokens,
-        max_length=inputs.spec.training.maxSeqLength,
-        batch_size=max(1, inputs.batch_size),
-        checker=checker,
-    )
 
     model = inputs.model
     was_training = bool(getattr(model, "training", False))
@@ -140,6 +163,7 @@ def evaluate_after_training(inputs: EvalInputs) -> EvalOutcome:
         missed=list(gates["missed"]),
         seconds=time.perf_counter() - started,
         report=report,
+        loss_examples=data.loss_examples,
     )
 
 
@@ -159,8 +183,10 @@ def _load_data(inputs: EvalInputs) -> EvalData:
     limit = evaluation.maxSamples
     tokenizer = inputs.tokenizer
     whole = inputs.spec.training.trainOnPrompt
+    every = [build_example(row, tokenizer, train_on_prompt=whole) for row in rows]
     return EvalData(
-        examples=[build_example(row, tokenizer, train_on_prompt=whole) for row in rows[:limit]],
+        examples=every[:limit],
+        loss_examples=every,
         source=source,
         regression=(
             [build_example(row, tokenizer) for row in regression_rows[:limit]]
@@ -191,7 +217,13 @@ def _rows_from_uri(uri: str, cache_dir: Path, alpaca_as_chat: bool = False) -> l
 def _base_model(inputs: EvalInputs) -> Iterator[Any]:
     """The base model: the tuned PeftModel with its adapter off, or a fresh load (full)."""
     model = inputs.model
-    if inputs.spec.method in ("lora", "qlora") and hasattr(model, "disable_adapter"):
+    # PiSSA/OLoRA train on a residual base: with the adapter off it is not the base model.
+    residual = inputs.spec.lora is not None and inputs.spec.lora.init in BASE_MUTATING_INITS
+    if (
+        inputs.spec.method in ("lora", "qlora")
+        and hasattr(model, "disable_adapter")
+        and not residual
+    ):
         with model.disable_adapter():
             yield model
         return
@@ -221,14 +253,46 @@ def _base_model(inputs: EvalInputs) -> Iterator[Any]:
             torch.cuda.empty_cache()
 
 
+def generative_examples(examples: Sequence[EvalExample]) -> list[EvalExample]:
+    """The examples with a prompt to answer (text rows have none: loss only)."""
+    return [e for e in examples if e.prompt_ids is not None]
+
+
+def generate_and_score(
+    model: Any, tokenizer: Any, examples: Sequence[EvalExample], settings: RunSettings
+) -> Answers:
+    """Greedy answers to the generative examples, scored by the task metrics (and the format
+    check) against each example's reference."""
+    from kubetune_trainer.evaluate.inference import generate_greedy
+
+    generative = generative_examples(examples)
+    started = time.perf_counter()
+    outputs = generate_greedy(
+        model,
+        tokenizer,
+        [e.prompt_ids or [] for e in generative],
+        max_new_tokens=settings.max_new_tokens,
+        batch_size=settings.batch_size,
+        max_prompt_length=max(1, settings.max_length - settings.max_new_tokens),
+    )
+    seconds = time.perf_counter() - started
+    scored = score_outputs(
+        outputs,
+        [e.reference for e in generative],
+        [e.prompt for e in generative],
+        settings.checker,
+    )
+    return Answers(outputs=outputs, scored=scored, seconds=seconds)
+
+
 def _measure(model: Any, tokenizer: Any, data: EvalData, settings: RunSettings) -> ModelResult:
-    from kubetune_trainer.evaluate.inference import generate_greedy, pad_token_id, token_loss
+    from kubetune_trainer.evaluate.inference import pad_token_id, token_loss
 
     pad_id = pad_token_id(tokenizer)
     started = time.perf_counter()
     loss = token_loss(
         model,
-        data.examples,
+        data.loss_examples,
         pad_id=pad_id,
         batch_size=settings.batch_size,
         max_length=settings.max_length,
@@ -247,30 +311,14 @@ def _measure(model: Any, tokenizer: Any, data: EvalData, settings: RunSettings) 
     loss_seconds = time.perf_counter() - started
 
     # Text rows have no answer to generate; task metrics cover the others.
-    generative = [e for e in data.examples if e.prompt_ids is not None]
-    started = time.perf_counter()
-    outputs = generate_greedy(
-        model,
-        tokenizer,
-        [e.prompt_ids or [] for e in generative],
-        max_new_tokens=settings.max_new_tokens,
-        batch_size=settings.batch_size,
-        max_prompt_length=max(1, settings.max_length - settings.max_new_tokens),
-    )
-    generation_seconds = time.perf_counter() - started
-    scored = score_outputs(
-        outputs,
-        [e.reference for e in generative],
-        [e.prompt for e in generative],
-        settings.checker,
-    )
+    answers = generate_and_score(model, tokenizer, data.examples, settings)
     return ModelResult(
         loss=loss.loss,
         loss_tokens=loss.tokens,
-        outputs=outputs,
-        scored=scored,
+        outputs=answers.outputs,
+        scored=answers.scored,
         regression_loss=regression_loss,
-        generation_seconds=generation_seconds,
+        generation_seconds=answers.seconds,
         loss_seconds=loss_seconds,
     )
 
@@ -298,10 +346,14 @@ def regression_summary(
     }
 
 
-def _samples(
-    data: EvalData, tuned: ModelResult, base: ModelResult, count: int
+def answer_samples(
+    examples: Sequence[EvalExample],
+    tuned: ModelResult | Answers,
+    base: ModelResult | Answers,
+    count: int,
 ) -> list[dict[str, Any]]:
-    generative = [e for e in data.examples if e.prompt_ids is not None]
+    """The report's sample outputs: the first `count` generative examples, both answers."""
+    generative = generative_examples(examples)
     samples = []
     for index, example in enumerate(generative[:count]):
         sample = {
@@ -348,6 +400,8 @@ def build_report(
     passed, missed = check_thresholds(gate_metrics, evaluation.thresholds)
     generative = sum(e.prompt_ids is not None for e in data.examples)
     notes = [HALLUCINATION_PROXY_NOTE]
+    if inputs.spec.method == "qlora":
+        notes.append(QLORA_NOTE)
     if generative < len(data.examples):
         notes.append(
             f"{len(data.examples) - generative} text rows have no reference answer: they count "
@@ -361,6 +415,7 @@ def build_report(
         "source": data.source,
         "examples": len(data.examples),
         "generatedExamples": generative,
+        "lossExamples": len(data.loss_examples),
         "lossScope": _loss_scope(data.examples, inputs.spec.training.trainOnPrompt),
         "generation": {
             "decoding": "greedy",
@@ -379,16 +434,8 @@ def build_report(
             key: _difference(tuned_metrics[key], base_metrics.get(key)) for key in tuned_metrics
         },
         "regression": regression,
-        "gates": {
-            "passed": passed,
-            "missed": missed,
-            "thresholds": (
-                evaluation.thresholds.model_dump(mode="json", exclude_none=True)
-                if evaluation.thresholds
-                else None
-            ),
-        },
-        "samples": _samples(data, tuned, base, evaluation.sampleOutputs),
+        "gates": gates_document(passed, missed, evaluation.thresholds),
+        "samples": answer_samples(data.examples, tuned, base, evaluation.sampleOutputs),
         "timing": {
             "evalSeconds": seconds,
             "tunedGenerationSeconds": tuned.generation_seconds,

@@ -1,5 +1,6 @@
 """bench/bench_gpu.py runs end to end (tiny shape on CPU), so it works the first time it meets
-a GPU; and its FLOP accounting is what its docstring says."""
+a GPU; its FLOP accounting is what its docstring says; and its peaks are the exact device
+model's."""
 
 from __future__ import annotations
 
@@ -35,11 +36,32 @@ def test_flop_accounting_of_the_8b_shape():
     assert bench.steady_throughput([(0.0, 0), (1.0, 100), (3.0, 500)], warmup=1) == (200.0, 2.0)
 
 
+@pytest.mark.parametrize(
+    ("name", "model", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.0),
+        ("NVIDIA H100 PCIe", "H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", "H100 NVL", 835.0),
+        ("NVIDIA H200", "H200 SXM", 989.0),
+        ("NVIDIA A100-SXM4-80GB", "A100", 312.0),
+        ("NVIDIA L40S", "L40S", 362.0),
+        ("NVIDIA L4", "L4", 121.0),
+        ("NVIDIA A10", "A10", 125.0),
+        ("NVIDIA GeForce RTX 4090", None, None),
+    ],
+)
+def test_peak_is_the_exact_device_models(name, model, peak):
+    assert _load().device_peak(name) == (model, peak)
+
+
 @pytest.mark.slow
 def test_gpu_benchmark_runs_end_to_end_on_cpu(tmp_path):
     out = tmp_path / "result.json"
     done = subprocess.run(
+        # qlora only: each variant is its own process, and qlora is the path with the most
+        # to get wrong (4-bit load, adapter precision); lora differs by the quantisation only.
         [sys.executable, str(BENCH), "--shape", "tiny", "--seq", "128", "--steps", "3"]
+        + ["--methods", "qlora"]
         + ["--warmup", "1", "--baseline-batch", "2", "--json", str(out)],
         capture_output=True,
         text=True,
@@ -49,10 +71,14 @@ def test_gpu_benchmark_runs_end_to_end_on_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
     assert {(r["variant"], r["method"]) for r in results} == {
-        (v, m) for v in ("kubetune", "trl") for m in ("lora", "qlora")
+        (v, "qlora") for v in ("kubetune", "trl-packed", "trl")
     }
     for result in results:
         assert result["steps"] == 3 and result["tokens_per_second"] > 0
         assert result["peak_memory_gib"] > 0 and result["operator_estimate_gib"] is not None
+        assert result["memory_vs_estimate"] > 0
         assert result["mfu"] is None  # no peak FLOP/s known for a CPU
+        assert result["adapter_dtype"] == "float32"  # equal adapter precision, qlora included
+        assert "4 N n" in result["flop_convention"]
+    assert "kubetune / TRL packed tokens per second" in done.stdout
     assert "kubetune / TRL tokens per second" in done.stdout
