@@ -27,10 +27,14 @@ read -r VERSION SHA256 URL < <(python3 "$ROOT/hack/llamacpp_converter.py" --pin)
 SDIST=llama_cpp_python-$VERSION.tar.gz
 LOCK="$ROOT/hack/serving/llamacpp.lock"
 CACHE_DIR="${KUBETUNE_CACHE_DIR:-$HOME/.cache/kubetune}"
-# The build is native (-march=native: AVX2, AVX-512 where the CPU has them), so the key holds
-# the CPU's feature flags besides the lock: a cache restored on another CPU builds anew
-# instead of dying of an illegal instruction.
-KEY="$({ cat "$LOCK"; grep -m1 '^flags' /proc/cpuinfo || true; } | sha256sum | cut -c1-12)"
+# A native CPU build (-march=native: AVX2, AVX-512 where the CPU has them), the shared
+# library only: no tools, tests or examples. Without AMX: on CPUs that report it (Sapphire
+# Rapids and later) ggml's AMX int8 kernel crashes (SIGSEGV in ggml_backend_amx_mul_mat) on
+# the tests' q8_0 model, whose rows are narrower than its tiles.
+BUILD_ARGS="-DGGML_NATIVE=ON -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8 -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"
+# The key holds the CPU's feature flags and the build's arguments besides the lock: a cache
+# restored on another CPU builds anew instead of dying of an illegal instruction.
+KEY="$({ cat "$LOCK"; echo "$BUILD_ARGS"; grep -m1 '^flags' /proc/cpuinfo || true; } | sha256sum | cut -c1-12)"
 DIR="$CACHE_DIR/llamacpp-$VERSION-$KEY"
 
 only_converter=0
@@ -72,9 +76,7 @@ start=$SECONDS
 rm -rf "$DIR/venv"
 uv venv --quiet --python 3.11 "$DIR/venv"
 VIRTUAL_ENV="$DIR/venv" uv pip sync --quiet "$LOCK"
-# A native CPU build (-march=native), the shared library only: no tools, tests or examples.
-CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
-  CMAKE_BUILD_PARALLEL_LEVEL="${LLAMACPP_BUILD_JOBS:-2}" \
+CMAKE_ARGS="$BUILD_ARGS" CMAKE_BUILD_PARALLEL_LEVEL="${LLAMACPP_BUILD_JOBS:-2}" \
   VIRTUAL_ENV="$DIR/venv" nice uv pip install --quiet --no-deps --no-cache "$sdist"
 "$DIR/venv/bin/python" -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
 touch "$DIR/.complete"

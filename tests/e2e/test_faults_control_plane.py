@@ -36,7 +36,7 @@ from tests.fixtures.tiny_model import upload_tiny_assets
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1200)]
 
-STEPS = 120
+STEPS = 200
 # From the component healthy again to the next step shown in the status. What it is made
 # of: the operator's watch reconnect back-off (1, 2, 5, 10 s), the trainer's next push, and
 # one status patch interval (1 s in these tests); on a loaded CI machine, slack on top.

@@ -36,6 +36,8 @@ GANG_TIMEOUT = 2 * RUN_TIMEOUT
 # the peer's next collective sees the closed connection.
 GANG_FAILS_WITHIN_S = 120
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+INDEX_LABEL = INDEX_ANNOTATION  # Indexed Jobs set both
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 WRITES = ("PUT", "POST", "DELETE")
 
 
@@ -253,3 +255,73 @@ def test_worker_pod_killed_mid_run_restarts_the_gang_from_its_checkpoint(
     published = {k: n for k, n in versions.items() if "/checkpoints/" not in k}
     assert f"runs/{real_ns}/kill/manifest.json" in published
     assert set(published.values()) == {1}, published
+
+
+def test_drain_evicting_one_gang_member_stops_both_after_one_step_and_resumes_there(
+    real_stack: RealStack, real_ns: str, real_assets: str
+) -> None:
+    """`kubectl drain` of the node, for index 1's pod only (the operator's and CoreDNS's pods
+    stay): the eviction's SIGTERM reaches one member; the stop flag, all-reduced each step,
+    stops both after the same step with its checkpoint saved (exit 5, not counted against
+    backoffLimit 0). After `kubectl uncordon` the new gang resumes from exactly that step."""
+    cluster, name, steps = real_stack.cluster, "drained", 16
+    out = versioned_bucket(real_stack, f"gang-drain-{real_ns}")
+    body = gang_manifest(name, real_assets, out, steps=steps, backoffLimit=0)
+    body["spec"]["training"]["checkpointEverySteps"] = 1000  # the stop's is the only one
+    create(cluster, real_ns, body)
+    wait_for(
+        lambda: step_of(real_stack, real_ns, name) >= 2,
+        timeout=GANG_TIMEOUT,
+        interval=0.3,
+        what="the gang training",
+    )
+    first = {index_of(p): p for p in pods_of(cluster, real_ns)}
+    node = cluster.node.name
+    try:
+        step_at_drain = step_of(real_stack, real_ns, name)
+        drained = time.monotonic()
+        job_name = first["1"]["metadata"]["labels"][JOB_NAME_LABEL]
+        cluster.kubectl(
+            "drain", node, "--pod-selector", f"{INDEX_LABEL}=1,{JOB_NAME_LABEL}={job_name}",
+            "--delete-emptydir-data", "--ignore-daemonsets", "--timeout", "300s",
+        )  # fmt: skip
+        drain_s = time.monotonic() - drained
+
+        def stopped() -> dict | None:
+            pod = cluster.rest().get(
+                f"/api/v1/namespaces/{real_ns}/pods/{first['0']['metadata']['name']}"
+            )
+            return trainer_state(pod).get("terminated")
+
+        peer_end = wait_for(stopped, timeout=300, interval=0.3, what="index 0 stopping")
+
+        def read_as_preempted() -> dict | None:
+            st = status_of(cluster, real_ns, name)
+            attempts = st.get("attempts") or []
+            return st if attempts and attempts[0].get("reason") == "Preempted" else None
+
+        preempted = wait_for(
+            read_as_preempted,
+            timeout=120,
+            interval=0.3,
+            what="the attempt read as Preempted",
+        )
+    finally:
+        cluster.kubectl("uncordon", node)
+    (saved,) = complete_checkpoints(real_stack, out, f"runs/{real_ns}/{name}/checkpoints/")
+    st = wait_phase(cluster, real_ns, name, "Succeeded", "Failed", timeout=GANG_TIMEOUT)
+    assert st["phase"] == "Succeeded", st
+    # Index 0 got no signal: it stopped because its peer did, after the same step.
+    assert peer_end["exitCode"] == contract.EXIT_PREEMPTED, peer_end
+    assert f"after step {saved};" in peer_end.get("message", ""), peer_end
+    assert step_at_drain <= saved < steps
+    first_attempt = preempted["attempts"][0]
+    assert (first_attempt["result"], first_attempt["exitCode"]) == ("Stopped", 5), first_attempt
+    assert st["attempts"][1]["resumedFromStep"] == saved == st["resumedFromStep"]
+    assert st["restarts"] == 0 and st["progress"]["step"] == steps
+    (job,) = jobs_of(cluster, real_ns)
+    assert not job["status"].get("failed"), job["status"]  # exit 5: the Job's Ignore rule
+    print(
+        f"\ndrain of index 1 at step {step_at_drain}: drain returned in {drain_s:.1f} s, "
+        f"both ranks stopped after step {saved} (exit 5), resumed there after uncordon"
+    )

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from kubetune_devcluster.controlplane import DevCluster
+from kubetune_devcluster.nodefaults import pod_paused
 from kubetune_devcluster.processes import wait_for
 from kubetune_devcluster.rest import ApiError
 from tests.cli.test_preview_command import kubetune_preview
@@ -293,11 +294,18 @@ def test_suspend_stops_the_trainer_and_resume_continues_from_the_checkpoint(
         interval=0.2,
         what="a checkpoint",
     )
-    patch_spec(k8s_cluster, ns, "pausable", {"suspend": True})
+    # The trainer is paused until the operator has suspended its Job, so a fast machine
+    # cannot finish the run first; the SIGTERM that follows waits for it to carry on.
+    (trainer,) = pods_of(k8s_cluster, ns)
+    with pod_paused(k8s_cluster, ns, trainer["metadata"]["name"]):
+        patch_spec(k8s_cluster, ns, "pausable", {"suspend": True})
+        wait_for(
+            lambda: [j["spec"].get("suspend") for j in jobs_of(k8s_cluster, ns)] == [True],
+            timeout=60,
+            what="the Job suspended",
+        )
     st = wait_phase(k8s_cluster, ns, "pausable", "Suspended", "Succeeded", timeout=60)
-    assert st["phase"] == "Suspended", "finished before the suspend took effect"
-    (job,) = jobs_of(k8s_cluster, ns)
-    assert job["spec"]["suspend"] is True
+    assert st["phase"] == "Suspended", st
     wait_for(
         lambda: not [p for p in pods_of(k8s_cluster, ns) if p["status"].get("phase") == "Running"],
         timeout=60,

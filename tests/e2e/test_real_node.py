@@ -34,6 +34,8 @@ from tests.fixtures.real_node import (
     RUN_TIMEOUT,
     TRAINER_IMAGE,
     RealStack,
+    both_replicas_ready,
+    leader_pod,
     manifest,
     running_trainer_pod,
     step_of,
@@ -87,20 +89,19 @@ def test_lora_job_succeeds_from_the_images_with_progress_logs_and_exec(
         return st if st.get("phase") in ("Succeeded", "Failed") else None
 
     def probed() -> dict | None:
-        # kubectl exec needs the container running: try it while the trainer trains.
-        if finished():
-            return {"finished first": True}
         probe = kubectl_exec(real_stack, real_ns, pod, "python3", "-c", WRITE_PROBE)
         return json.loads(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 else None
 
-    # Sampled on a thread: the whole run may fit inside one slow `kubectl exec`.
-    with StepWatch(cluster, real_ns, "e2e") as watch:
+    # kubectl exec needs the container running: the trainer is paused meanwhile, so the run
+    # cannot end inside a slow exec.
+    with pod_paused(cluster, real_ns, pod):
         exec_result = wait_for(probed, timeout=RUN_TIMEOUT, interval=1, what="kubectl exec")
+    # Sampled on a thread: progress is pushed several times a second.
+    with StepWatch(cluster, real_ns, "e2e") as watch:
         st = wait_for(finished, timeout=RUN_TIMEOUT, interval=0.3, what="e2e finished")
     assert st["phase"] == "Succeeded", st
     seen = {step for _, step in watch.samples}
     assert any(0 < s < 12 for s in seen), f"no intermediate progress seen: {seen}"
-    assert "finished first" not in exec_result, "the trainer finished before kubectl exec"
     assert exec_result["uid"] == 1000 and exec_result["/workspace/probe"] == "ok"
     assert exec_result["/opt/probe"] == "Read-only file system", exec_result
     for field in ("model", "manifest", "report"):
@@ -217,17 +218,6 @@ def test_missing_secret_and_missing_key_are_named_within_seconds(
     )
 
 
-def leader_pod(real_stack: RealStack) -> dict:
-    """The operator pod holding the leader Lease (its holderIdentity starts with the pod's name)."""
-    leases = real_stack.cluster.rest().get(
-        f"/apis/coordination.k8s.io/v1/namespaces/{real_stack.namespace}/leases"
-    )["items"]
-    holders = [(lease.get("spec") or {}).get("holderIdentity") or "" for lease in leases]
-    pods = real_stack.operator_pods()
-    (leader,) = [p for p in pods if any(h.startswith(p["metadata"]["name"] + "_") for h in holders)]
-    return leader
-
-
 def test_operator_pod_deleted_mid_run_the_new_one_carries_on(
     real_stack: RealStack, real_ns: str, real_assets: str
 ) -> None:
@@ -241,18 +231,6 @@ def test_operator_pod_deleted_mid_run_the_new_one_carries_on(
     )
     old = leader_pod(real_stack)
 
-    def new_operator_ready() -> bool:
-        pods = [
-            p for p in real_stack.operator_pods() if p["metadata"]["uid"] != old["metadata"]["uid"]
-        ]
-        return len(pods) == 2 and all(
-            any(
-                c["type"] == "Ready" and c["status"] == "True"
-                for c in p["status"].get("conditions") or []
-            )
-            for p in pods
-        )
-
     (trainer,) = pods_of(cluster, real_ns)
     # The trainer is paused while the operator restarts: a fast machine would otherwise
     # finish the run inside the restart, and progress after it is what is under test.
@@ -260,7 +238,12 @@ def test_operator_pod_deleted_mid_run_the_new_one_carries_on(
         before = step_of(real_stack, real_ns, "steady")
         killed = time.monotonic()
         cluster.kubectl("delete", "pod", "-n", real_stack.namespace, old["metadata"]["name"])
-        wait_for(new_operator_ready, timeout=180, interval=0.5, what="the new operator pod Ready")
+        wait_for(
+            lambda: both_replicas_ready(real_stack, not_uids={old["metadata"]["uid"]}),
+            timeout=180,
+            interval=0.5,
+            what="the new operator pod Ready",
+        )
     assert status_of(cluster, real_ns, "steady")["phase"] == "Running"
     # Progress keeps flowing to the new pod through the Service.
     wait_for(
