@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -59,7 +58,7 @@ def manifest(model: Path, data: Path, out: Path, ranks: int, steps: int, batch: 
 def run(ranks: int, folder: Path, model: Path, data: Path, steps: int, batch: int) -> dict:
     import yaml
 
-    from kubetune_trainer.distributed import free_port, torchrun_argv
+    from kubetune_trainer.distributed import local_gang_env, torchrun_argv
 
     out = folder / f"out-{ranks}"
     job = manifest(model, data, out, ranks, steps, batch)
@@ -68,8 +67,8 @@ def run(ranks: int, folder: Path, model: Path, data: Path, steps: int, batch: in
     config.write_text(yaml.safe_dump(job))
     program = ["-m", "kubetune_trainer", "--config", str(config), "--namespace", "bench"]
     program += ["--work-dir", str(folder / f"work-{ranks}")]
-    command = torchrun_argv(ranks, program, master_port=free_port())
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one core per rank, in every run
+    command = torchrun_argv(program)
+    env = {**local_gang_env(ranks), "OMP_NUM_THREADS": "1"}  # one core per rank, in every run
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{ranks} ranks failed:\n{done.stderr[-3000:]}")

@@ -9,8 +9,9 @@
 # installed by `helm install`, examples/quickstart-cluster.yaml as a FineTuneJob whose trainer
 # pod runs the trainer image, with live progress, the artifacts in S3 and the evaluation
 # summary; everything is stopped at the end. Needs root (the node's network and mounts).
-# About 4.5 minutes on 2 loaded CPU cores once binaries and images exist, 3 of them
-# importing the 6.7 GB trainer image into the node's containerd.
+# Under a minute on 2 CPU cores once binaries and images exist: the node's images come from
+# a store kept across clusters (the first run imports the 6.7 GB trainer image into it, about
+# 2 minutes), the tiny model from a cache.
 #
 # `bash hack/demo.sh --node local` runs the operator and the trainer as host processes
 # instead (no root, no images). Without a cluster, the trainer alone: see the top of

@@ -175,24 +175,20 @@ def run_gang(job: Any, processes: int, work_dir: Path, reporter: Any) -> tuple[i
     import yaml
 
     from kubetune.api.contract import ProgressEvent
-    from kubetune_trainer.distributed import free_port, gang_exit_code, launch, torchrun_argv
+    from kubetune_trainer.distributed import gang_exit_code, launch, local_gang_env, torchrun_argv
 
     work_dir.mkdir(parents=True, exist_ok=True)
-    # The job as it runs here: `processes` ranks on one machine (the strategy and the
-    # checkpoint fingerprint follow the world size).
-    resources = job.spec.resources
-    if resources.gpus == 0:
-        resources.nodes = processes
-    else:
-        resources.nodes, resources.gpus = 1, processes
+    # The job as written: torchrun's environment alone says how many processes run here (as
+    # the operator's does on a pod), and the trainer takes the gang's shape from torchrun,
+    # never from spec.resources.
     config = work_dir / "job.yaml"
     config.write_text(yaml.safe_dump(job.wire()))
     program = ["-m", "kubetune_trainer", "--config", str(config), "--work-dir", str(work_dir)]
     program += ["--namespace", LOCAL_NAMESPACE]
-    command = torchrun_argv(processes, program, master_port=free_port())
+    command, env = torchrun_argv(program), local_gang_env(processes)
     failed_message = None
     with (work_dir / "trainer.log").open("w") as log_file:
-        gang, codes = launch(command, stdout=subprocess.PIPE, stderr=log_file, text=True)
+        gang, codes = launch(command, env=env, stdout=subprocess.PIPE, stderr=log_file, text=True)
         assert gang.stdout is not None
         for line in gang.stdout:
             try:

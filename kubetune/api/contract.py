@@ -31,10 +31,9 @@ EXIT_RENDEZVOUS_TIMEOUT = 6
 # How long the pods of a gang wait at torchrun's rendezvous for each other (every pod, rank 0
 # holding its resources meanwhile). Without Kueue's gang admission nothing else bounds a gang
 # whose last pod cannot be scheduled. 10 minutes covers a cold node pulling the trainer image
-# (a few minutes for ~7 GB) with room to spare; the trainer's KUBETUNE_RENDEZVOUS_TIMEOUT_S
-# overrides it (tests).
+# (a few minutes for ~7 GB) with room to spare. It reaches torchrun as ENV_RDZV_CONF
+# (`timeout=600`); a pod environment with another PET_RDZV_CONF overrides it (tests).
 RENDEZVOUS_TIMEOUT_S = 600
-ENV_RENDEZVOUS_TIMEOUT = "KUBETUNE_RENDEZVOUS_TIMEOUT_S"
 # Exit codes after which the operator fails the Job at once instead of retrying.
 NON_RETRYABLE_EXIT_CODES = (EXIT_BAD_INPUT, EXIT_EVAL_THRESHOLDS)
 # Anything else non-zero is an ordinary failure, retried up to spec.backoffLimit.
@@ -65,13 +64,56 @@ ENV_PROGRESS_CA = "KUBETUNE_PROGRESS_CA"
 ENV_WORK_DIR = "KUBETUNE_WORK_DIR"  # scratch space: model/dataset cache, local checkpoints
 ENV_TERMINATION_LOG = "KUBETUNE_TERMINATION_LOG"  # override of DEFAULT_TERMINATION_LOG
 ENV_HF_TOKEN = "HF_TOKEN"
-# A gang (world size above 1): the trainer's launcher starts torchrun from these.
-ENV_NNODES = "KUBETUNE_NNODES"  # pods in the gang (spec.resources.nodes)
-ENV_NPROC_PER_NODE = "KUBETUNE_NPROC_PER_NODE"  # trainer processes per pod
-ENV_MASTER_ADDR = "KUBETUNE_MASTER_ADDR"  # where rank 0 listens (index 0's DNS name)
-ENV_MASTER_PORT = "KUBETUNE_MASTER_PORT"
-ENV_NODE_RANK = "JOB_COMPLETION_INDEX"  # an Indexed Job's pod index: its node rank
+# A gang (world size above 1) gets torchrun's own environment, as Kubeflow's torch plugin
+# sets it: every `torchrun --foo-bar` flag defaults to PET_FOO_BAR. The operator sets these on
+# the gang's pods and `kubetune run --processes N` on its local torchrun; the trainer's
+# launcher starts `python -m torch.distributed.run` with no topology flags, and the workers
+# take the gang's shape from what torchrun sets in them (WORLD_SIZE, LOCAL_WORLD_SIZE, RANK).
+# Nothing else carries the topology: the trainer never takes its own run's shape from
+# spec.resources (a dry run's preview projects the spec's gang, which it does not run).
+ENV_NNODES = "PET_NNODES"  # pods in the gang (spec.resources.nodes)
+ENV_NPROC_PER_NODE = "PET_NPROC_PER_NODE"  # trainer processes per pod (one per GPU, or 1)
+ENV_NODE_RANK = "PET_NODE_RANK"  # the pod's completion index (COMPLETION_INDEX_FIELD)
+ENV_MASTER_ADDR = "PET_MASTER_ADDR"  # where rank 0 listens (index 0's DNS name)
+ENV_MASTER_PORT = "PET_MASTER_PORT"
+ENV_RDZV_BACKEND = "PET_RDZV_BACKEND"  # static: fixed node ranks, no etcd, no elastic joins
+ENV_RDZV_CONF = "PET_RDZV_CONF"  # timeout=RENDEZVOUS_TIMEOUT_S
+# No elastic restarts: a failed gang is restarted as a whole (by Kubernetes) from the latest
+# checkpoint.
+ENV_MAX_RESTARTS = "PET_MAX_RESTARTS"
+RDZV_BACKEND = "static"
+# An Indexed Job's pod index, which the Job controller writes on each pod (the same field
+# its JOB_COMPLETION_INDEX variable reads): the pod's node rank, through the downward API.
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+COMPLETION_INDEX_FIELD = f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"
 GANG_PORT = 29500
+
+
+def gang_environment(
+    nnodes: int,
+    nproc_per_node: int,
+    *,
+    master_addr: str = "127.0.0.1",
+    master_port: int = GANG_PORT,
+    rendezvous_timeout_s: int = RENDEZVOUS_TIMEOUT_S,
+) -> dict[str, str]:
+    """torchrun's environment for one node of a gang, but the node rank (ENV_NODE_RANK: each
+    pod's own, from COMPLETION_INDEX_FIELD; 0 on one machine)."""
+    if nnodes < 1 or nproc_per_node < 1:
+        raise ValueError(f"bad gang: {nnodes} nodes x {nproc_per_node} processes")
+    return {
+        ENV_NNODES: str(nnodes),
+        ENV_NPROC_PER_NODE: str(nproc_per_node),
+        ENV_MASTER_ADDR: master_addr,
+        ENV_MASTER_PORT: str(master_port),
+        ENV_RDZV_BACKEND: RDZV_BACKEND,
+        # How long each pod waits at the static rendezvous for the others (the TCPStore's
+        # wait for its clients, and a client's wait for the store): a member that never
+        # starts (unschedulable) ends the attempt instead of holding rank 0 forever.
+        ENV_RDZV_CONF: f"timeout={rendezvous_timeout_s}",
+        ENV_MAX_RESTARTS: "0",
+    }
+
 
 DEFAULT_WORK_DIR = "/workspace"
 WORK_VOLUME = "work"  # the pod volume mounted there (the kubelet's eviction message names it)

@@ -1058,8 +1058,14 @@ class FineTuneJobSpec(_Model):
 
     @property
     def strategy(self) -> Literal["none", "ddp", "fsdp"]:
-        """The resolved strategy: none for one process; auto -> fsdp for full, else ddp."""
-        if self.world_size == 1:
+        """The resolved strategy of the gang the resources ask for (the operator's view; the
+        trainer resolves it for the world size torchrun started, `strategy_for`)."""
+        return self.strategy_for(self.world_size)
+
+    def strategy_for(self, world_size: int) -> Literal["none", "ddp", "fsdp"]:
+        """The strategy `world_size` processes run: none for one process; auto -> fsdp for
+        full, else ddp."""
+        if world_size <= 1:
             return "none"
         chosen = self.distributed.strategy
         if chosen == "auto":

@@ -182,9 +182,11 @@ GANG_PORT = contract.GANG_PORT  # torchrun's static rendezvous and store, on ind
 
 
 def gang_env(ftj: FineTuneJob) -> list[dict[str, Any]]:
-    """What the trainer's launcher needs to start torchrun (nothing for one process): the
-    gang's shape and where rank 0 listens. The node rank is the pod's completion index
-    (JOB_COMPLETION_INDEX, set by the Job controller)."""
+    """torchrun's own environment (PET_*, as Kubeflow's torch plugin sets it; nothing for one
+    process): the gang's shape, where rank 0 listens, the static rendezvous and its timeout.
+    The trainer's launcher starts torchrun with no topology flags, so this is the one place
+    the gang's shape comes from. The node rank is the pod's completion index, which the Job
+    controller writes on each pod (read through the downward API)."""
     spec = ftj.spec
     if spec.world_size == 1 or spec.dryRun:  # a dry run is one process, whatever the gang
         return []
@@ -194,12 +196,14 @@ def gang_env(ftj: FineTuneJob) -> list[dict[str, Any]]:
         # Index 0's stable name through the headless Service (pod hostname.subdomain).
         service = names.service_name(ftj.metadata.name)
         master = f"{names.job_name(ftj.metadata.name)}-0.{service}.{ftj.namespace}.svc"
-    return [
-        {"name": contract.ENV_NNODES, "value": str(nodes)},
-        {"name": contract.ENV_NPROC_PER_NODE, "value": str(max(spec.resources.gpus, 1))},
-        {"name": contract.ENV_MASTER_ADDR, "value": master},
-        {"name": contract.ENV_MASTER_PORT, "value": str(GANG_PORT)},
-    ]
+    torchrun = contract.gang_environment(
+        nodes, max(spec.resources.gpus, 1), master_addr=master, master_port=GANG_PORT
+    )
+    node_rank = {
+        "name": contract.ENV_NODE_RANK,
+        "valueFrom": {"fieldRef": {"fieldPath": contract.COMPLETION_INDEX_FIELD}},
+    }
+    return [{"name": name, "value": value} for name, value in torchrun.items()] + [node_rank]
 
 
 def build_service(job: dict[str, Any]) -> dict[str, Any] | None:
@@ -353,10 +357,11 @@ def _volumes(ftj: FineTuneJob, settings: OperatorSettings) -> list[tuple[dict, d
             ]
         },
     }
-    # On the node's disk; past spec.resources.workDirSize the kubelet evicts the pod.
+    # On the node's disk; past spec.resources.workDirSize (or the chart's default) the
+    # kubelet evicts the pod.
     work: dict[str, Any] = {"name": WORK_VOLUME, "emptyDir": {}}
-    if ftj.spec.resources.workDirSize:
-        work["emptyDir"]["sizeLimit"] = ftj.spec.resources.workDirSize
+    if work_dir_size := ftj.spec.resources.workDirSize or settings.default_work_dir_size:
+        work["emptyDir"]["sizeLimit"] = work_dir_size
     shm = {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": ftj.spec.resources.shmSize}}
     pairs = [
         (job_file, {"name": "job", "mountPath": contract.JOB_CONFIG_DIR, "readOnly": True}),

@@ -146,6 +146,12 @@ class OperatorSettings(BaseModel):
     default_memory: str = Field(
         "8Gi", description="Memory request when spec.resources.memory is unset."
     )
+    default_work_dir_size: str = Field(
+        "",
+        pattern=r"^([0-9]+(\.[0-9]+)?([KMGTPE]i?)?)?$",
+        description="Size limit of the trainer's work dir (an emptyDir on the node's disk) "
+        "when spec.resources.workDirSize is unset; empty = no limit.",
+    )
     run_as_user: int = Field(1000, ge=1, description="UID of the trainer container (non-root).")
     trainer_grace_seconds: int = Field(
         60,

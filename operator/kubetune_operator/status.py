@@ -139,6 +139,14 @@ def _first_line(text: str | None, limit: int = 1024) -> str:
     return (lines[-1] if lines else "")[:limit]
 
 
+def _work_dir_limit(pod: dict) -> str | None:
+    """The sizeLimit the pod's work dir volume was given (the spec's or the default)."""
+    for volume in (pod.get("spec") or {}).get("volumes") or []:
+        if volume.get("name") == contract.WORK_VOLUME:
+            return (volume.get("emptyDir") or {}).get("sizeLimit")
+    return None
+
+
 def _eviction(pod: dict, work_dir_size: str | None) -> tuple[str, str] | None:
     """(reason, message) of a pod the kubelet evicted; its work dir's limit by name."""
     status = pod.get("status") or {}
@@ -146,10 +154,12 @@ def _eviction(pod: dict, work_dir_size: str | None) -> tuple[str, str] | None:
         return None
     message = (status.get("message") or "").strip()
     if _WORK_DIR_EVICTION.search(message):
+        source = "spec.resources.workDirSize" if work_dir_size else "the platform's default"
+        limit = work_dir_size or _work_dir_limit(pod)
         return (
             Reason.WORK_DIR_FULL,
             f"the trainer's work dir ({contract.DEFAULT_WORK_DIR}, emptyDir volume "
-            f"{contract.WORK_VOLUME!r}) outgrew spec.resources.workDirSize ({work_dir_size}) "
+            f"{contract.WORK_VOLUME!r}) outgrew {source} ({limit}) "
             "and the kubelet evicted the pod: raise spec.resources.workDirSize",
         )
     return Reason.EVICTED, f"the trainer pod was evicted: {message}".strip(": ")

@@ -55,6 +55,7 @@ PROFILE: dict[str, Any] = {
     "allowedMethods": ["lora"],
     "allowedClaims": ["team-claim"],
 }
+PLATFORM_WORK_DIR_SIZE = "40Gi"  # the chart's trainer.workDirSize: within maxWorkDirSize
 TEST_LABEL = "kubetune.io/test-guardrails"
 PROFILE_LABEL = "kubetune.io/guardrails-profile"
 
@@ -130,7 +131,6 @@ ESCAPES: list[tuple[str, dict[str, Any], list[str]]] = [
     ("cpu", {"resources.cpu": "16"}, ["maxCpu", "limit of 8"]),
     ("memory", {"resources.memory": "128Gi"}, ["maxMemory", "limit of 64Gi"]),
     ("work-dir-size", {"resources.workDirSize": "1Ti"}, ["maxWorkDirSize", "100Gi", "got 1Ti"]),
-    ("work-dir-unbounded", {"resources.workDirSize": None}, ["maxWorkDirSize", "unset"]),
     ("deadline", {"activeDeadlineSeconds": 172800}, ["maxActiveDeadlineSeconds", "86400", "got 172800"]),
     ("deadline-unset", {"activeDeadlineSeconds": None}, ["maxActiveDeadlineSeconds", "unset"]),
     ("queue-unset", {"queueName": None}, ["requireQueueName", "spec.queueName"]),
@@ -195,6 +195,7 @@ def tenancy(k8s_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
             "profiles": {"strict": PROFILE},
         },
         "nodeSelector": {"kubetune.io/test": "never"},
+        "trainer": {"workDirSize": PLATFORM_WORK_DIR_SIZE},
     }
     values_file = tmp_path_factory.mktemp("guardrails") / "values.yaml"
     values_file.write_text(yaml.safe_dump(values))
@@ -295,6 +296,40 @@ def test_a_compliant_job_is_admitted(tenancy: dict) -> None:
     job = compliant_job("ok", tenancy["ns"]["team"])
     allowed, error = dry_run_create(tenancy, job, tenancy["tenant"])
     assert allowed, error
+
+
+@pytest.mark.cluster
+def test_a_job_without_a_work_dir_size_gets_the_platform_default(tenancy: dict) -> None:
+    # The operator gives its work dir the chart's trainer.workDirSize (tests/operator); the
+    # profile's maxWorkDirSize admits it because that default fits.
+    job = with_changes(
+        compliant_job("unsized", tenancy["ns"]["team"]), {"resources.workDirSize": None}
+    )
+    allowed, error = dry_run_create(tenancy, job, tenancy["tenant"])
+    assert allowed, error
+
+
+def max_work_dir_rule(objects: list[dict]) -> dict:
+    [policy] = [
+        p
+        for p in by_kind(objects, "ValidatingAdmissionPolicy")
+        if any("maxWorkDirSize" in v["expression"] for v in p["spec"]["validations"])
+    ]
+    return next(v for v in policy["spec"]["validations"] if "maxWorkDirSize" in v["expression"])
+
+
+def test_without_a_platform_default_an_unsized_job_is_denied(tmp_path: Path) -> None:
+    helm = require_binary("helm")
+    on = {"guardrails": {"enabled": True, "profiles": {"a": PROFILE}}}
+    rule = max_work_dir_rule(render(helm, tmp_path, on))
+    assert rule["expression"].rstrip().endswith(": false)"), rule  # unset: no limit, denied
+    assert "the platform sets no default" in rule["messageExpression"]
+    rule = max_work_dir_rule(render(helm, tmp_path, {**on, "trainer": {"workDirSize": "40Gi"}}))
+    assert (
+        "!quantity('40Gi').isGreaterThan(quantity(variables.p.maxWorkDirSize))"
+        in rule["expression"]
+    )
+    assert "the platform default 40Gi is larger" in rule["messageExpression"]
 
 
 @pytest.mark.cluster

@@ -517,6 +517,7 @@ FULL_VALUES = {
         "readOnlyRootFilesystem": False,
         "graceSeconds": 90,
         "checkpointMiBPerSecond": 50,
+        "workDirSize": "200Gi",
     },
     "s3": {
         "endpoint": "http://minio.minio.svc:9000",

@@ -105,3 +105,54 @@ def test_trainer_bad_dataset_row_exits_3_before_training(tiny_job, tmp_path):
     assert not any(e["event"] in ("started", "step") for e in events)
     written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert written == []  # nothing published, not even a checkpoint
+
+
+class _Gang:
+    """torchrun's stand-in: no events on stdout, exit 0."""
+
+    pid = 0
+    stdout: list[str] = []
+
+    def wait(self) -> int:
+        return 0
+
+
+def test_kubetune_run_processes_sets_torchruns_environment_not_the_job(tmp_path, monkeypatch):
+    """`--processes N` is torchrun's PET_* environment for one machine (what the operator
+    sets on a one-pod gang); the job the ranks read is the manifest as written, its resources
+    untouched (the trainer takes the gang's shape from torchrun)."""
+    from kubetune.api.v1alpha1 import FineTuneJob
+    from kubetune_trainer import distributed
+
+    job = FineTuneJob.model_validate(
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "gang"},
+            "spec": {
+                "model": {"uri": "hf://org/model"},
+                "dataset": {"uri": "file:///data/train.jsonl"},
+                "output": {"uri": "file:///out/"},
+                "resources": {"gpus": 1, "nodes": 1},
+            },
+        }
+    )
+    started: dict = {}
+
+    def launch(command: list[str], **popen) -> tuple[_Gang, object]:
+        started.update(command=command, env=popen["env"])
+        (tmp_path / "codes").mkdir()
+        return _Gang(), tmp_path / "codes"
+
+    monkeypatch.setattr(distributed, "launch", launch)
+    code, message = local_run.run_gang(job, 3, tmp_path / "work", reporter=None)
+    assert (code, message) == (0, None)
+    command, env = started["command"], started["env"]
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert command[3:5] == ["-m", "kubetune_trainer"]
+    assert not [arg for arg in command if arg.startswith(("--nnodes", "--nproc", "--master"))]
+    assert (env["PET_NNODES"], env["PET_NPROC_PER_NODE"], env["PET_NODE_RANK"]) == ("1", "3", "0")
+    assert env["PET_MASTER_ADDR"] == "127.0.0.1" and int(env["PET_MASTER_PORT"]) > 0
+    written = yaml.safe_load((tmp_path / "work" / "job.yaml").read_text())
+    assert written["spec"]["resources"] == job.wire()["spec"]["resources"]
+    assert (written["spec"]["resources"]["gpus"], written["spec"]["resources"]["nodes"]) == (1, 1)

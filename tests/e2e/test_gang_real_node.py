@@ -149,11 +149,18 @@ def test_two_node_gang_rendezvous_through_the_headless_service_and_publishes_onc
         assert pod["spec"]["subdomain"] == service_name
         env = env_of(pod)
         assert env[contract.ENV_MASTER_ADDR] == master and env[contract.ENV_NNODES] == "2"
-        # The pod's launcher line: torchrun for a gang of 2, node rank = completion index,
-        # rendezvous at index 0's name; then its worker joined the world of 2.
+        # The pod's launcher line: torchrun's environment for a gang of 2, node rank =
+        # completion index (through the downward API), rendezvous at index 0's name, and
+        # torchrun itself without topology flags; then its worker joined the world of 2.
         launcher = logs[index].splitlines()[0]
-        for arg in ("--nnodes=2", f"--node-rank={index}", f"--master-addr={master}"):
-            assert arg in launcher, launcher
+        torchrun = (
+            f"{contract.ENV_NNODES}=2",
+            f"{contract.ENV_NODE_RANK}={index}",
+            f"{contract.ENV_MASTER_ADDR}={master}",
+        )
+        for setting in torchrun:
+            assert setting in launcher.split(), launcher
+        assert "--nnodes" not in launcher and "--node-rank" not in launcher, launcher
         assert f"rank {index} of 2 joined (gloo)" in logs[index], logs[index][-3000:]
 
     assert st["worldSize"] == 2

@@ -111,8 +111,11 @@ def test_credentials_only_through_secret_refs() -> None:
     # The Secret's endpoint, if it has one; the operator has none to offer.
     assert env["AWS_ENDPOINT_URL"]["valueFrom"]["secretKeyRef"]["optional"] is True
     # Nothing else names a Secret: no per-job Secret, no ConfigMap.
-    refs = [e["valueFrom"]["secretKeyRef"]["name"] for e in env.values() if "valueFrom" in e]
+    sources = [e["valueFrom"] for e in env.values() if "valueFrom" in e]
+    refs = [source["secretKeyRef"]["name"] for source in sources if "secretKeyRef" in source]
     assert set(refs) == {"s3-creds", "hf"}
+    # The other sources read the pod itself (a gang's node rank: its completion index).
+    assert {k for source in sources for k in source} <= {"secretKeyRef", "fieldRef"}
 
 
 def test_job_is_the_only_object_and_carries_everything_the_trainer_reads() -> None:
@@ -419,6 +422,16 @@ def test_work_dir_size_limits_the_work_volume() -> None:
     spec = {"gpus": 0, "workDirSize": "20Mi"}
     volumes = {v["name"]: v for v in pod_of(make_ftj(resources=spec), SETTINGS)["volumes"]}
     assert volumes["work"]["emptyDir"] == {"sizeLimit": "20Mi"}
+    # The chart's trainer.workDirSize bounds a job that sets none; the job's own wins.
+    bounded = SETTINGS.model_copy(update={"default_work_dir_size": "50Gi"})
+    volumes = {v["name"]: v for v in pod_of(make_ftj(), bounded)["volumes"]}
+    assert volumes["work"]["emptyDir"] == {"sizeLimit": "50Gi"}
+    volumes = {v["name"]: v for v in pod_of(make_ftj(resources=spec), bounded)["volumes"]}
+    assert volumes["work"]["emptyDir"] == {"sizeLimit": "20Mi"}
+    env = {"KUBETUNE_OPERATOR_DEFAULT_WORK_DIR_SIZE": "50Gi"}
+    assert OperatorSettings.from_env(env).default_work_dir_size == "50Gi"
+    with pytest.raises(ValueError, match="default_work_dir_size"):
+        OperatorSettings.from_env({"KUBETUNE_OPERATOR_DEFAULT_WORK_DIR_SIZE": "lots"})
 
 
 def test_default_credentials_secret_for_s3_jobs_without_their_own() -> None:

@@ -11,7 +11,7 @@ from tests.operator.test_status import derive, job_for, pod
 
 def test_one_gpu_is_not_a_gang() -> None:
     job = builders.build_job(make_ftj(resources={"gpus": 1}), SETTINGS)
-    assert contract.ENV_NNODES not in env_of(job)
+    assert not [name for name in env_of(job) if name.startswith("PET_")]
     assert "completionMode" not in job["spec"]
     assert builders.build_service(job) is None
 
@@ -41,6 +41,12 @@ def test_nodes_make_an_indexed_job_and_a_headless_service() -> None:
     master = f"{names.job_name('big')}-0.{service_name}.team-a.svc"
     assert env[contract.ENV_MASTER_ADDR]["value"] == master
     assert env[contract.ENV_MASTER_PORT]["value"] == str(contract.GANG_PORT)
+    # Each pod's node rank is its completion index, which the Job controller writes on it.
+    index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert env[contract.ENV_NODE_RANK] == {
+        "name": "PET_NODE_RANK",
+        "valueFrom": {"fieldRef": {"fieldPath": index}},
+    }
 
     service = builders.build_service(job)
     assert service is not None and service["metadata"]["name"] == service_name
@@ -117,3 +123,24 @@ def test_restarts_count_gang_attempts() -> None:
     crashed = {"exitCode": 1, "reason": "Error", "message": "RuntimeError: boom"}
     st = derive(ftj, job, [pod("Failed", terminated=crashed)])
     assert "failed 3 time(s)" in st["message"] and st["restarts"] == 2, st
+
+
+def test_the_gang_gets_torchruns_own_environment() -> None:
+    """torchrun's own PET_* variables (each `torchrun --foo-bar` flag defaults to PET_FOO_BAR;
+    Kubeflow's torch plugin sets them alike) are the one channel of the gang's shape: the
+    static rendezvous with its timeout, no elastic restarts, and no kubetune variables."""
+    env = env_of(builders.build_job(make_ftj(resources={"gpus": 2, "nodes": 3}), SETTINGS))
+    torchrun = {name: entry.get("value") for name, entry in env.items() if name.startswith("PET_")}
+    assert torchrun == {
+        "PET_NNODES": "3",
+        "PET_NPROC_PER_NODE": "2",
+        "PET_NODE_RANK": None,  # each pod's own: a fieldRef (test above)
+        "PET_MASTER_ADDR": f"{names.job_name('tune')}-0.{names.service_name('tune')}.team-a.svc",
+        "PET_MASTER_PORT": str(contract.GANG_PORT),
+        "PET_RDZV_BACKEND": "static",
+        "PET_RDZV_CONF": f"timeout={contract.RENDEZVOUS_TIMEOUT_S}",
+        "PET_MAX_RESTARTS": "0",
+    }
+    assert not [name for name in env if name.startswith("KUBETUNE_") and "RANK" in name]
+    old = {"KUBETUNE_NNODES", "KUBETUNE_NPROC_PER_NODE", "KUBETUNE_MASTER_ADDR"}
+    assert not old & set(env) and "KUBETUNE_RENDEZVOUS_TIMEOUT_S" not in env

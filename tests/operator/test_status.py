@@ -214,6 +214,16 @@ def test_work_dir_eviction_names_the_volume_and_the_limit() -> None:
     assert st["phase"] == "Failed" and st["reason"] == "WorkDirFull", st
     assert "spec.resources.workDirSize (20Mi)" in st["message"]
     assert "emptyDir volume 'work'" in st["message"]
+    # Without the spec's size, the limit is the one the pod was given (the chart default).
+    unsized = make_ftj(resources={"gpus": 0})
+    evicted["status"]["reason"] = "Evicted"
+    evicted.setdefault("spec", {})["volumes"] = [{"name": "work", "emptyDir": {"sizeLimit": "5Gi"}}]
+    st = derive(
+        unsized,
+        job_for(unsized, conditions=[("Failed", "BackoffLimitExceeded", "")], failed=1),
+        [evicted],
+    )
+    assert st["reason"] == "WorkDirFull" and "the platform's default (5Gi)" in st["message"], st
     # Any other eviction keeps the kubelet's words.
     evicted["status"]["message"] = "The node was low on resource: memory."
     st = derive(ftj, job, [evicted])

@@ -27,36 +27,106 @@ from tests.trainer.test_resume import EventStream
 # --- the launcher ---------------------------------------------------------------------------
 
 
-def test_torchrun_argv_single_node() -> None:
-    argv = distributed.torchrun_argv(4, ["-m", "kubetune_trainer"], master_port=1234)
-    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
-    assert "--nproc-per-node=4" in argv and "--nnodes=1" in argv and "--node-rank=0" in argv
-    assert "--master-port=1234" in argv and "--max-restarts=0" in argv
-    assert argv[-2:] == ["-m", "kubetune_trainer"]
+TOPOLOGY_FLAGS = ("--nnodes", "--nproc", "--node", "--master", "--rdzv", "--max-restarts")
 
 
-def test_pod_argv_takes_node_rank_from_the_completion_index() -> None:
-    environ = {
-        distributed.ENV_NNODES: "3",
-        distributed.ENV_NPROC_PER_NODE: "8",
-        distributed.ENV_NODE_RANK: "2",
-        distributed.ENV_MASTER_ADDR: "job-0.job-workers.ns.svc",
-        distributed.ENV_MASTER_PORT: "29400",
+def test_torchrun_argv_has_no_topology_flags() -> None:
+    """torchrun reads the gang's shape from its PET_* environment, the one channel: a flag
+    would override what the operator set on the pod."""
+    argv = distributed.torchrun_argv(["-m", "kubetune_trainer"])
+    assert argv == [sys.executable, "-m", "torch.distributed.run", "-m", "kubetune_trainer"]
+
+
+def test_local_gang_env_is_what_the_operator_sets_on_a_one_pod_gang() -> None:
+    env = distributed.local_gang_env(4, master_port=1234, environ={"HOME": "/h"})
+    assert env == {
+        "HOME": "/h",
+        "PET_NNODES": "1",
+        "PET_NPROC_PER_NODE": "4",
+        "PET_NODE_RANK": "0",
+        "PET_MASTER_ADDR": "127.0.0.1",
+        "PET_MASTER_PORT": "1234",
+        "PET_RDZV_BACKEND": "static",
+        "PET_RDZV_CONF": f"timeout={distributed.RENDEZVOUS_TIMEOUT_S}",
+        "PET_MAX_RESTARTS": "0",
     }
-    argv = distributed.pod_argv(environ, ["-m", "kubetune_trainer"])
-    for flag in (
-        "--nnodes=3",
-        "--nproc-per-node=8",
-        "--node-rank=2",
-        "--master-addr=job-0.job-workers.ns.svc",
-        "--master-port=29400",
-    ):
-        assert flag in argv
+    assert distributed.is_gang_pod(env) and distributed.gang_shape(env) == (1, 4)
+    # A torchrun worker (LOCAL_RANK set) is not the launcher, whatever it inherited.
+    assert not distributed.is_gang_pod({**env, "LOCAL_RANK": "0"})
+    assert not distributed.is_gang_pod({}) and distributed.gang_shape({}) == (1, 1)
 
 
 def test_a_node_rank_outside_the_gang_is_refused() -> None:
     with pytest.raises(ValueError, match="node rank 2"):
-        distributed.torchrun_argv(1, [], nnodes=2, node_rank=2)
+        distributed.check_gang({"PET_NNODES": "2", "PET_NODE_RANK": "2"})
+    distributed.check_gang({"PET_NNODES": "2", "PET_NODE_RANK": "1"})
+
+
+class _Launched:
+    pid = 0
+
+    def wait(self) -> int:
+        return 0
+
+
+def test_the_pod_launcher_starts_torchrun_without_flags(monkeypatch, tmp_path) -> None:
+    """The pod's entry point with the operator's environment: torchrun's argv carries the
+    program only, and the environment it inherits carries the gang (PET_*)."""
+    started: dict[str, Any] = {}
+
+    def launch(command: list[str], **popen: Any) -> tuple[_Launched, Path]:
+        started.update(command=command, env=dict(popen.get("env") or os.environ))
+        (tmp_path / "codes").mkdir()
+        return _Launched(), tmp_path / "codes"
+
+    for name in [n for n in os.environ if n.startswith("PET_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.delenv(distributed.ENV_LOCAL_RANK, raising=False)
+    operator_env = {"PET_NNODES": "3", "PET_NPROC_PER_NODE": "8", "PET_NODE_RANK": "2"}
+    for name, value in operator_env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed, "launch", launch)
+    assert distributed.main(["--work-dir", "/w"]) == 0
+    command = started["command"]
+    assert command == distributed.torchrun_argv(["-m", "kubetune_trainer", "--work-dir", "/w"])
+    assert not [arg for arg in command if arg.startswith(TOPOLOGY_FLAGS)], command
+    assert operator_env.items() <= started["env"].items()
+
+
+def test_torchrun_takes_the_gang_from_its_environment(tmp_path) -> None:
+    """A real torchrun, given PET_* and no flags, starts the gang they describe: every worker
+    sees the world size, the processes per node and its rank (what the trainer reads)."""
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import json, os, pathlib\n"
+        "names = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'GROUP_RANK')\n"
+        f"out = pathlib.Path({str(tmp_path)!r}) / f\"rank-{{os.environ['RANK']}}.json\"\n"
+        "out.write_text(json.dumps({n: os.environ[n] for n in names}))\n"
+    )
+    command, env = distributed.torchrun_argv([str(script)]), distributed.local_gang_env(2)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    for rank, worker in enumerate(seen):
+        assert worker["RANK"] == worker["LOCAL_RANK"] == str(rank)
+        shape = (worker["WORLD_SIZE"], worker["LOCAL_WORLD_SIZE"], worker["GROUP_RANK"])
+        assert shape == ("2", "2", "0")
+        topology = distributed.current(worker)
+        assert (topology.world_size, topology.local_world_size, topology.nodes) == (2, 2, 1)
+
+
+def test_the_strategy_follows_the_world_torchrun_started_not_the_resources() -> None:
+    """`kubetune run --processes 2` of a manifest asking for one GPU: two processes, so DDP
+    (and the checkpoint fingerprint of a 2-process gang); one process of a gang's manifest
+    runs no strategy at all."""
+    one_gpu = _spec(gpus=1)
+    assert distributed.run_strategy(one_gpu, distributed.Rank(world_size=2)) == "ddp"
+    gang = _spec(gpus=2, nodes=2)
+    assert distributed.run_strategy(gang, distributed.Rank(world_size=1)) == "none"
+    assert distributed.run_strategy(gang, distributed.Rank(world_size=4)) == "ddp"
+    assert training_fingerprint(one_gpu, "sha256:d", world_size=4) == training_fingerprint(
+        gang, "sha256:d", world_size=4
+    )
 
 
 def test_gang_exit_code_keeps_bad_input_and_threshold_codes(tmp_path: Path) -> None:
@@ -106,10 +176,13 @@ def _spec(**resources: Any) -> FineTuneJobSpec:
 
 
 def test_checkpoints_are_resumed_by_the_same_gang_only() -> None:
-    one = training_fingerprint(_spec(gpus=1), "sha256:d")
-    assert one == training_fingerprint(_spec(gpus=1, memory="8Gi"), "sha256:d")
-    two = training_fingerprint(_spec(gpus=2), "sha256:d")
-    four = training_fingerprint(_spec(gpus=2, nodes=2), "sha256:d")
+    """The gang's shape in the fingerprint is the world torchrun started (WORLD_SIZE)."""
+    spec = _spec(gpus=1)
+    one = training_fingerprint(spec, "sha256:d", world_size=1)
+    assert one == training_fingerprint(_spec(gpus=1, memory="8Gi"), "sha256:d", world_size=1)
+    assert one == training_fingerprint(spec, "sha256:d")  # no torchrun here: a world of 1
+    two = training_fingerprint(spec, "sha256:d", world_size=2)
+    four = training_fingerprint(spec, "sha256:d", world_size=4)
     assert len({one, two, four}) == 3
 
 
@@ -234,7 +307,7 @@ def test_killed_gang_resumes_with_the_same_remaining_steps(two_rank_lora, tmp_pa
     config.write_text(yaml.safe_dump(manifest))
     program = ["-m", "kubetune_trainer", "--config", str(config), "--namespace", "local"]
     program += ["--work-dir", str(tmp_path / "work")]
-    command = distributed.torchrun_argv(2, program, master_port=distributed.free_port())
+    command = distributed.torchrun_argv(program)
 
     def start(log_name: str) -> tuple[subprocess.Popen, EventStream]:
         gang = subprocess.Popen(
@@ -242,6 +315,7 @@ def test_killed_gang_resumes_with_the_same_remaining_steps(two_rank_lora, tmp_pa
             stdout=subprocess.PIPE,
             stderr=(tmp_path / log_name).open("w"),
             text=True,
+            env=distributed.local_gang_env(2),  # a fresh master port each time
         )
         return gang, EventStream(gang)
 
@@ -259,9 +333,6 @@ def test_killed_gang_resumes_with_the_same_remaining_steps(two_rank_lora, tmp_pa
     for later in sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name[11:]))[1:]:
         shutil.rmtree(later)
 
-    command[command.index(next(a for a in command if a.startswith("--master-port")))] = (
-        f"--master-port={distributed.free_port()}"
-    )
     second, events = start("second.log")
     resumed = events.wait_for(lambda e: e["event"] == "resumed", timeout=600)
     done = events.wait_for(lambda e: e["event"] in ("completed", "failed"), timeout=600)

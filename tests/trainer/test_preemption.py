@@ -126,12 +126,9 @@ def _gang_env(tiny_job, tmp_path: Path, bucket: str, name: str) -> dict[str, str
         resources={"gpus": 0, "nodes": 2},
     )
     _, env = trainer_pod_files(manifest, tmp_path)
-    # A one-pod gang of two processes: the pod's launcher starts torchrun.
-    env.update(
-        KUBETUNE_NNODES="1",
-        KUBETUNE_NPROC_PER_NODE="2",
-        KUBETUNE_MASTER_PORT=str(distributed.free_port()),
-    )
+    # A one-pod gang of two processes (torchrun's PET_* environment, as the operator sets it):
+    # the pod's launcher starts torchrun.
+    env.update(distributed.local_gang_env(2, environ={}))
     return env
 
 

@@ -26,7 +26,7 @@ def test_rank_zero_alone_gives_up_at_the_rendezvous(tmp_path: Path) -> None:
         contract.ENV_NODE_RANK: "0",
         contract.ENV_MASTER_ADDR: "127.0.0.1",
         contract.ENV_MASTER_PORT: str(distributed.free_port()),
-        contract.ENV_RENDEZVOUS_TIMEOUT: str(TIMEOUT_S),
+        contract.ENV_RDZV_CONF: f"timeout={TIMEOUT_S}",  # torchrun's own setting
         contract.ENV_TERMINATION_LOG: str(termination_log),
     }
     env.pop(distributed.ENV_LOCAL_RANK, None)
@@ -44,6 +44,7 @@ def test_rank_zero_alone_gives_up_at_the_rendezvous(tmp_path: Path) -> None:
     assert "waiting for clients. 1/2 clients joined" in run.stderr
     message = termination_log.read_text()
     assert message.startswith("the gang did not meet: node rank 0 waited 3 s")
+    assert "(PET_RDZV_CONF)" in message
     assert elapsed >= TIMEOUT_S
 
 
@@ -57,3 +58,9 @@ def test_a_worker_that_ran_keeps_its_own_exit_code(tmp_path: Path) -> None:
     assert distributed.gang_exit_code(1, tmp_path / "b") == contract.EXIT_RENDEZVOUS_TIMEOUT
     (tmp_path / "c").mkdir()
     assert distributed.gang_exit_code(0, tmp_path / "c") == 0
+
+
+def test_the_rendezvous_timeout_is_torchruns_rdzv_conf() -> None:
+    assert distributed.rendezvous_timeout_s({}) == contract.RENDEZVOUS_TIMEOUT_S
+    assert distributed.rendezvous_timeout_s({"PET_RDZV_CONF": "timeout=42"}) == 42
+    assert distributed.rendezvous_timeout_s({"PET_RDZV_CONF": "read_timeout=9, timeout=7"}) == 7

@@ -107,6 +107,13 @@ def test_topology_of_a_two_node_gang():
     assert topology["effectiveBatchSize"] == 4 * 2 * 16
     # On CPU workers FSDP runs as DDP: the manifest says what ran.
     assert run_topology(Rank(world_size=2, local_world_size=1), spec, "cpu")["strategy"] == "ddp"
+    # The shape is torchrun's (`kubetune run --processes 3` of this manifest), not the
+    # resources': three processes on one machine, no GPU.
+    local = run_topology(Rank(world_size=3, local_world_size=3), spec, "cpu")
+    assert (local["worldSize"], local["nodes"], local["processesPerNode"]) == (3, 1, 3)
+    assert (local["gpusPerNode"], local["effectiveBatchSize"]) == (0, 4 * 2 * 3)
+    alone = run_topology(Rank(), spec, "cuda")
+    assert (alone["worldSize"], alone["nodes"], alone["strategy"]) == (1, 1, "none")
 
 
 def test_qlora_reports_the_loss_of_the_published_merged_model(tiny_job, tiny_model_dir, tmp_path):

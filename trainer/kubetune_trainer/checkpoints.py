@@ -41,10 +41,16 @@ _NOT_TRAJECTORY = {"logEverySteps", "evalEverySteps", "checkpointEverySteps", "c
 
 
 def training_fingerprint(
-    spec: FineTuneJobSpec, data_digest: str, resolved_revision: str | None = None
+    spec: FineTuneJobSpec,
+    data_digest: str,
+    resolved_revision: str | None = None,
+    *,
+    world_size: int | None = None,
 ) -> str:
     """A digest of the model (and the hub commit it resolved to, so a moved branch does not
-    resume another model's checkpoint), method, adapter, data and optimisation settings."""
+    resume another model's checkpoint), method, adapter, data and optimisation settings, and
+    the gang's shape: `world_size` processes (by default the world torchrun started)."""
+    world = distributed.current().world_size if world_size is None else world_size
     parts = spec.model_dump(
         mode="json", include={"model", "method", "lora", "quantization", "dataset", "training"}
     )
@@ -54,10 +60,10 @@ def training_fingerprint(
         parts["objective"] = spec.model_dump(
             mode="json", by_alias=True, include={"objective", "preference", "grpo", "rewards"}
         )
-    if spec.world_size > 1:
+    if world > 1:
         # The data order and the optimizer's shards follow the gang's shape: a checkpoint is
         # resumed by the same world size and strategy only (a changed gang starts over).
-        parts["gang"] = {"worldSize": spec.world_size, "strategy": spec.strategy}
+        parts["gang"] = {"worldSize": world, "strategy": spec.strategy_for(world)}
     if resolved_revision is not None:
         parts["resolvedRevision"] = resolved_revision
     canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"))

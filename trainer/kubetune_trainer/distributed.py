@@ -1,11 +1,14 @@
 """Several trainer processes as one gang, on torch.distributed.
 
 The launcher is torchrun (`python -m torch.distributed.run`): it starts one worker per GPU (one
-per node on CPU nodes), sets RANK / LOCAL_RANK / WORLD_SIZE in each, and fails the whole node's
-gang as soon as one worker fails. Multi-node runs use torchrun's static rendezvous: every node
-names the same master (index 0's stable DNS name in the cluster) and its own node rank (the pod's
-completion index). `python -m kubetune_trainer.distributed` is the pod's entry point and
-`kubetune run --processes N` uses the same argv builder on one machine.
+per node on CPU nodes), sets RANK / LOCAL_RANK / WORLD_SIZE / LOCAL_WORLD_SIZE in each, and fails
+the whole node's gang as soon as one worker fails. torchrun takes the gang's shape from its own
+environment (PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR, ...: the defaults of
+its flags, names in kubetune.api.contract), never from flags built here: the operator sets them
+on a gang's pods, `kubetune run --processes N` on one machine. Multi-node runs use torchrun's
+static rendezvous: every node names the same master (index 0's stable DNS name in the cluster)
+and its own node rank (the pod's completion index). `python -m kubetune_trainer.distributed` is
+the pod's entry point; the workers read the topology from what torchrun set in them (`current`).
 
 Inside the gang, rank 0 alone reports progress, evaluates, publishes and tracks; the other
 ranks train, then wait for rank 0's outcome through the rendezvous store (not a collective, so
@@ -26,17 +29,16 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from kubetune.api.contract import (  # set by the operator on a gang's pods
+from kubetune.api.contract import (  # torchrun's environment: set on a gang's pods
     ENV_MASTER_ADDR,
-    ENV_MASTER_PORT,
     ENV_NNODES,
     ENV_NODE_RANK,
     ENV_NPROC_PER_NODE,
-    ENV_RENDEZVOUS_TIMEOUT,
+    ENV_RDZV_CONF,
     EXIT_PREEMPTED,
     EXIT_RENDEZVOUS_TIMEOUT,
-    GANG_PORT,
     RENDEZVOUS_TIMEOUT_S,
+    gang_environment,
 )
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,6 @@ NON_RETRYABLE = (3, 4)
 # non-retryable one.
 PREEMPTED = EXIT_PREEMPTED
 
-DEFAULT_MASTER_PORT = GANG_PORT
 # How long a collective may wait for a peer before the process group gives up. Inside training
 # every optimizer step is a collective; the longest stretch without one is a checkpoint save
 # (seconds to a few minutes: rank 0 writes the model and optimizer to local disk; uploads run
@@ -90,6 +91,11 @@ class Rank:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def nodes(self) -> int:
+        """Nodes (pods) in the gang: torchrun runs local_world_size workers on each."""
+        return max(1, self.world_size // max(1, self.local_world_size))
+
 
 def current(environ: dict[str, str] | None = None) -> Rank:
     env = os.environ if environ is None else environ
@@ -109,6 +115,13 @@ CPU_FSDP_NOTE = (
 )
 
 
+def run_strategy(spec: Any, rank: Rank | None = None) -> str:
+    """The strategy this gang runs: spec.distributed.strategy resolved for the world size
+    torchrun started (not spec.resources: `kubetune run --processes N` runs N processes
+    whatever the manifest's resources say)."""
+    return spec.strategy_for((rank or current()).world_size)
+
+
 def effective_strategy(strategy: str, device: str) -> str:
     """What the gang actually runs: the spec's resolved strategy, except FSDP on CPU workers
     (accelerate would silently fall back to DDP; this says so)."""
@@ -123,53 +136,51 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun_argv(
-    nproc_per_node: int,
-    program: list[str],
-    *,
-    nnodes: int = 1,
-    node_rank: int = 0,
-    master_addr: str = "127.0.0.1",
-    master_port: int | None = None,
-) -> list[str]:
-    """The torchrun command line for one node of the gang running `program` (a module and its
-    arguments, e.g. ["-m", "kubetune_trainer"]). Static rendezvous; no elastic restarts: a
-    failed gang is restarted as a whole (by Kubernetes) from the latest checkpoint."""
-    if nproc_per_node < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
-        raise ValueError(f"bad gang: {nnodes} nodes x {nproc_per_node}, node rank {node_rank}")
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nnodes={nnodes}",
-        f"--nproc-per-node={nproc_per_node}",
-        f"--node-rank={node_rank}",
-        f"--master-addr={master_addr}",
-        f"--master-port={master_port or DEFAULT_MASTER_PORT}",
-        # How long each pod waits at the static rendezvous for the others (the TCPStore's
-        # wait for its clients, and a client's wait for the store): a member that never
-        # starts (unschedulable) ends the attempt instead of holding rank 0 forever.
-        f"--rdzv-conf=timeout={rendezvous_timeout_s()}",
-        "--max-restarts=0",
-        *program,
-    ]
+TORCHRUN = ["-m", "torch.distributed.run"]
 
 
-def pod_argv(environ: dict[str, str], program: list[str]) -> list[str]:
-    """torchrun's argv for a trainer pod, from the environment the operator sets."""
-    return torchrun_argv(
-        int(environ.get(ENV_NPROC_PER_NODE) or 1),
-        program,
-        nnodes=int(environ.get(ENV_NNODES) or 1),
-        node_rank=int(environ.get(ENV_NODE_RANK) or 0),
-        master_addr=environ.get(ENV_MASTER_ADDR) or "127.0.0.1",
-        master_port=int(environ.get(ENV_MASTER_PORT) or DEFAULT_MASTER_PORT),
-    )
+def torchrun_argv(program: list[str]) -> list[str]:
+    """The torchrun command line running `program` (a module and its arguments, e.g.
+    ["-m", "kubetune_trainer"]). No topology flags: torchrun reads the gang's shape, the
+    static rendezvous and its timeout from its PET_* environment (`local_gang_env`, or the
+    operator's on a gang's pods)."""
+    return [sys.executable, *TORCHRUN, *program]
+
+
+def gang_shape(environ: dict[str, str] | None = None) -> tuple[int, int]:
+    """(nodes, processes per node) of the gang torchrun is told to start (1, 1 without one)."""
+    env = os.environ if environ is None else environ
+    # torchrun also takes a range of nodes (min:max); a static gang's is one number.
+    nnodes = int((env.get(ENV_NNODES) or "1").rpartition(":")[2])
+    return nnodes, int(env.get(ENV_NPROC_PER_NODE) or 1)
+
+
+def check_gang(environ: dict[str, str]) -> None:
+    """Refuse a gang torchrun could not form (it would wait at the rendezvous for nothing)."""
+    nnodes, nproc = gang_shape(environ)
+    node_rank = int(environ.get(ENV_NODE_RANK) or 0)
+    if nproc < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise ValueError(f"bad gang: {nnodes} nodes x {nproc}, node rank {node_rank}")
+
+
+def local_gang_env(
+    nproc_per_node: int, *, master_port: int | None = None, environ: dict[str, str] | None = None
+) -> dict[str, str]:
+    """`environ` (the process's by default) with torchrun's environment for `nproc_per_node`
+    processes on this machine: what the operator sets on a one-pod gang, node rank 0."""
+    base = dict(os.environ if environ is None else environ)
+    torchrun = gang_environment(1, nproc_per_node, master_port=master_port or free_port())
+    return {**base, **torchrun, ENV_NODE_RANK: "0"}
 
 
 def rendezvous_timeout_s(environ: dict[str, str] | None = None) -> int:
+    """How long torchrun waits at the static rendezvous (its PET_RDZV_CONF's timeout)."""
     env = os.environ if environ is None else environ
-    return int(env.get(ENV_RENDEZVOUS_TIMEOUT) or RENDEZVOUS_TIMEOUT_S)
+    for item in (env.get(ENV_RDZV_CONF) or "").split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == "timeout" and value.strip():
+            return int(value)
+    return RENDEZVOUS_TIMEOUT_S  # torchrun's static rendezvous has the same default
 
 
 def collective_timeout() -> timedelta:
@@ -302,18 +313,19 @@ def stop_workers(launcher_pid: int, signum: int) -> None:
 
 def rendezvous_failure_message(environ: dict[str, str]) -> str:
     """The termination message of a pod whose gang never met, for the operator's status."""
-    nnodes = int(environ.get(ENV_NNODES) or 1)
+    nnodes, _ = gang_shape(environ)
     rank = int(environ.get(ENV_NODE_RANK) or 0)
     master = environ.get(ENV_MASTER_ADDR) or "127.0.0.1"
     return (
         f"the gang did not meet: node rank {rank} waited {rendezvous_timeout_s(environ)} s at "
         f"the rendezvous ({master}) for the other {nnodes - 1} pod(s) of the gang "
-        f"({ENV_RENDEZVOUS_TIMEOUT}); is one of them unschedulable?"
+        f"({ENV_RDZV_CONF}); is one of them unschedulable?"
     )
 
 
 def launch(command: list[str], **popen: Any) -> tuple[Any, Path]:
-    """Start torchrun; the workers record their exit codes in a fresh folder (returned)."""
+    """Start torchrun (its topology in `env`, the process's environment by default); the
+    workers record their exit codes in a fresh folder (returned)."""
     import subprocess
     import tempfile
 
@@ -327,7 +339,8 @@ def is_gang_pod(environ: dict[str, str] | None = None) -> bool:
     env = os.environ if environ is None else environ
     if ENV_LOCAL_RANK in env:
         return False
-    return int(env.get(ENV_NNODES) or 1) * int(env.get(ENV_NPROC_PER_NODE) or 1) > 1
+    nnodes, nproc = gang_shape(env)
+    return nnodes * nproc > 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,12 +350,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = list(sys.argv[1:] if argv is None else argv)
     program = ["-m", "kubetune_trainer", *args]
-    nproc = int(os.environ.get(ENV_NPROC_PER_NODE) or 1)
-    nnodes = int(os.environ.get(ENV_NNODES) or 1)
-    if nproc * nnodes == 1:
+    if not is_gang_pod():
         os.execv(sys.executable, [sys.executable, *program])
-    command = pod_argv(dict(os.environ), program)
-    print(" ".join(command), file=sys.stderr, flush=True)
+    check_gang(dict(os.environ))
+    command = torchrun_argv(program)
+    torchrun = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("PET_"))
+    print(" ".join([*torchrun, *command]), file=sys.stderr, flush=True)
     gang, folder = launch(command)
     signal.signal(signal.SIGTERM, lambda signum, _frame: stop_workers(gang.pid, signum))
     code = gang_exit_code(gang.wait(), folder)

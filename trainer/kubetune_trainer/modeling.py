@@ -17,7 +17,6 @@ other GPUs, and on CPU `varlen_sdpa_attention` below: causal SDPA once per packe
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import is_flash_attn_2_available
 
 from kubetune.api.v1alpha1 import FineTuneJobSpec, LoraSpec, QuantizationSpec
-from kubetune_trainer import moe, options
+from kubetune_trainer import distributed, moe, options
 from kubetune_trainer.errors import BadInputError
 
 log = logging.getLogger(__name__)
@@ -45,9 +44,6 @@ log = logging.getLogger(__name__)
 Precision = Literal["bf16", "fp16", "fp32"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-# Environment set by a distributed launcher (torchrun) in each of its worker processes.
-ENV_WORLD_SIZE = "WORLD_SIZE"
 
 
 def native_bf16(capability: tuple[int, int] | None) -> bool:
@@ -108,7 +104,7 @@ class Hardware:
         under a distributed launcher each process owns the GPU of its LOCAL_RANK."""
         if self.device != "cuda":
             return None
-        return {"": int(os.environ.get("LOCAL_RANK") or 0)}
+        return {"": distributed.current().local_rank}
 
 
 def check_single_process(hardware: Hardware, environ: dict[str, str] | None = None) -> None:
@@ -119,10 +115,9 @@ def check_single_process(hardware: Hardware, environ: dict[str, str] | None = No
     state and outputs; slower than one GPU for LoRA and out of memory for large models.
     Several GPUs need one process per GPU (a distributed launcher sets WORLD_SIZE).
     """
-    environ = os.environ if environ is None else environ
     if hardware.device != "cuda" or hardware.device_count <= 1:
         return
-    if int(environ.get(ENV_WORLD_SIZE) or "1") > 1:
+    if distributed.current(environ).distributed:
         return
     raise BadInputError(
         f"spec.resources.gpus: this trainer sees {hardware.device_count} GPUs in one process; "
@@ -551,7 +546,7 @@ def build_model(
         dtype=hardware.train_dtype(spec.method),
         quantization=bnb,
         trust_remote_code=trust,
-        sharded=spec.strategy == "fsdp",
+        sharded=distributed.run_strategy(spec) == "fsdp",
     )
     packing = spec.training.packing and packing_supported(model, hardware, notes, warnings)
     liger = liger_setting(spec, model, hardware, notes, warnings)

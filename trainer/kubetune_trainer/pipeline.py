@@ -46,7 +46,7 @@ from kubetune_trainer.preemption import Preempted, StopAtStepEnd
 from kubetune_trainer.progress import ProgressCallback, Reporter, make_event
 from kubetune_trainer.storage import ArtifactStore, open_store
 from kubetune_trainer.tokens import TokenizedData, tokenize_training_data
-from kubetune_trainer.topology import published_dtype, run_topology
+from kubetune_trainer.topology import gpus_used, published_dtype, run_topology
 from kubetune_trainer.tracking import TrackingCallback, flat_params, make_tracking, numeric
 from kubetune_trainer.train import (
     TrainOutcome,
@@ -286,7 +286,9 @@ def train_stage(
     # Input is good: from here on, a failure is worth retrying and resuming.
     if rank.is_main:
         publish.remove_stale_manifest(store, prefix)
-    fingerprint = training_fingerprint(spec, run.data.digest, run.revision)
+    fingerprint = training_fingerprint(
+        spec, run.data.digest, run.revision, world_size=rank.world_size
+    )
     resume_step = latest_resumable(store, prefix, fingerprint)
     # Every rank agrees on the step (rank 0 could upload a newer one while another lists).
     resume_step = distributed.agree(resume_step)
@@ -304,8 +306,9 @@ def train_stage(
             "resuming from %s", store.uri_for(f"{prefix}checkpoints/checkpoint-{resume_step}/")
         )
 
-    strategy = distributed.effective_strategy(spec.strategy, run.built.hardware.device)
-    if strategy != spec.strategy:
+    resolved = distributed.run_strategy(spec, rank)  # for the world torchrun started
+    strategy = distributed.effective_strategy(resolved, run.built.hardware.device)
+    if strategy != resolved:
         log.warning("%s", distributed.CPU_FSDP_NOTE)
         if distributed.CPU_FSDP_NOTE not in run.built.warnings:
             run.built.warnings.append(distributed.CPU_FSDP_NOTE)  # in the manifest's notes
@@ -393,6 +396,7 @@ def evaluate_stage(
                 train_seconds=outcome.seconds,
                 tokens_trained=outcome.tokens_trained,
                 alpaca_as_chat=run.alpaca_as_chat,
+                gpus=gpus_used(distributed.current(), run.built.hardware.device),
             )
         )
     return evaluation, eval_dir

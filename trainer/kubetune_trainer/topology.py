@@ -9,24 +9,25 @@ from typing import Any
 
 import torch
 
-from kubetune_trainer.distributed import Rank, effective_strategy
+from kubetune_trainer.distributed import Rank, effective_strategy, run_strategy
 
 # Half-precision dtypes a base checkpoint may be stored in; anything else publishes as bf16.
 _HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def run_topology(rank: Rank, spec: Any, device: str) -> dict[str, Any]:
-    """The gang's shape for manifest.json: processes, nodes, accelerators, the strategy that
+    """The gang's shape for manifest.json, as torchrun started it (the worker's WORLD_SIZE and
+    LOCAL_WORLD_SIZE, not spec.resources): processes, nodes, accelerators, the strategy that
     ran (FSDP runs as DDP on CPU workers) and the examples per optimizer step."""
     training = spec.training
     per_node = max(1, rank.local_world_size)
     return {
         "worldSize": rank.world_size,
-        "nodes": max(1, rank.world_size // per_node),
+        "nodes": rank.nodes,
         "processesPerNode": per_node,
         "gpusPerNode": per_node if device == "cuda" else 0,
         "device": device,
-        "strategy": effective_strategy(spec.strategy, device),
+        "strategy": effective_strategy(run_strategy(spec, rank), device),
         "requestedStrategy": spec.distributed.strategy,
         "perDeviceBatchSize": training.batchSize,
         "gradientAccumulationSteps": training.gradientAccumulationSteps,
@@ -35,6 +36,11 @@ def run_topology(rank: Rank, spec: Any, device: str) -> dict[str, Any]:
         * training.gradientAccumulationSteps
         * rank.world_size,
     }
+
+
+def gpus_used(rank: Rank, device: str) -> int:
+    """GPUs the gang trains on (one per process on GPU nodes; none on CPU workers)."""
+    return rank.world_size if device == "cuda" else 0
 
 
 def published_dtype(base_model_path: Path) -> torch.dtype:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubetune_devcluster import pki, realnode
+from kubetune_devcluster import imagestore, pki, realnode
 from kubetune_devcluster.binaries import (
     K8S_VERSION,
     NODE_BINARIES,
@@ -88,6 +88,9 @@ class NodeConfig:
     gpus: int = 1
     pods: int = 110
     labels: dict[str, str] = field(default_factory=dict)
+    # Image archives a real node starts with, through the image store kept across
+    # clusters (kubetune_devcluster.imagestore): linked, not imported, when unchanged.
+    images: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -315,9 +318,14 @@ class DevCluster:
         detached: bool,
         timeout: float,
     ) -> None:
-        """containerd (with the node's own images), then kubelet and kube-proxy."""
+        """containerd (with the node's own images and `node.images`, from the image store
+        when it can serve this node), then kubelet and kube-proxy."""
         node_paths = self.node_paths
         realnode.write_cni_config(node_paths)
+        archives = realnode.node_image_archives(self.node.images)
+        seeded = not node_paths.containerd_root.exists() and imagestore.seed(
+            node_paths.containerd_root, archives
+        )
         self._spawn(
             "containerd",
             realnode.containerd_argv(node_paths),
@@ -330,7 +338,8 @@ class DevCluster:
             what="containerd",
             interval=0.1,
         )
-        realnode.preload_images(node_paths)
+        if not seeded:
+            realnode.preload_images(node_paths, self.node.images)
         config = realnode.kubelet_config(
             node_paths,
             port=self.ports["node_agent"],

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import shutil
 import signal
@@ -46,6 +47,7 @@ from kubetune.api import v1alpha1 as api
 from kubetune.api.uris import UriError, parse_uri
 from kubetune.formatting import human_size
 from kubetune_devcluster import stack
+from kubetune_devcluster.binaries import cache_dir
 from kubetune_devcluster.operatorprocess import OperatorExited, OperatorProcess
 from kubetune_devcluster.s3server import S3Endpoint
 from kubetune_devcluster.stack import CRD_NAME, REPO_ROOT, StackError
@@ -220,6 +222,31 @@ def list_keys(s3: Any, location: S3Location) -> dict[str, int]:
     }
 
 
+def cached_demo_model(directory: Path, steps: int, write: Callable[..., Path]) -> Path:
+    """The demo's pre-trained tiny model in `directory`: made once (its pre-training is
+    most of a warm demo's wait), then copied from a cache keyed by what makes it (the
+    module that writes it, the step count, torch and transformers)."""
+    import torch
+    import transformers
+
+    from kubetune_trainer import demo_assets
+
+    made_by = Path(demo_assets.__file__).read_bytes()
+    made_by += f"{steps} {torch.__version__} {transformers.__version__}".encode()
+    cached = cache_dir() / "demo-model" / hashlib.sha256(made_by).hexdigest()[:16]
+    if not cached.is_dir():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        making = Path(tempfile.mkdtemp(prefix=".making-", dir=cached.parent))
+        try:
+            write(making / "model", pretrain_steps=steps)
+            with contextlib.suppress(OSError):  # another demo made it first
+                (making / "model").rename(cached)
+        finally:
+            shutil.rmtree(making, ignore_errors=True)
+    shutil.copytree(cached, directory)
+    return directory
+
+
 def prepare_inputs(
     plan: DemoPlan, s3: Any, work_dir: Path, pretrain_steps: int | None
 ) -> tuple[int, float]:
@@ -239,7 +266,7 @@ def prepare_inputs(
     transformers_logging.disable_progress_bar()  # "Writing model shards" bars
     started = time.monotonic()
     steps = DEMO_PRETRAIN_STEPS if pretrain_steps is None else pretrain_steps
-    model_dir = write_tiny_model(work_dir / "assets" / "model", pretrain_steps=steps)
+    model_dir = cached_demo_model(work_dir / "assets" / "model", steps, write_tiny_model)
     data = write_demo_dataset(work_dir / "assets" / "train.jsonl")
     for bucket in plan.buckets:
         s3.create_bucket(Bucket=bucket)
@@ -324,6 +351,13 @@ def start_operator(
     return operator
 
 
+def node_images(real_node: bool) -> list[str]:
+    """The operator and trainer images a real node starts with (from the image store kept
+    across clusters: a second demo imports nothing)."""
+    archives = stack.image_archives().values() if real_node else ()
+    return [str(archive) for archive in archives if archive.is_file()]
+
+
 def install_chart(cluster: Any, s3_endpoint: S3Endpoint, work_dir: Path, console: Console) -> None:
     """Both images into the node, then the chart: trainer resources a small machine has."""
     for ref, seconds in stack.load_images(cluster).items():
@@ -400,7 +434,7 @@ def run_demo(
             step(f"local control plane and {node_name}")
             cluster = DevCluster.start(
                 work_dir / "cluster",
-                node=NodeConfig(runtime=settings.node, gpus=0),
+                node=NodeConfig(runtime=settings.node, gpus=0, images=node_images(real_node)),
                 ready_timeout=240 if real_node else 120,
             )
             console.print(

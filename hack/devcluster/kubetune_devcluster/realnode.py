@@ -29,6 +29,7 @@ import signal
 import string
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,10 @@ class NodePaths:
     @property
     def containerd(self) -> Path:
         return self.root / "containerd"
+
+    @property
+    def containerd_root(self) -> Path:
+        return self.containerd / "root"
 
     @property
     def socket(self) -> Path:
@@ -272,12 +277,12 @@ def write_cni_config(paths: NodePaths) -> None:
 # ---- containerd -----------------------------------------------------------------------------
 
 
-def containerd_config(paths: NodePaths) -> str:
-    """containerd's config (version 4): everything under the state dir, cgroupfs, the
-    local pause image, Debian's runc and CNI plugins."""
+def containerd_config(paths: NodePaths, root: Path | None = None) -> str:
+    """containerd's config (version 4): everything under the state dir (its root there
+    too unless given), cgroupfs, the local pause image, Debian's runc and CNI plugins."""
     runc = shutil.which("runc", path=SYSTEM_PATH) or "/usr/sbin/runc"  # Debian's
     return f"""version = 4
-root = "{paths.containerd / "root"}"
+root = "{root or paths.containerd_root}"
 state = "{paths.containerd / "state"}"
 temp = "{paths.containerd / "tmp"}"
 imports = []
@@ -328,10 +333,12 @@ disabled_plugins = [
 """
 
 
-def containerd_argv(paths: NodePaths) -> list[str]:
-    config = paths.containerd / "config.toml"
+def containerd_argv(
+    paths: NodePaths, root: Path | None = None, config: Path | None = None
+) -> list[str]:
+    config = config or paths.containerd / "config.toml"
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(containerd_config(paths))
+    config.write_text(containerd_config(paths, root))
     return [str(_binary("containerd")), f"--config={config}", "--log-level=warn"]
 
 
@@ -688,7 +695,7 @@ def remove_runtime_files(paths: NodePaths) -> None:
     results (/var/lib/cni/results/<network>-<sandbox id>-<interface>), normally removed
     when a pod stops cleanly, which a teardown's SIGKILL skips."""
     tasks = paths.containerd / "state" / "io.containerd.runtime.v2.task" / "k8s.io"
-    sandboxes = paths.containerd / "root" / "io.containerd.grpc.v1.cri" / "sandboxes"
+    sandboxes = paths.containerd_root / "io.containerd.grpc.v1.cri" / "sandboxes"
     ids: set[str] = set()
     for parent in (tasks, sandboxes):
         if parent.is_dir():
@@ -735,10 +742,18 @@ def _binary(name: str) -> Path:
     return path
 
 
-def preload_images(paths: NodePaths) -> None:
-    """The node's own images (pause, coredns, testbox) into the runtime."""
-    for name in ("pause", "coredns", "testbox"):
-        import_image(paths, image_archive(name))
+NODE_OWN_IMAGES = ("pause", "coredns", "testbox")
+
+
+def node_image_archives(extra: Sequence[str | Path] = ()) -> list[Path]:
+    """The node's own images' archives and the `extra` ones a cluster starts with."""
+    return [image_archive(name) for name in NODE_OWN_IMAGES] + [Path(a) for a in extra]
+
+
+def preload_images(paths: NodePaths, extra: Sequence[str | Path] = ()) -> None:
+    """The node's own images (pause, coredns, testbox) and `extra` into the runtime."""
+    for archive in node_image_archives(extra):
+        import_image(paths, archive)
 
 
 def pod_container_pids(paths: NodePaths, namespace: str, pod: str) -> list[int]:

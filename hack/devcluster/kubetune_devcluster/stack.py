@@ -14,9 +14,7 @@ helm_install(cluster, ChartValues(s3_endpoint=...))
 from __future__ import annotations
 
 import functools
-import json
 import subprocess
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Any
 
 from kubetune.api import v1alpha1 as api
 from kubetune.api.crd import CRD_PATH
-from kubetune_devcluster import realnode
+from kubetune_devcluster import imagestore, realnode
 from kubetune_devcluster.processes import wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -87,15 +85,10 @@ def image_ref(which: str) -> str:
 
 
 def archive_digest(archive: Path) -> str:
-    """The manifest digest an OCI archive carries (its index.json; no layer is read)."""
-    with tarfile.open(archive) as tar:
-        try:
-            member = tar.extractfile("index.json")
-        except KeyError:
-            member = None
-        if member is None:
-            raise StackError(f"{archive}: no index.json; rebuild it with `bash hack/images.sh`")
-        return json.load(member)["manifests"][0]["digest"]
+    try:
+        return imagestore.archive_digest(archive)
+    except imagestore.ImageStoreError as exc:
+        raise StackError(str(exc)) from None
 
 
 def node_image_digests(cluster: Any) -> dict[str, str]:

@@ -131,6 +131,8 @@ kubetune_operator.settings.OperatorSettings (tests/test_helm.py keeps the names 
   value: {{ $v.trainer.resources.cpu | toString | quote }}
 - name: KUBETUNE_OPERATOR_DEFAULT_MEMORY
   value: {{ $v.trainer.resources.memory | toString | quote }}
+- name: KUBETUNE_OPERATOR_DEFAULT_WORK_DIR_SIZE
+  value: {{ $v.trainer.workDirSize | default "" | toString | quote }}
 - name: KUBETUNE_OPERATOR_RUN_AS_USER
   value: {{ $v.trainer.runAsUser | toString | quote }}
 - name: KUBETUNE_OPERATOR_GPU_MEMORY_GIB

@@ -58,6 +58,8 @@ class EvalInputs:
     batch_size: int = DEFAULT_BATCH_SIZE
     # Alpaca rows of datasetUri rendered as conversations, like the training data.
     alpaca_as_chat: bool = False
+    # GPUs the gang trained on, from torchrun's world (topology.gpus_used), for report usage.
+    gpus: int = 0
 
 
 @dataclass
@@ -446,7 +448,7 @@ def build_report(
             "evalShareOfRun": seconds / (train_seconds + seconds) if train_seconds else None,
         },
         "usage": {
-            "gpus": inputs.spec.resources.gpus,
+            "gpus": inputs.gpus,
             "trainSeconds": train_seconds,
             "tokensTrained": inputs.tokens_trained,
         },

@@ -309,7 +309,7 @@ def evaluate_objective(inputs: EvalInputs) -> EvalOutcome:
         "samples": measured.samples,
         "timing": {"evalSeconds": seconds, "trainSeconds": inputs.train_seconds},
         "usage": {
-            "gpus": spec.resources.gpus,
+            "gpus": inputs.gpus,
             "trainSeconds": inputs.train_seconds,
             "tokensTrained": inputs.tokens_trained,
         },
