@@ -1,8 +1,9 @@
 """The chart's two operator replicas (leader election on a Lease, a PDB) on the real node,
-disturbed the three ways a cluster disturbs them: the leader's process killed during a burst
-of FineTuneJob creations, the leader frozen (SIGSTOP keeps its Lease until it expires) while a
-trainer pushes progress, and `helm upgrade` rolling both replicas during a run. Each time: no
-FineTuneJob is lost or gets a second Job, progress goes on, and the run Succeeds. Prints the
+disturbed the ways a cluster disturbs them: the leader's processes killed (SIGKILL) or frozen
+(SIGSTOP keeps its Lease until it expires), each during a burst of FineTuneJob creations and
+while a trainer pushes progress, and `helm upgrade` rolling both replicas during a run. Each
+time: no FineTuneJob is lost or gets a second Job, progress goes on, and the run Succeeds. The
+old leader's container exits 137 (killed) or 3 (continued, it finds its Lease gone). Prints the
 failover times docs/reliability.md records (chart timing: lease 15 s, renew 10 s, retry 2 s).
 
     KUBETUNE_REQUIRE_CLUSTER=1 .venv/bin/pytest -q -s tests/e2e/test_operator_ha_real_node.py
@@ -13,10 +14,12 @@ otherwise finish the run inside the disturbance and leave nothing to observe.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
@@ -79,13 +82,46 @@ def started_run(real_stack: RealStack, ns: str, assets: str, name: str, steps: i
     return trainer
 
 
-def test_leader_killed_during_a_burst_of_creations_loses_no_job(
-    real_stack: RealStack, real_ns: str, real_assets: str
+@contextlib.contextmanager
+def leader_disturbed(real_stack: RealStack, leader: dict, how: str) -> Iterator[None]:
+    """SIGKILL: a crash, every process of the leader's container killed (the kubelet restarts
+    it). SIGSTOP: frozen for the block, keeping its Lease until it expires; continued after."""
+    cluster, name = real_stack.cluster, leader["metadata"]["name"]
+    if how == "SIGSTOP":
+        with pod_paused(cluster, real_stack.namespace, name):
+            yield
+        return
+    signal_all(process_tree(cluster.pod_pids(real_stack.namespace, name)), signal.SIGKILL)
+    yield
+
+
+def wait_for_the_old_leaders_exit(real_stack: RealStack, leader: dict, restarts_before: int) -> int:
+    """The exit code of the old leader's container run that was disturbed: 137 when killed;
+    3 when continued after a freeze (it finds its Lease gone and exits without acting). Its
+    container comes back as a follower."""
+    uid = leader["metadata"]["uid"]
+
+    def exited() -> tuple[int, int | None] | None:
+        pod = operator_pod(real_stack, uid)
+        restarts = container_restarts(pod) if pod else (restarts_before, None)
+        return restarts if restarts[0] > restarts_before else None
+
+    _, exit_code = wait_for(exited, timeout=120, what="the old leader's exit")
+    return exit_code
+
+
+EXIT_CODE = {"SIGKILL": 128 + signal.SIGKILL, "SIGSTOP": 3}
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_leader_disturbed_during_a_burst_of_creations_loses_no_job(
+    real_stack: RealStack, real_ns: str, real_assets: str, how: str
 ) -> None:
     cluster = real_stack.cluster
     wait_for(lambda: both_replicas_ready(real_stack), timeout=120, what="two Ready replicas")
     leader = leader_pod(real_stack)
     old_holder = lease_holder(real_stack)
+    restarts_before, _ = container_restarts(leader)
 
     created: list[str] = []
     errors: list[BaseException] = []
@@ -107,26 +143,22 @@ def test_leader_killed_during_a_burst_of_creations_loses_no_job(
     creator = threading.Thread(target=burst, name="burst", daemon=True)
     creator.start()
     assert enough.wait(timeout=120), "the burst did not start"
-    # A crash: every process of the leader's container SIGKILLed; the kubelet restarts it.
-    killed = time.monotonic()
-    signal_all(
-        process_tree(cluster.pod_pids(real_stack.namespace, leader["metadata"]["name"])),
-        signal.SIGKILL,
-    )
-    wait_for_new_leader(real_stack, old_holder)
-    took_over = time.monotonic() - killed
-    jobs_at_takeover = len(jobs_of(cluster, real_ns))
-    creator.join(timeout=300)
-    assert not errors, errors
-    assert len(created) == BURST
-    # The new leader's first Job: a creation it reconciled, not one left from the old leader.
-    wait_for(
-        lambda: len(jobs_of(cluster, real_ns)) > jobs_at_takeover,
-        timeout=120,
-        interval=0.1,
-        what="a Job from the new leader",
-    )
-    first_job = time.monotonic() - killed
+    disturbed = time.monotonic()
+    with leader_disturbed(real_stack, leader, how):
+        wait_for_new_leader(real_stack, old_holder)
+        took_over = time.monotonic() - disturbed
+        jobs_at_takeover = len(jobs_of(cluster, real_ns))
+        creator.join(timeout=300)
+        assert not errors, errors
+        assert len(created) == BURST
+        # The new leader's first Job: a creation it reconciled, not one from the old leader.
+        wait_for(
+            lambda: len(jobs_of(cluster, real_ns)) > jobs_at_takeover,
+            timeout=120,
+            interval=0.1,
+            what="a Job from the new leader",
+        )
+        first_job = time.monotonic() - disturbed
 
     def all_suspended() -> bool:
         items = cluster.rest().get(f"{FTJ_API}/namespaces/{real_ns}/finetunejobs")["items"]
@@ -134,55 +166,47 @@ def test_leader_killed_during_a_burst_of_creations_loses_no_job(
         return len(items) == BURST and set(phases) == {"Suspended"}
 
     wait_for(all_suspended, timeout=600, interval=2, what=f"{BURST} FineTuneJobs Suspended")
+    assert wait_for_the_old_leaders_exit(real_stack, leader, restarts_before) == EXIT_CODE[how]
     jobs = jobs_of(cluster, real_ns)
     owners = [ref["uid"] for job in jobs for ref in job["metadata"].get("ownerReferences") or []]
     assert len(jobs) == BURST and len(set(owners)) == BURST, "a lost or a second Job"
     print(
-        f"\nleader SIGKILLed after {KILL_AFTER} of {BURST} creations: Lease taken over "
+        f"\nleader {how} after {KILL_AFTER} of {BURST} creations: Lease taken over "
         f"{took_over:.1f} s later, the new leader's first Job {first_job:.1f} s later"
     )
     cluster.kubectl("delete", "finetunejobs", "--all", "-n", real_ns, "--wait=false")
 
 
-def test_leader_stopped_mid_run_is_replaced_and_exits_when_continued(
-    real_stack: RealStack, real_ns: str, real_assets: str
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_leader_disturbed_mid_run_is_replaced_and_the_run_goes_on(
+    real_stack: RealStack, real_ns: str, real_assets: str, how: str
 ) -> None:
-    cluster = real_stack.cluster
-    trainer = started_run(real_stack, real_ns, real_assets, "frozen-leader", steps=20)
+    cluster, name = real_stack.cluster, f"leader-{how.lower()}"
+    trainer = started_run(real_stack, real_ns, real_assets, name, steps=20)
     leader = leader_pod(real_stack)
     old_holder = lease_holder(real_stack)
     restarts_before, _ = container_restarts(leader)
-    with pod_paused(cluster, real_stack.namespace, leader["metadata"]["name"]):
-        stopped = time.monotonic()
+    disturbed = time.monotonic()
+    with leader_disturbed(real_stack, leader, how):
         with pod_paused(cluster, real_ns, trainer):
-            before = step_of(real_stack, real_ns, "frozen-leader")
+            before = step_of(real_stack, real_ns, name)
             wait_for_new_leader(real_stack, old_holder)
-            took_over = time.monotonic() - stopped
-        # The old leader is still frozen: progress reaches the new one.
+            took_over = time.monotonic() - disturbed
+        # A frozen old leader is still frozen here: progress reaches the new one.
         wait_for(
-            lambda: step_of(real_stack, real_ns, "frozen-leader") > before,
+            lambda: step_of(real_stack, real_ns, name) > before,
             timeout=120,
             interval=0.3,
             what="progress through the new leader",
         )
-        progress_again = time.monotonic() - stopped
-    # Continued, the old leader finds its Lease gone and exits (code 3) without acting; its
-    # container comes back as a follower.
-    uid = leader["metadata"]["uid"]
-
-    def exited_as_a_stale_leader() -> tuple[int, int | None] | None:
-        pod = operator_pod(real_stack, uid)
-        restarts = container_restarts(pod) if pod else (restarts_before, None)
-        return restarts if restarts[0] > restarts_before else None
-
-    _, exit_code = wait_for(exited_as_a_stale_leader, timeout=120, what="the old leader's exit")
-    assert exit_code == 3
-    st = wait_phase(cluster, real_ns, "frozen-leader", "Succeeded", "Failed", timeout=RUN_TIMEOUT)
+        progress_again = time.monotonic() - disturbed
+    assert wait_for_the_old_leaders_exit(real_stack, leader, restarts_before) == EXIT_CODE[how]
+    st = wait_phase(cluster, real_ns, name, "Succeeded", "Failed", timeout=RUN_TIMEOUT)
     assert st["phase"] == "Succeeded", st
     assert st["progress"]["step"] == 20
     assert len(jobs_of(cluster, real_ns)) == 1 and len(pods_of(cluster, real_ns)) == 1
     print(
-        f"\nleader SIGSTOPped mid-run: Lease taken over {took_over:.1f} s later, progress "
+        f"\nleader {how} mid-run: Lease taken over {took_over:.1f} s later, progress "
         f"through the new leader {progress_again:.1f} s later"
     )
 
