@@ -21,6 +21,7 @@ from tests.fixtures.ftj import (
     create,
     ftj_manifest,
     jobs_of,
+    loss_history,
     pods_of,
     s3_keys,
     wait_phase,
@@ -99,13 +100,6 @@ def checkpoint_past(cluster: DevCluster, ns: str, pod: str, floor: int) -> bool:
     and its completion marker are in S3. Read from the node's log file: a quick poll, so
     the kill follows the checkpoint closely."""
     return any(e["step"] > floor for e in trainer_events(cluster, ns, pod, "checkpoint"))
-
-
-def loss_history(s3_server: S3Server, status: dict) -> dict[int, float]:
-    bucket, _, key = status["artifacts"]["metrics"].removeprefix("s3://").partition("/")
-    body = s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    history = json.loads(body)["logHistory"]
-    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
 
 
 def test_trainer_killed_three_times_resumes_each_time_and_matches_an_uninterrupted_run(

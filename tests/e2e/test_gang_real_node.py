@@ -13,6 +13,7 @@ publish, a rank other than 0 writing) shows as a second version.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import time
@@ -24,7 +25,7 @@ from kubetune_devcluster import realnode
 from kubetune_devcluster.controlplane import DevCluster
 from kubetune_devcluster.processes import wait_for
 from kubetune_operator import names
-from tests.fixtures.ftj import create, jobs_of, pods_of, status_of, wait_phase
+from tests.fixtures.ftj import create, jobs_of, loss_history, pods_of, status_of, wait_phase
 from tests.fixtures.real_node import RUN_TIMEOUT, RealStack, manifest, step_of
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -275,6 +276,9 @@ def test_drain_evicting_one_gang_member_stops_both_after_one_step_and_resumes_th
     out = versioned_bucket(real_stack, f"gang-drain-{real_ns}")
     body = gang_manifest(name, real_assets, out, steps=steps, backoffLimit=0)
     body["spec"]["training"]["checkpointEverySteps"] = 1000  # the stop's is the only one
+    # Without dropout a resume replays the same computation: the losses must match a run
+    # that was never stopped (trained after this one, the node having room for one gang).
+    body["spec"]["lora"] = {"r": 4, "dropout": 0.0}
     create(cluster, real_ns, body)
     wait_for(
         lambda: step_of(real_stack, real_ns, name) >= 2,
@@ -328,7 +332,18 @@ def test_drain_evicting_one_gang_member_stops_both_after_one_step_and_resumes_th
     assert st["restarts"] == 0 and st["progress"]["step"] == steps
     (job,) = jobs_of(cluster, real_ns)
     assert not job["status"].get("failed"), job["status"]  # exit 5: the Job's Ignore rule
+
+    steady = copy.deepcopy(body)
+    steady["metadata"]["name"] = "steady"
+    create(cluster, real_ns, steady)
+    reference = wait_phase(cluster, real_ns, "steady", "Succeeded", "Failed", timeout=GANG_TIMEOUT)
+    assert reference["phase"] == "Succeeded" and reference["restarts"] == 0, reference
+    stopped, uninterrupted = loss_history(real_stack.s3, st), loss_history(real_stack.s3, reference)
+    assert sorted(stopped) == sorted(uninterrupted) == list(range(1, steps + 1))
+    for step, loss in uninterrupted.items():
+        assert stopped[step] == pytest.approx(loss, rel=1e-4), (step, stopped, uninterrupted)
     print(
         f"\ndrain of index 1 at step {step_at_drain}: drain returned in {drain_s:.1f} s, "
-        f"both ranks stopped after step {saved} (exit 5), resumed there after uncordon"
+        f"both ranks stopped after step {saved} (exit 5), resumed there after uncordon; the "
+        f"losses of all {steps} steps match an uninterrupted run's (rel 1e-4)"
     )

@@ -11,7 +11,6 @@ job back is Kueue, not the scheduler.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import shutil
@@ -31,13 +30,11 @@ from kubetune_devcluster.kueue import (
     Kueue,
     create_objects,
     gpu_queue_objects,
-    missing_kueue,
 )
-from kubetune_devcluster.nodefaults import pod_paused
 from kubetune_devcluster.processes import wait_for
 from kubetune_devcluster.rest import ApiError, KubeRest
-from tests.fixtures.cluster import cluster_or_skip
-from tests.fixtures.ftj import s3_keys
+from tests.fixtures import kueue as kueue_fixtures
+from tests.fixtures.kueue import condition, kueue_or_skip
 from tests.fixtures.operator import LOCAL_TRAINER, OperatorProcess, install_crd
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.tiny_model import upload_tiny_assets
@@ -49,16 +46,6 @@ NAMESPACE = "team-a"
 LOCAL_QUEUE = "gpu-small"
 GPU_LABEL = "nvidia.com/gpu.product"
 GPU_PRODUCT = "dev-gpu"
-
-
-def kueue_or_skip() -> None:
-    cluster_or_skip()
-    reason = missing_kueue()
-    if reason is None:
-        return
-    if os.environ.get("KUBETUNE_REQUIRE_CLUSTER"):
-        pytest.fail(f"KUBETUNE_REQUIRE_CLUSTER is set but {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 @dataclass
@@ -186,31 +173,11 @@ def job_of(cluster: DevCluster, name: str) -> dict:
 
 
 def workload_of(cluster: DevCluster, name: str) -> dict | None:
-    """The Workload Kueue made for the FineTuneJob's Job (None before it exists)."""
-    items = cluster.rest().get(f"{KUEUE_API}/namespaces/{NAMESPACE}/workloads")["items"]
-    for workload in items:
-        owners = workload["metadata"].get("ownerReferences") or []
-        if any(o["kind"] == "Job" and o["name"] == f"{name}-trainer" for o in owners):
-            return workload
-    return None
+    return kueue_fixtures.workload_of(cluster, NAMESPACE, name)
 
 
-def condition(workload: dict | None, kind: str) -> dict:
-    for cond in ((workload or {}).get("status") or {}).get("conditions") or []:
-        if cond["type"] == kind:
-            return cond
-    return {}
-
-
-def wait_condition(cluster: DevCluster, name: str, kind: str, status: str = "True") -> dict:
-    def reached() -> dict | None:
-        workload = workload_of(cluster, name)
-        return workload if condition(workload, kind).get("status") == status else None
-
-    try:
-        return wait_for(reached, timeout=120, interval=0.3, what=f"{name}'s Workload {kind}")
-    except TimeoutError:
-        raise AssertionError(f"{name}: Workload {workload_of(cluster, name)}") from None
+def wait_condition(cluster: DevCluster, name: str, kind: str) -> dict:
+    return kueue_fixtures.wait_condition(cluster, NAMESPACE, name, kind)
 
 
 def pods_of(cluster: DevCluster, name: str) -> list[dict]:
@@ -340,92 +307,3 @@ def set_gpu_quota(api: KubeRest, gpus: int) -> None:
 
 def test_kueue_version_is_the_pinned_release(queued: QueuedCluster) -> None:
     assert f'"gitVersion":"{KUEUE_VERSION}"' in queued.kueue.logs().replace(" ", "")
-
-
-def set_preemption(api: KubeRest, policy: dict | None) -> None:
-    """Set (or, with None, remove) the ClusterQueue's preemption policy."""
-    path = f"{KUEUE_API}/clusterqueues/gpu"
-    cluster_queue = api.get(path)
-    if policy is None:
-        cluster_queue["spec"].pop("preemption", None)
-    else:
-        cluster_queue["spec"]["preemption"] = policy
-    api.request("PUT", path, cluster_queue)
-
-
-def test_higher_priority_job_preempts_and_the_preempted_one_resumes_from_its_step(
-    queued: QueuedCluster, s3_server: S3Server
-) -> None:
-    """Kueue evicts a running low-priority job for a high-priority one on the only GPU of
-    quota: its Job is suspended, the trainer saves the step under way on the SIGTERM (exit 5,
-    attempt `Preempted`, no restart counted) and, once the high-priority job is done and Kueue
-    admits it again, resumes from exactly that step."""
-    cluster, api, bucket = queued.cluster, queued.cluster.rest(), queued.bucket
-    for name, value in (("ftj-low", 10), ("ftj-high", 1000)):
-        api.post(
-            "/apis/scheduling.k8s.io/v1/priorityclasses",
-            {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
-             "metadata": {"name": name}, "value": value},
-        )  # fmt: skip
-    set_preemption(api, {"withinClusterQueue": "LowerPriority"})
-    # The status lags the trainer by up to a patch interval, tens of these fast steps: the run
-    # must be long enough that the trainer is still training when it is paused.
-    steps = 200
-    try:
-        low = ftj_manifest("low", bucket, steps=steps)
-        low["spec"]["priorityClassName"] = "ftj-low"
-        low["spec"]["training"]["checkpointEverySteps"] = 1000  # the stop's is the only one
-        api.post(f"{FTJ_API}/namespaces/{NAMESPACE}/finetunejobs", low)
-
-        def training() -> int | None:
-            step = (status_of(cluster, "low").get("progress") or {}).get("step") or 0
-            return step if step >= 2 else None
-
-        step_before = wait_for(training, timeout=300, interval=0.3, what="low training")
-        (pod,) = [p for p in pods_of(cluster, "low") if p["status"].get("phase") == "Running"]
-        high = ftj_manifest("high", bucket)
-        high["spec"]["priorityClassName"] = "ftj-high"
-        # Paused until Kueue has suspended its Job, so a fast machine cannot finish it first;
-        # the SIGTERM that follows waits for it to carry on.
-        with pod_paused(cluster, NAMESPACE, pod["metadata"]["name"]):
-            api.post(f"{FTJ_API}/namespaces/{NAMESPACE}/finetunejobs", high)
-            evicted = wait_condition(cluster, "low", "Evicted")
-            wait_for(
-                lambda: job_of(cluster, "low")["spec"]["suspend"] is True,
-                timeout=60,
-                what="Kueue suspending low's Job",
-            )
-        assert condition(evicted, "Evicted")["reason"] == "Preempted", evicted
-
-        def preempted() -> dict | None:
-            st = status_of(cluster, "low")
-            attempts = st.get("attempts") or []
-            return st if attempts and attempts[0].get("reason") == "Preempted" else None
-
-        try:
-            first = wait_for(preempted, timeout=120, interval=0.3, what="low's attempt Preempted")
-        except TimeoutError:
-            raise AssertionError(
-                f"{status_of(cluster, 'low')}\n{pods_of(cluster, 'low')}"
-            ) from None
-        assert (first["attempts"][0]["result"], first["attempts"][0]["exitCode"]) == (
-            "Stopped",
-            5,
-        ), first["attempts"]
-        assert wait_phase(cluster, "high", "Succeeded", "Failed")["phase"] == "Succeeded"
-        st = wait_phase(cluster, "low", "Succeeded", "Failed", timeout=600)
-        assert st["phase"] == "Succeeded", st
-        saved = st["attempts"][1]["resumedFromStep"]
-        assert step_before <= saved < steps and saved == st["resumedFromStep"], st["attempts"]
-        assert st["restarts"] == 0 and st["progress"]["step"] == steps
-        assert not job_of(cluster, "low")["status"].get("failed")  # exit 5: the Ignore rule
-        print(f"\npreempted by Kueue at step {step_before} (status), saved {saved}, resumed there")
-        # The only checkpoints: the one saved on the SIGTERM, and the run's last step.
-        keys = s3_keys(s3_server, f"s3://{bucket}/runs/{NAMESPACE}/low/checkpoints/")
-        complete = {k.split("/")[-2] for k in keys if k.endswith("/_COMPLETE")}
-        assert f"checkpoint-{saved}" in complete <= {f"checkpoint-{saved}", f"checkpoint-{steps}"}
-    finally:
-        for name in ("low", "high"):
-            with contextlib.suppress(ApiError):
-                api.delete(f"{FTJ_API}/namespaces/{NAMESPACE}/finetunejobs/{name}")
-        set_preemption(api, None)
