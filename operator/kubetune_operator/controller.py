@@ -4,19 +4,23 @@ kopf delivers watch events for FineTuneJobs, their Jobs and their pods (handlers
 Cache keeps the latest of each and the WorkQueue runs the FineTuneJobs' keys through
 `reconcile`, which asks the pure `decide()` (reconcile.py) what to do and does it: create the
 Job, patch its suspend, write the status (StatusWriter, which also posts the Events).
-Progress pushes are authenticated here too: a TokenReview names the pod, the cache maps it to
-exactly one FineTuneJob.
+Progress pushes are authenticated here too: the token checked against the API server's
+signing keys, then a TokenReview names the pod, and the cache maps it to exactly one
+FineTuneJob. The progress server calls that from its own thread (server.py): the token check
+runs there, its API calls and the pod check on the controller's loop (`self.loop`, loops.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from kubetune.api.contract import ProgressEvent
 from kubetune.kube import Kube, core_path, job_path
 from kubetune_operator import builders, names
-from kubetune_operator.auth import TokenReviewer
+from kubetune_operator.auth import PodIdentity, TokenReviewer
 from kubetune_operator.cache import Cache, Key, slim_job, slim_pod
+from kubetune_operator.loops import ControllerLoop, KubeOnLoop
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.reconcile import NAME_TAKEN_RETRY_S, Plan, Snapshot, decide
 from kubetune_operator.settings import OperatorSettings
@@ -27,17 +31,28 @@ logger = logging.getLogger("kubetune.operator")
 
 
 class Controller:
-    def __init__(self, settings: OperatorSettings, kube: Kube, metrics: OperatorMetrics) -> None:
+    def __init__(
+        self,
+        settings: OperatorSettings,
+        kube: Kube,
+        metrics: OperatorMetrics,
+        loop: ControllerLoop | None = None,
+    ) -> None:
+        """`loop`: the controller's event loop (by default the running one)."""
         self.settings = settings
         self.kube = kube
         self.metrics = metrics
+        self.loop = loop or ControllerLoop(asyncio.get_running_loop())
         self.cache = Cache()
         self.queue = WorkQueue(self.reconcile)
         self.queue.on_handled = self._count_reconcile
         self.events = EventPoster(kube, metrics, slots=settings.workers)
         self.status = StatusWriter(kube, metrics, self.events, settings.patch_interval_s)
+        # Used from the progress server's thread: its API calls cross to the controller's loop.
         self.reviewer = TokenReviewer(
-            kube, settings.progress_audience, on_review=metrics.token_reviews.inc
+            KubeOnLoop(kube, self.loop),  # type: ignore[arg-type]  # request() is all it uses
+            settings.progress_audience,
+            on_review=metrics.token_reviews.inc,
         )
         metrics.track_phases(self.status.count_phase)
 
@@ -76,10 +91,16 @@ class Controller:
 
     async def authorize(self, key: Key, token: str) -> bool:
         """Whether `token` is the progress token of a running trainer pod of this very
-        FineTuneJob."""
+        FineTuneJob. Called in the progress server's loop: the token is checked there (a
+        forged one costs this loop nothing), the pod it names on the controller's loop."""
         identity = await self.reviewer.identify(token)
         if identity is None or identity.namespace != key[0]:
             return False
+        return await self.loop.run(self.pod_may_push, key, identity, limited=True)
+
+    async def pod_may_push(self, key: Key, identity: PodIdentity) -> bool:
+        """(In the controller's loop.) Whether the pod of a genuine token is a running trainer
+        pod of this FineTuneJob."""
         pod = self.cache.pod(identity.pod_uid) or await self._fetch_pod(
             identity.namespace, identity.pod_name
         )
@@ -88,6 +109,10 @@ class Controller:
         job = self.cache.jobs.get((key[0], names.pod_job_name(pod) or ""))
         entry = self.cache.ftjs.get(key)
         return progress_allowed(identity.pod_uid, pod, job, entry.raw if entry else None)
+
+    def hand_over_progress(self, key: Key, event: ProgressEvent) -> None:
+        """An accepted push, from the progress server's loop: recorded on the controller's."""
+        self.loop.post(self.observe_progress, key, event)
 
     async def _fetch_pod(self, namespace: str, name: str) -> dict | None:
         """A pod the watch has not brought yet (a push right after the pod started)."""

@@ -2,6 +2,8 @@
 
 `kubetune-operator` (__main__.py) runs these with the settings from its flags and
 environment. The handlers only record watch events; the decisions are in reconcile.py.
+The controller lives in kopf's event loop; the progress/health/metrics server on a thread and
+loop of its own (server.py), calling into the controller's through loops.py.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from kubetune_operator import names, server
 from kubetune_operator.controller import Controller
 from kubetune_operator.forwarding import forwarding_middleware
 from kubetune_operator.leader import Leadership, LeaseTiming, lease_path, make_identity
+from kubetune_operator.loops import ControllerLoop
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.ratelimit import FailureLimiter, failure_limit_middleware
 from kubetune_operator.settings import OperatorSettings
@@ -54,7 +57,7 @@ class NoDiffBase(kopf.DiffBaseStorage):
 
 class _State:
     controller: Controller | None = None
-    runner: Any = None
+    progress_server: server.ServerThread | None = None
     kube: Kube | None = None
     ready: bool = False
     leadership: Leadership | None = None
@@ -88,15 +91,17 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         pool_size=op_settings.api_threads, on_write=guarded_writes(metrics.count_write)
     )
     # Bind first: the Jobs we create carry the progress URL with the real port.
-    placeholder = Controller(op_settings, kube, metrics)
-    # Progress tokens are verified against the API server's signing keys before any review.
-    placeholder.reviewer.keys = ServiceAccountKeys(kube)
+    placeholder = Controller(op_settings, kube, metrics, ControllerLoop(asyncio.get_running_loop()))
+    # Progress tokens are verified against the API server's signing keys before any review
+    # (in the server's thread; the keys are read through the reviewer's cross-loop client).
+    placeholder.reviewer.keys = ServiceAccountKeys(placeholder.reviewer.kube)
     placeholder.reviewer.on_refused = lambda why: metrics.tokens_refused.labels(why).inc()
     await placeholder.reviewer.keys.refresh(force=True)
     health = WatchHealth(own_watches(op_settings), op_settings.watch_dead_after_s)
-    runner, op_settings = await serve(op_settings, placeholder, metrics, health)
+    progress_server, op_settings = await serve(op_settings, placeholder, metrics, health)
     placeholder.settings = op_settings
-    state.controller, state.runner, state.kube, state.health = placeholder, runner, kube, health
+    state.controller, state.progress_server = placeholder, progress_server
+    state.kube, state.health = kube, health
     state.tasks = [asyncio.create_task(health.run(kube), name="watch-health")]
     if op_settings.leader_election:
         # Watches run and fill the cache and the queue on every replica; only the leader
@@ -121,16 +126,17 @@ async def serve(
     controller: Controller,
     metrics: OperatorMetrics,
     health: WatchHealth,
-) -> tuple[Any, OperatorSettings]:
-    """Start the progress/health/metrics server; returns its runner and the settings with the
-    port it bound (for --listen-port 0)."""
+) -> tuple[server.ServerThread, OperatorSettings]:
+    """Start the progress/health/metrics server on its own thread and event loop; returns it
+    (to stop it) and the settings with the port it bound (for --listen-port 0)."""
     bound = settings
     app = server.build_app(
         authorize=controller.authorize,
-        on_progress=controller.observe_progress,
+        on_progress=controller.hand_over_progress,
         metrics=metrics,
         ready=lambda: state.ready,
         unhealthy=lambda: describe_dead(health.dead(), settings.watch_dead_after_s),
+        controller=controller.loop,
     )
     forward = forwarding_middleware(
         lambda: state.leadership, metrics, lambda: bound.effective_peer_url, settings
@@ -139,12 +145,13 @@ async def serve(
     app.middlewares.append(failure_limit_middleware(limiter, metrics))  # outermost
     app.middlewares.append(forward)
     app.on_cleanup.append(forward.close)
-    runner, port = await server.start_server(
+    thread = server.ServerThread(
         app, settings.listen_host, settings.listen_port, serving_tls(settings)
     )
+    port = await thread.start()
     if port != settings.listen_port:
         bound = settings.model_copy(update={"listen_port": port})
-    return runner, bound
+    return thread, bound
 
 
 def candidate(settings: OperatorSettings, kube: Kube, on_started: Any) -> Leadership:
@@ -229,8 +236,8 @@ async def cleanup(**_: Any) -> None:
         await state.controller.stop()
     if state.leadership:
         await state.leadership.release()  # after the workers stopped: nothing writes now
-    if state.runner:
-        await state.runner.cleanup()
+    if state.progress_server:
+        await state.progress_server.stop()
     if state.kube:
         await state.kube.close()
 
