@@ -1,8 +1,8 @@
 """The real node's image store kept across dev clusters (kubetune_devcluster.imagestore),
 with a real containerd: an archive is imported once, a rebuilt one replaces its image, a
 node's root shares the store's blobs and layers but owns its databases, and a store
-containerd a killed update left behind does not block the next update. The real stack's
-node (tests/fixtures/real_node.py) starts with the operator and trainer images already in it.
+containerd a killed update left behind does not block the next update. (That the real
+stack's node starts with both images from the store: tests/e2e/test_real_node.py.)
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_devcluster import imagestore, realnode, stack
+from kubetune_devcluster import imagestore, realnode
 from kubetune_devcluster.binaries import MODULES_DIR, image_program
 from kubetune_devcluster.processes import wait_for
 from tests.devcluster.test_realnode import real_node_or_skip
@@ -140,10 +140,3 @@ def test_a_store_containerd_left_by_a_killed_update_is_stopped_by_the_next(
         leftover.wait()
         realnode.unmount_under(state)
         shutil.rmtree(state, ignore_errors=True)
-
-
-def test_the_real_stack_node_starts_with_both_images_from_the_store(real_stack) -> None:
-    assert not [k for k in real_stack.timings if k.startswith("import")], real_stack.timings
-    node = stack.node_image_digests(real_stack.cluster)
-    for ref, archive in stack.image_archives().items():
-        assert node.get(ref) == imagestore.archive_digest(archive), ref

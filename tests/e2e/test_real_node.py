@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from kubetune_devcluster import imagestore, stack
 from kubetune_devcluster.nodefaults import pod_paused
 from kubetune_devcluster.processes import wait_for
 from tests.fixtures.ftj import (
@@ -261,3 +262,14 @@ def test_operator_pod_deleted_mid_run_the_new_one_carries_on(
     assert len(jobs_of(cluster, real_ns)) == 1
     assert len(pods_of(cluster, real_ns)) == 1  # one trainer pod: no second run
     cluster.rest().delete(f"{FTJ_API}/namespaces/{real_ns}/finetunejobs/steady")
+
+
+def test_the_node_started_with_both_images_from_the_store(real_stack: RealStack) -> None:
+    """kubetune_devcluster.imagestore: the real stack's node came up with the operator and
+    trainer images (linked from the store kept across clusters), so none was imported."""
+    if "cluster start" not in real_stack.timings:
+        pytest.skip("the real stack reuses a cluster it did not start")
+    assert not [k for k in real_stack.timings if k.startswith("import")], real_stack.timings
+    node = stack.node_image_digests(real_stack.cluster)
+    for ref, archive in stack.image_archives().items():
+        assert node.get(ref) == imagestore.archive_digest(archive), ref

@@ -1,10 +1,12 @@
-"""Tenant safety on a real API server: the chart's guardrails profiles, the roles it
+"""Tenant safety on the real node's cluster: the chart's guardrails profiles, the roles it
 aggregates to Kubernetes' built-in ones, and the policy bounding the operator itself.
 
 A tenant is a user bound to the built-in `edit` ClusterRole in its team namespace, as a
 platform team would set one up; everything it tries goes through `kubectl --as`. Server-side
 dry runs: authorization and admission run in full, and nothing is left behind for an operator
-to act on. Each escape is refused by the API server with a message naming the profile key.
+to act on. Each escape is refused by the API server with a message naming the profile key. In
+a second team namespace the tenant's own compliant job trains to Succeeded under the real stack's
+operator, and an image the platform does not list is failed by the operator without a Job.
 """
 
 # ruff: noqa: E501  (the case tables read best one case per line)
@@ -31,6 +33,8 @@ from tests.chart.test_helm import (
     require_binary,
     run_helm,
 )
+from tests.fixtures.ftj import CREDENTIALS_SECRET, add_credentials_secret, jobs_of, wait_phase
+from tests.fixtures.real_node import RUN_TIMEOUT, RealStack, manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -166,12 +170,43 @@ def wait_until(check: Any, what: str, timeout: float = 60) -> None:
         time.sleep(0.25)  # polling a condition, not synchronising on time
 
 
+def runnable_profile(bucket: str) -> dict[str, Any]:
+    """A profile the real stack's tiny jobs fit: its bucket's prefixes, its Secret, CPU only."""
+    return {
+        "allowedModelPrefixes": [f"s3://{bucket}/models/"],
+        "allowedDatasetPrefixes": [f"s3://{bucket}/data/"],
+        "allowedOutputPrefixes": [f"s3://{bucket}/runs/"],
+        "allowedSecretNames": [CREDENTIALS_SECRET],
+        "requirePinnedRevision": True,
+        "allowTrustRemoteCode": False,
+        "allowUserPlacement": False,
+        "maxNodes": 1,
+        "maxTotalGpus": 0,
+        "maxCpu": "1",
+        "maxMemory": "4Gi",
+        "maxWorkDirSize": "10Gi",
+        "maxActiveDeadlineSeconds": 3600,
+        "allowedMethods": ["lora"],
+    }
+
+
+def runnable_job(name: str, namespace: str, bucket: str) -> dict[str, Any]:
+    job = manifest(name, bucket, steps=4)
+    job["metadata"]["namespace"] = namespace
+    job["spec"]["resources"]["workDirSize"] = "1Gi"
+    job["spec"]["activeDeadlineSeconds"] = 1800
+    return job
+
+
 @pytest.fixture(scope="module")
-def tenancy(k8s_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """One release with one profile; governed namespaces carry this module's test label, so
-    other tests' namespaces on the shared API server are not governed."""
+def tenancy(
+    real_stack: RealStack, real_assets: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict]:
+    """One more release with two profiles on the real stack's cluster (whose own release runs
+    the operator); governed namespaces carry this module's test label, so other tests'
+    namespaces on the shared API server are not governed."""
     helm_bin = require_binary("helm")
-    kubeconfig = Path(k8s_cluster.kubeconfig)
+    kubeconfig = Path(real_stack.cluster.kubeconfig)
     suffix = uuid.uuid4().hex[:6]
     governed = {TEST_LABEL: suffix}
     ns = {
@@ -180,21 +215,24 @@ def tenancy(k8s_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "bare": f"bare-{suffix}",
         "unknown": f"unknown-{suffix}",
         "exempt": f"exempt-{suffix}",
+        "run": f"run-{suffix}",
     }
     _create_namespace(kubeconfig, ns["release"])
     _create_namespace(kubeconfig, ns["team"], {**governed, PROFILE_LABEL: "strict"})
     _create_namespace(kubeconfig, ns["bare"], governed)
     _create_namespace(kubeconfig, ns["unknown"], {**governed, PROFILE_LABEL: "no-such-profile"})
     _create_namespace(kubeconfig, ns["exempt"], governed)
+    _create_namespace(kubeconfig, ns["run"], {**governed, PROFILE_LABEL: "runnable"})
+    add_credentials_secret(real_stack.cluster, ns["run"], dict(real_stack.s3.env))
     values = {
         "guardrails": {
             "enabled": True,
             "requireProfile": True,
             "exemptNamespaces": [ns["exempt"]],
             "namespaceSelector": {"matchLabels": governed},
-            "profiles": {"strict": PROFILE},
+            "profiles": {"strict": PROFILE, "runnable": runnable_profile(real_assets)},
         },
-        "nodeSelector": {"kubetune.io/test": "never"},
+        "nodeSelector": {"kubetune.io/test": "never"},  # this release's operator never runs
         "trainer": {"workDirSize": PLATFORM_WORK_DIR_SIZE},
     }
     values_file = tmp_path_factory.mktemp("guardrails") / "values.yaml"
@@ -205,13 +243,19 @@ def tenancy(k8s_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "--namespace", ns["release"], "-f", str(values_file),
     )  # fmt: skip
     tenant, viewer = f"tenant-{suffix}", f"viewer-{suffix}"
-    for user, role in ((tenant, "edit"), (viewer, "view")):
+    for user, role, namespace in (
+        (tenant, "edit", ns["team"]),
+        (viewer, "view", ns["team"]),
+        (tenant, "edit", ns["run"]),
+    ):
         bound = _kubectl(
             kubeconfig, "create", "rolebinding", f"{user}-{role}", f"--clusterrole={role}",
-            f"--user={user}", "--namespace", ns["team"],
+            f"--user={user}", "--namespace", namespace,
         )  # fmt: skip
         assert bound.returncode == 0, bound.stderr
     context = {
+        "cluster": real_stack.cluster,
+        "bucket": real_assets,
         "kubeconfig": kubeconfig,
         "ns": ns,
         "release": release,
@@ -296,6 +340,34 @@ def test_a_compliant_job_is_admitted(tenancy: dict) -> None:
     job = compliant_job("ok", tenancy["ns"]["team"])
     allowed, error = dry_run_create(tenancy, job, tenancy["tenant"])
     assert allowed, error
+
+
+@pytest.mark.cluster
+def test_the_tenants_compliant_job_succeeds_and_an_unlisted_image_gets_no_job(
+    tenancy: dict,
+) -> None:
+    """On the real node, created by the tenant itself: a job within its profile trains to
+    Succeeded (the chart's operator, the trainer image); one naming an image the platform's
+    `trainer.allowedImages` does not list passes admission (the profile names no images) and
+    is failed by the operator at once, ImageNotAllowed, without a Job."""
+    cluster, run_ns, tenant = tenancy["cluster"], tenancy["ns"]["run"], tenancy["tenant"]
+    ok = runnable_job("compliant", run_ns, tenancy["bucket"])
+    other = runnable_job("other-image", run_ns, tenancy["bucket"])
+    other["spec"]["image"] = "registry.example/other/trainer:1"
+    outside = with_changes(ok, {"output.uri": f"s3://{tenancy['bucket']}-evil/runs/"})
+    allowed, error = dry_run_create(tenancy, outside, tenant)
+    assert not allowed and "guardrail allowedOutputPrefixes" in error, error
+    for job in (ok, other):
+        made = _kubectl(
+            tenancy["kubeconfig"], "--as", tenant, "create", "-f", "-", input=json.dumps(job)
+        )
+        assert made.returncode == 0, made.stderr
+    refused = wait_phase(cluster, run_ns, "other-image", "Failed", timeout=60)
+    assert refused["reason"] == "ImageNotAllowed", refused
+    st = wait_phase(cluster, run_ns, "compliant", "Succeeded", "Failed", timeout=RUN_TIMEOUT)
+    assert st["phase"] == "Succeeded", st
+    jobs = [j["metadata"]["name"] for j in jobs_of(cluster, run_ns)]
+    assert jobs == ["compliant-trainer"], jobs
 
 
 @pytest.mark.cluster
