@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.tiny_model",
     "tests.fixtures.cluster",
     "tests.fixtures.real_node",
+    "tests.fixtures.mlflow",
 ]

@@ -1,8 +1,10 @@
 """A multi-node gang on the real node: a FineTuneJob with `resources.nodes: 2` runs as the 2
 pods of one Indexed Job (trainer image, kubelet + containerd), which rendezvous (torchrun, gloo
 on CPU) at index 0's DNS name through the headless Service the operator creates; rank 0 alone
-publishes. A worker pod killed mid-run fails the gang at once and the whole gang restarts from
-the latest complete checkpoint. Polls conditions; never sleeps to sync.
+publishes, and no value of the canary credentials it was given shows in the status, Events,
+Job, pods, either pod's log, the operators' logs or what it wrote to S3. A worker pod killed
+mid-run fails the gang at once and the whole gang restarts from the latest complete
+checkpoint. Polls conditions; never sleeps to sync.
 
     KUBETUNE_REQUIRE_CLUSTER=1 .venv/bin/pytest -q tests/e2e/test_gang_real_node.py
 
@@ -14,9 +16,11 @@ publish, a rank other than 0 writing) shows as a second version.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import re
 import time
+import uuid
 
 import pytest
 
@@ -25,7 +29,17 @@ from kubetune_devcluster import realnode
 from kubetune_devcluster.controlplane import DevCluster
 from kubetune_devcluster.processes import wait_for
 from kubetune_operator import names
-from tests.fixtures.ftj import create, jobs_of, loss_history, pods_of, status_of, wait_phase
+from tests.fixtures.ftj import (
+    FTJ_API,
+    add_credentials_secret,
+    create,
+    jobs_of,
+    loss_history,
+    pods_of,
+    s3_keys,
+    status_of,
+    wait_phase,
+)
 from tests.fixtures.real_node import RUN_TIMEOUT, RealStack, manifest, step_of
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -122,8 +136,25 @@ def test_two_node_gang_rendezvous_through_the_headless_service_and_publishes_onc
     caplog.set_level(logging.INFO, logger="werkzeug")  # the S3 server's request log
     cluster = real_stack.cluster
     out = versioned_bucket(real_stack, f"gang-{real_ns}")
+    # Canary credentials (moto takes any keys): no value may show anywhere, from either pod.
+    canaries = {
+        "AWS_ACCESS_KEY_ID": f"kubetune-canary-access-{uuid.uuid4().hex}",
+        "AWS_SECRET_ACCESS_KEY": f"kubetune-canary-secret-{uuid.uuid4().hex}",
+        "HF_TOKEN": f"kubetune-canary-hf-{uuid.uuid4().hex}",
+    }
+    s3_env = dict(real_stack.s3.env)
+    add_credentials_secret(
+        cluster,
+        real_ns,
+        {**s3_env, **{k: canaries[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}},
+        name="canary-creds",
+    )
+    add_credentials_secret(cluster, real_ns, {"token": canaries["HF_TOKEN"]}, name="hf")
+    body = gang_manifest("gang", real_assets, out)
+    body["spec"]["output"]["credentialsSecretRef"] = {"name": "canary-creds"}
+    body["spec"]["model"]["tokenSecretRef"] = {"name": "hf", "key": "token"}
     started = time.monotonic()
-    ftj = create(cluster, real_ns, gang_manifest("gang", real_assets, out))
+    ftj = create(cluster, real_ns, body)
     st = wait_phase(cluster, real_ns, "gang", "Succeeded", "Failed", timeout=GANG_TIMEOUT)
     print(f"\n2-node gang, 6 steps: Succeeded after {time.monotonic() - started:.0f} s")
     pods = sorted(pods_of(cluster, real_ns), key=index_of)
@@ -183,6 +214,33 @@ def test_two_node_gang_rendezvous_through_the_headless_service_and_publishes_onc
     assert rank1_ip not in writes, writes[rank1_ip]
     assert '"event"' not in logs["1"], "rank 1 reported progress"
     assert "message" not in trainer_state(pods[1])["terminated"], "rank 1 wrote a result"
+
+    rest = cluster.rest()
+    places = {
+        "FineTuneJob": json.dumps(rest.get(f"{FTJ_API}/namespaces/{real_ns}/finetunejobs/gang")),
+        "events": json.dumps(rest.get(f"/api/v1/namespaces/{real_ns}/events")),
+        "Job": json.dumps(job),
+        "pods": json.dumps(pods),
+        **{f"log of index {index}": text for index, text in logs.items()},
+        **{
+            f"log of {p['metadata']['name']}": cluster.kubectl(
+                "logs", "-n", real_stack.namespace, p["metadata"]["name"], check=False
+            ).stdout
+            for p in real_stack.operator_pods()
+        },
+    }
+    client = real_stack.s3.client()
+    for key in s3_keys(real_stack.s3, f"s3://{out}/{run_prefix}"):
+        body_bytes = client.get_object(Bucket=out, Key=key)["Body"].read()
+        places[f"s3://{out}/{key}"] = body_bytes.decode("utf-8", errors="replace")
+    assert "canary-creds" in places[f"s3://{out}/{run_prefix}manifest.json"]  # by name
+    leaks = [
+        f"{k} in {where}"
+        for where, text in places.items()
+        for k, v in canaries.items()
+        if v in text
+    ]
+    assert leaks == []
 
 
 def test_worker_pod_killed_mid_run_restarts_the_gang_from_its_checkpoint(

@@ -1,15 +1,21 @@
-"""Nothing secret leaks: a run that used credentials leaves no secret value in the
-FineTuneJob's status, its Events, the Job or pod objects, the trainer's and the operator's
-logs, or any object it wrote to S3 (artifacts, checkpoints, manifest, report).
+"""Nothing secret leaks: runs that used every Secret a FineTuneJob can name (S3 keys, the hub
+token, MLflow credentials, the W&B API key) leave no secret value in the FineTuneJobs' status,
+their Events, the Job or pod objects, the trainers' and the operator's logs, the operator's
+/metrics, any object written to S3 (artifacts, checkpoints, manifest, report), or what the
+MLflow tracking server stored (its database and artifact root) — on each way a run ends:
+Succeeded, a trainer failure (bad input: the trainer's own line becomes the status message) and
+a missed evaluation gate. (A 2-node gang: tests/e2e/test_gang_real_node.py.)
 
 The credentials are canaries: values that appear nowhere else, so finding one anywhere is a
-leak. moto's S3 accepts any keys, so the run works with them.
+leak. moto's S3 and a plain MLflow server accept any credentials, so the runs work with them.
 """
 
 from __future__ import annotations
 
 import json
+import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +29,7 @@ from tests.fixtures.ftj import (
     s3_keys,
     wait_phase,
 )
+from tests.fixtures.mlflow import MlflowServer
 from tests.fixtures.operator import OperatorProcess
 from tests.fixtures.s3 import S3Server
 
@@ -33,18 +40,69 @@ def canary(kind: str) -> str:
     return f"kubetune-canary-{kind}-{uuid.uuid4().hex}"
 
 
-def test_no_secret_value_appears_in_status_events_logs_or_artifacts(
+def secret(cluster: DevCluster, ns: str, name: str, data: dict[str, str]) -> None:
+    cluster.rest().post(
+        f"/api/v1/namespaces/{ns}/secrets",
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data},
+    )
+
+
+def stored_by_mlflow(server: MlflowServer) -> dict[str, str]:
+    """Every file of the MLflow server's store (its SQLite database, the artifacts)."""
+    return {
+        f"mlflow {path.relative_to(server.root)}": path.read_bytes().decode("utf-8", "replace")
+        for path in sorted(Path(server.root).rglob("*"))
+        if path.is_file() and path.name != "server.log"
+    }
+
+
+# name -> (what the job changes, the phase it ends in)
+RUNS = {
+    "canary-ok": ({}, "Succeeded"),
+    "canary-bad-input": ({"dataset.uri": "data/bad.jsonl"}, "Failed"),
+    # Published, but the EvalPassed condition False (reason ThresholdsMissed).
+    "canary-gate": ({"evaluation.thresholds": {"maxEvalLoss": 0.0}}, "Succeeded"),
+}
+
+
+def canary_job(name: str, bucket: str, mlflow_url: str, changes: dict) -> dict:
+    manifest = ftj_manifest(name, bucket, steps=4)
+    spec = manifest["spec"]
+    # An s3:// model never uses the hub token; the trainer still receives it, as a real
+    # job with an hf:// model would, so it must not print it either.
+    spec["model"]["tokenSecretRef"] = {"name": "hf", "key": "token"}
+    spec["tracking"] = {
+        "mlflow": {"uri": mlflow_url, "credentialsSecretRef": {"name": "mlflow"}},
+        "wandb": {
+            "project": "canary",
+            "mode": "offline",
+            "apiKeySecretRef": {"name": "wandb", "key": "api-key"},
+        },
+    }
+    spec["backoffLimit"] = 0
+    if "dataset.uri" in changes:
+        spec["dataset"]["uri"] = f"s3://{bucket}/{changes['dataset.uri']}"
+    if "evaluation.thresholds" in changes:
+        spec["evaluation"]["thresholds"] = changes["evaluation.thresholds"]
+    return manifest
+
+
+def test_no_secret_value_appears_anywhere_on_success_failure_or_a_missed_gate(
     k8s_cluster: DevCluster,
     operator: OperatorProcess,  # noqa: F811
     k8s_namespace: str,
     assets: str,  # noqa: F811
     s3_server: S3Server,
+    mlflow_server: MlflowServer,
 ) -> None:
     ns, rest = k8s_namespace, k8s_cluster.rest()
     secrets = {
         "AWS_ACCESS_KEY_ID": canary("access-key"),
         "AWS_SECRET_ACCESS_KEY": canary("secret-key"),
         "HF_TOKEN": canary("hf-token"),
+        "MLFLOW_TRACKING_USERNAME": canary("mlflow-user"),
+        "MLFLOW_TRACKING_PASSWORD": canary("mlflow-password"),
+        "WANDB_API_KEY": canary("wandb-key"),
     }
     add_credentials_secret(
         k8s_cluster,
@@ -56,44 +114,56 @@ def test_no_secret_value_appears_in_status_events_logs_or_artifacts(
             "AWS_REGION": s3_server.env["AWS_REGION"],
         },
     )
-    rest.post(
-        f"/api/v1/namespaces/{ns}/secrets",
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "hf"},
-            "stringData": {"token": secrets["HF_TOKEN"]},
-        },
+    secret(k8s_cluster, ns, "hf", {"token": secrets["HF_TOKEN"]})
+    secret(
+        k8s_cluster,
+        ns,
+        "mlflow",
+        {key: secrets[key] for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")},
     )
-    manifest = ftj_manifest("canary", assets, steps=4)
-    # An s3:// model never uses the hub token; the trainer still receives it, as a real
-    # job with an hf:// model would, so it must not print it either.
-    manifest["spec"]["model"]["tokenSecretRef"] = {"name": "hf", "key": "token"}
-    create(k8s_cluster, ns, manifest)
-    status = wait_phase(k8s_cluster, ns, "canary", "Succeeded", "Failed", timeout=300)
-    assert status["phase"] == "Succeeded", status
+    secret(k8s_cluster, ns, "wandb", {"api-key": secrets["WANDB_API_KEY"]})
+    for name, (changes, _) in RUNS.items():
+        create(k8s_cluster, ns, canary_job(name, assets, mlflow_server.url, changes))
+    ended = {
+        name: wait_phase(k8s_cluster, ns, name, "Succeeded", "Failed", timeout=400)
+        for name in RUNS
+    }
+    assert {name: st["phase"] for name, st in ended.items()} == {
+        name: phase for name, (_, phase) in RUNS.items()
+    }, ended
+    assert ended["canary-bad-input"]["reason"] == "BadInput", ended["canary-bad-input"]
+    gate = {c["type"]: c for c in ended["canary-gate"]["conditions"]}["EvalPassed"]
+    assert (gate["status"], gate["reason"]) == ("False", "ThresholdsMissed"), gate
 
+    with urllib.request.urlopen(f"{operator.url}/metrics", timeout=10) as response:
+        metrics = response.read().decode()
     places: dict[str, str] = {
-        "status": json.dumps(rest.get(f"{FTJ_API}/namespaces/{ns}/finetunejobs/canary")),
+        "FineTuneJobs": json.dumps(rest.get(f"{FTJ_API}/namespaces/{ns}/finetunejobs")),
         "events": json.dumps(rest.get(f"/api/v1/namespaces/{ns}/events")),
         "jobs": json.dumps(rest.get(f"/apis/batch/v1/namespaces/{ns}/jobs")),
         "pods": json.dumps(pods_of(k8s_cluster, ns)),
         "operator log": operator.logs(),
+        "operator /metrics": metrics,
+        **stored_by_mlflow(mlflow_server),
     }
     for pod in pods_of(k8s_cluster, ns):
         name = pod["metadata"]["name"]
         places[f"log of {name}"] = k8s_cluster.read_pod_logs(ns, name, "trainer")
     s3 = s3_server.client()
-    keys = s3_keys(s3_server, f"s3://{assets}/runs/{ns}/canary/")
-    assert any(key.endswith("manifest.json") for key in keys), keys
+    keys = s3_keys(s3_server, f"s3://{assets}/runs/{ns}/")
     for key in keys:
         body = s3.get_object(Bucket=assets, Key=key)["Body"].read()
         places[f"s3://{assets}/{key}"] = body.decode("utf-8", errors="replace")
 
-    # The checks must be able to see what they look for: the trainer did log, and the
-    # manifest names the credentials Secret (by name).
-    assert any(text.strip() for place, text in places.items() if place.startswith("log of "))
-    assert "s3-creds" in places[f"s3://{assets}/runs/{ns}/canary/manifest.json"]
+    # The checks must be able to see what they look for: every trainer logged, the manifest
+    # names the credentials Secret (by name), MLflow stored the runs (their params name the
+    # Secrets), the metrics describe these jobs.
+    logs = [text for place, text in places.items() if place.startswith("log of ")]
+    assert len(logs) == len(RUNS) and all(text.strip() for text in logs), list(places)
+    assert "s3-creds" in places[f"s3://{assets}/runs/{ns}/canary-ok/manifest.json"]
+    assert any("mlflow.db" in place for place in places)
+    assert "canary-ok" in "".join(t for p, t in places.items() if p.startswith("mlflow "))
+    assert ns in metrics
     leaks = [
         f"{name} in {place}"
         for place, text in places.items()

@@ -6,12 +6,7 @@ from __future__ import annotations
 
 import io
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,61 +17,9 @@ from kubetune_trainer.data import load_training_data
 from kubetune_trainer.modeling import Hardware, build_model
 from kubetune_trainer.tracking import TrackingCallback, flat_params, make_tracking
 from kubetune_trainer.train import train_model
+from tests.fixtures.mlflow import MlflowServer, free_port
 
 CPU = Hardware("cpu", bf16_supported=False)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`mlflow server` on a free loopback port, with a throwaway SQLite store."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    command = [
-        str(Path(sys.executable).with_name("mlflow")),
-        "server",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-        "--default-artifact-root", (root / "artifacts").as_uri(),
-    ]  # fmt: skip
-    log = (root / "server.log").open("w")
-    # Its own process group: the server runs uvicorn and job workers as children.
-    process = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(url, process, root / "server.log")
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
-
-
-def wait_until_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + 300  # the server imports a lot: slow on a busy machine
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()[-2000:]
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)  # polling the server's health, not synchronising on time
-    raise AssertionError(f"mlflow server not healthy: {log.read_text()[-2000:]}")
 
 
 def train_with_tracking(tiny_job: Any, tmp_path: Path, tracking_spec: dict) -> tuple[Any, Any]:
@@ -105,7 +48,7 @@ def train_with_tracking(tiny_job: Any, tmp_path: Path, tracking_spec: dict) -> t
 
 @pytest.mark.slow
 def test_the_whole_run_is_logged_to_mlflow(
-    mlflow_server: str, s3_env: str, tiny_job: Any, tmp_path: Path
+    mlflow_server: MlflowServer, s3_env: str, tiny_job: Any, tmp_path: Path
 ) -> None:
     """Through the pipeline, as `kubetune run` and the trainer pod run it."""
     from mlflow.tracking import MlflowClient
@@ -120,7 +63,7 @@ def test_the_whole_run_is_logged_to_mlflow(
         evaluation={"enabled": True, "maxSamples": 2, "maxNewTokens": 4, "sampleOutputs": 1},
         tracking={
             "mlflow": {
-                "uri": mlflow_server,
+                "uri": mlflow_server.url,
                 "experiment": "kubetune-tests",
                 "registeredModel": "support-assistant",
             }
@@ -132,7 +75,7 @@ def test_the_whole_run_is_logged_to_mlflow(
 
     [status] = result.tracking
     assert (status.backend, status.state, status.message) == ("mlflow", "Logged", None)
-    client = MlflowClient(tracking_uri=mlflow_server)
+    client = MlflowClient(tracking_uri=mlflow_server.url)
     experiment = client.get_experiment_by_name("kubetune-tests")
     [run] = client.search_runs([experiment.experiment_id], "attributes.run_name = 'tracked'")
     assert status.run.endswith(run.info.run_id)
@@ -158,7 +101,7 @@ def test_the_whole_run_is_logged_to_mlflow(
 
 @pytest.mark.slow
 def test_a_run_that_missed_its_thresholds_is_not_registered(
-    mlflow_server: str, tiny_job: Any, tmp_path: Path
+    mlflow_server: MlflowServer, tiny_job: Any, tmp_path: Path
 ) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -176,7 +119,7 @@ def test_a_run_that_missed_its_thresholds_is_not_registered(
             "sampleOutputs": 0,
             "thresholds": {"maxEvalLoss": 0.0001},
         },
-        tracking={"mlflow": {"uri": mlflow_server, "registeredModel": "never-registered"}},
+        tracking={"mlflow": {"uri": mlflow_server.url, "registeredModel": "never-registered"}},
     )
     options = RunOptions(work_dir=tmp_path / "work", namespace="default", hardware=CPU)
     result = run_pipeline(
@@ -185,7 +128,7 @@ def test_a_run_that_missed_its_thresholds_is_not_registered(
     assert result.metrics.evalPassed is False
     [status] = result.tracking
     assert (status.state, status.modelVersion) == ("Logged", None)
-    client = MlflowClient(tracking_uri=mlflow_server)
+    client = MlflowClient(tracking_uri=mlflow_server.url)
     assert client.search_model_versions("name = 'never-registered'") == []
 
 
