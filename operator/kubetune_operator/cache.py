@@ -51,6 +51,24 @@ def slim_job(job: dict) -> dict:
     }
 
 
+def slim_ftj(ftj: dict) -> dict:
+    """What the reconcile reads from the raw FineTuneJob besides the parsed spec: identity,
+    generation, deletion and the status. Not the spec (the parsed model holds it once), nor
+    managedFields or `kubectl apply`'s last-applied annotation, each about as large again."""
+    meta = ftj.get("metadata", {})
+    keep = (
+        "name",
+        "namespace",
+        "uid",
+        "generation",
+        "resourceVersion",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "labels",
+    )
+    return {"metadata": {k: meta[k] for k in keep if k in meta}, "status": ftj.get("status") or {}}
+
+
 def parse(ftj: dict) -> api.FineTuneJob | Problem:
     """The typed FineTuneJob, or why the API server's object does not validate (an older CRD
     or a field the models reject that the schema let through)."""
@@ -107,7 +125,7 @@ class Cache:
         replaced = bool(old and old.raw["metadata"].get("uid") != body["metadata"].get("uid"))
         if replaced:
             self.progress.pop(key, None)
-        self.ftjs[key] = Entry(body, parse(body))
+        self.ftjs[key] = Entry(slim_ftj(body), parse(body))
         return key, replaced
 
     def observe_job(self, event_type: str | None, body: dict) -> Key | None:

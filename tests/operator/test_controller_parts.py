@@ -83,6 +83,32 @@ def test_a_finetunejob_created_again_under_its_name_starts_afresh() -> None:
     assert not cache.observe_progress(("team-a", "other"), event)  # unknown job: ignored
 
 
+def test_the_cache_keeps_one_copy_of_a_large_spec() -> None:
+    """A 1 MiB JSON schema in the spec, applied with `kubectl apply` (whose last-applied
+    annotation repeats the whole object) and with managedFields: the cache holds the parsed
+    spec and the identity and status, not the raw spec, the annotation or managedFields."""
+    import json
+
+    schema = {"type": "object", "description": "x" * (1 << 20)}
+    big = json.loads(json.dumps(FTJ))
+    big["spec"]["evaluation"] = {"format": {"type": "jsonSchema", "schema": schema}}
+    big["metadata"].update(
+        generation=3,
+        annotations={"kubectl.kubernetes.io/last-applied-configuration": json.dumps(big)},
+        managedFields=[{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}],
+    )
+    big["status"] = {"phase": "Running"}
+    cache = Cache()
+    key, _ = cache.observe_ftj("ADDED", big)
+    entry = cache.ftjs[key]
+    assert entry.parsed.spec.evaluation.format.schema_ == schema
+    assert entry.raw == {
+        "metadata": {"name": "tune", "namespace": "team-a", "uid": "ftj-1", "generation": 3},
+        "status": {"phase": "Running"},
+    }
+    assert len(json.dumps(entry.raw)) < 1024
+
+
 def test_deletion_is_remembered_until_forgotten() -> None:
     cache = Cache()
     cache.observe_ftj("ADDED", FTJ)
