@@ -34,9 +34,10 @@ from tests.fixtures.ftj import (
     add_credentials_secret,
     create,
     jobs_of,
+    leaks,
     loss_history,
     pods_of,
-    s3_keys,
+    s3_texts,
     status_of,
     wait_phase,
 )
@@ -229,18 +230,9 @@ def test_two_node_gang_rendezvous_through_the_headless_service_and_publishes_onc
             for p in real_stack.operator_pods()
         },
     }
-    client = real_stack.s3.client()
-    for key in s3_keys(real_stack.s3, f"s3://{out}/{run_prefix}"):
-        body_bytes = client.get_object(Bucket=out, Key=key)["Body"].read()
-        places[f"s3://{out}/{key}"] = body_bytes.decode("utf-8", errors="replace")
+    places.update(s3_texts(real_stack.s3, f"s3://{out}/{run_prefix}"))
     assert "canary-creds" in places[f"s3://{out}/{run_prefix}manifest.json"]  # by name
-    leaks = [
-        f"{k} in {where}"
-        for where, text in places.items()
-        for k, v in canaries.items()
-        if v in text
-    ]
-    assert leaks == []
+    assert leaks(places, canaries) == []
 
 
 def test_worker_pod_killed_mid_run_restarts_the_gang_from_its_checkpoint(

@@ -25,8 +25,9 @@ from tests.fixtures.ftj import (
     add_credentials_secret,
     create,
     ftj_manifest,
+    leaks,
     pods_of,
-    s3_keys,
+    s3_texts,
     wait_phase,
 )
 from tests.fixtures.mlflow import MlflowServer
@@ -125,8 +126,7 @@ def test_no_secret_value_appears_anywhere_on_success_failure_or_a_missed_gate(
     for name, (changes, _) in RUNS.items():
         create(k8s_cluster, ns, canary_job(name, assets, mlflow_server.url, changes))
     ended = {
-        name: wait_phase(k8s_cluster, ns, name, "Succeeded", "Failed", timeout=400)
-        for name in RUNS
+        name: wait_phase(k8s_cluster, ns, name, "Succeeded", "Failed", timeout=400) for name in RUNS
     }
     assert {name: st["phase"] for name, st in ended.items()} == {
         name: phase for name, (_, phase) in RUNS.items()
@@ -149,11 +149,7 @@ def test_no_secret_value_appears_anywhere_on_success_failure_or_a_missed_gate(
     for pod in pods_of(k8s_cluster, ns):
         name = pod["metadata"]["name"]
         places[f"log of {name}"] = k8s_cluster.read_pod_logs(ns, name, "trainer")
-    s3 = s3_server.client()
-    keys = s3_keys(s3_server, f"s3://{assets}/runs/{ns}/")
-    for key in keys:
-        body = s3.get_object(Bucket=assets, Key=key)["Body"].read()
-        places[f"s3://{assets}/{key}"] = body.decode("utf-8", errors="replace")
+    places.update(s3_texts(s3_server, f"s3://{assets}/runs/{ns}/"))
 
     # The checks must be able to see what they look for: every trainer logged, the manifest
     # names the credentials Secret (by name), MLflow stored the runs (their params name the
@@ -164,10 +160,4 @@ def test_no_secret_value_appears_anywhere_on_success_failure_or_a_missed_gate(
     assert any("mlflow.db" in place for place in places)
     assert "canary-ok" in "".join(t for p, t in places.items() if p.startswith("mlflow "))
     assert ns in metrics
-    leaks = [
-        f"{name} in {place}"
-        for place, text in places.items()
-        for name, value in secrets.items()
-        if value in text
-    ]
-    assert leaks == []
+    assert leaks(places, secrets) == []
