@@ -7,6 +7,7 @@ the operator never reads a raw spec.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -18,7 +19,7 @@ from kubetune.api import v1alpha1 as api
 from kubetune.api.contract import ProgressEvent, Reason
 from kubetune_operator import names
 from kubetune_operator.settings import describe_error
-from kubetune_operator.validation import Problem
+from kubetune_operator.validation import Problem, largest_field
 
 Key = tuple[str, str]  # (namespace, name)
 
@@ -71,8 +72,20 @@ def slim_ftj(ftj: dict) -> dict:
 
 def parse(ftj: dict) -> api.FineTuneJob | Problem:
     """The typed FineTuneJob, or why the API server's object does not validate (an older CRD
-    or a field the models reject that the schema let through)."""
+    or a field the models reject that the schema let through). A spec larger than the pod
+    annotation that carries it to the trainer can never run: refused here, unparsed, so such
+    objects (up to etcd's 1.5 MiB each, through the free-form JSON Schema of
+    evaluation.format, which no CRD rule can size) cost the operator's memory nothing."""
     meta = ftj["metadata"]
+    spec = ftj.get("spec") or {}
+    size = len(json.dumps(spec, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > contract.JOB_ANNOTATION_BUDGET:
+        return Problem(
+            "Failed",
+            Reason.SPEC_TOO_LARGE,
+            f"the spec takes {size} bytes, more than the {contract.JOB_ANNOTATION_BUDGET} a pod "
+            f"annotation can carry to the trainer; shorten {largest_field(spec, 'spec')}",
+        )
     try:
         return api.FineTuneJob.model_validate(
             {

@@ -123,12 +123,12 @@ def check_image(spec: FineTuneJobSpec, settings: OperatorSettings) -> Problem | 
     )
 
 
-def _largest_field(value: Any, path: str, depth: int = 3) -> str:
+def largest_field(value: Any, path: str, depth: int = 3) -> str:
     """The path of the biggest part of a JSON value, `depth` levels down at most."""
     if depth == 0 or not isinstance(value, dict) or not value:
         return path
     key, child = max(value.items(), key=lambda kv: len(json.dumps(kv[1], ensure_ascii=False)))
-    return _largest_field(child, f"{path}.{key}", depth - 1)
+    return largest_field(child, f"{path}.{key}", depth - 1)
 
 
 def check_size(ftj: FineTuneJob, job: dict[str, Any]) -> Problem | None:
@@ -139,7 +139,7 @@ def check_size(ftj: FineTuneJob, job: dict[str, Any]) -> Problem | None:
     size = builders.annotation_size(annotations[contract.JOB_ANNOTATION])
     if size <= contract.JOB_ANNOTATION_BUDGET:
         return None
-    biggest = _largest_field(builders.spec_dict(ftj), "spec")
+    biggest = largest_field(builders.spec_dict(ftj), "spec")
     return Problem(
         "Failed",
         Reason.SPEC_TOO_LARGE,

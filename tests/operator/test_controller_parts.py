@@ -4,9 +4,11 @@ queue's promises (a key queued once, handled by one worker at a time, retried on
 from __future__ import annotations
 
 import asyncio
+import json
 
-from kubetune.api.contract import ProgressEvent
+from kubetune.api.contract import ProgressEvent, Reason
 from kubetune_operator.cache import Cache
+from kubetune_operator.validation import Problem
 from kubetune_operator.workqueue import WorkQueue
 
 FTJ = {
@@ -83,13 +85,11 @@ def test_a_finetunejob_created_again_under_its_name_starts_afresh() -> None:
     assert not cache.observe_progress(("team-a", "other"), event)  # unknown job: ignored
 
 
-def test_the_cache_keeps_one_copy_of_a_large_spec() -> None:
-    """A 1 MiB JSON schema in the spec, applied with `kubectl apply` (whose last-applied
-    annotation repeats the whole object) and with managedFields: the cache holds the parsed
-    spec and the identity and status, not the raw spec, the annotation or managedFields."""
-    import json
-
-    schema = {"type": "object", "description": "x" * (1 << 20)}
+def with_schema(description_bytes: int) -> dict:
+    """FTJ with a JSON-schema output format whose description is that long, applied with
+    `kubectl apply` (whose last-applied annotation repeats the whole object) and with
+    managedFields, and a status."""
+    schema = {"type": "object", "description": "x" * description_bytes}
     big = json.loads(json.dumps(FTJ))
     big["spec"]["evaluation"] = {"format": {"type": "jsonSchema", "schema": schema}}
     big["metadata"].update(
@@ -98,15 +98,35 @@ def test_the_cache_keeps_one_copy_of_a_large_spec() -> None:
         managedFields=[{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}],
     )
     big["status"] = {"phase": "Running"}
+    return big
+
+
+def test_the_cache_keeps_one_copy_of_a_spec() -> None:
+    """The parsed spec, the identity and the status: not the raw spec, the last-applied
+    annotation or managedFields, each as large again."""
+    big = with_schema(100 * 1024)
     cache = Cache()
     key, _ = cache.observe_ftj("ADDED", big)
     entry = cache.ftjs[key]
-    assert entry.parsed.spec.evaluation.format.schema_ == schema
+    assert (
+        entry.parsed.spec.evaluation.format.schema_ == big["spec"]["evaluation"]["format"]["schema"]
+    )
     assert entry.raw == {
         "metadata": {"name": "tune", "namespace": "team-a", "uid": "ftj-1", "generation": 3},
         "status": {"phase": "Running"},
     }
-    assert len(json.dumps(entry.raw)) < 1024
+
+
+def test_a_spec_too_large_to_reach_the_trainer_is_refused_unparsed() -> None:
+    """A 1 MiB JSON Schema (the API server takes objects up to 1.5 MiB; no CRD rule can size
+    a free-form object): SpecTooLarge, naming the field, and nothing of it kept."""
+    cache = Cache()
+    key, _ = cache.observe_ftj("ADDED", with_schema(1 << 20))
+    problem = cache.ftjs[key].parsed
+    assert isinstance(problem, Problem), problem
+    assert (problem.phase, problem.reason) == ("Failed", Reason.SPEC_TOO_LARGE)
+    assert "shorten spec.evaluation.format.schema" in problem.message, problem.message
+    assert len(json.dumps(cache.ftjs[key].raw)) + len(problem.message) < 2048
 
 
 def test_deletion_is_remembered_until_forgotten() -> None:
