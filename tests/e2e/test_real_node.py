@@ -73,8 +73,10 @@ print(json.dumps(result))
 def test_lora_job_succeeds_from_the_images_with_progress_logs_and_exec(
     real_stack: RealStack, real_ns: str, real_assets: str
 ) -> None:
-    cluster = real_stack.cluster
-    create(cluster, real_ns, manifest("e2e", real_assets, steps=12))
+    # Long enough that the status (patched at most once a second) shows a step between the
+    # first and the last: on a fast machine 12 steps fit in one patch interval.
+    cluster, steps = real_stack.cluster, 60
+    create(cluster, real_ns, manifest("e2e", real_assets, steps=steps))
     pod = running_trainer_pod(real_stack, real_ns)
     # The pod runs the trainer image, never pulled: the archive imported into containerd.
     spec = cluster.rest().get(f"/api/v1/namespaces/{real_ns}/pods/{pod}")["spec"]
@@ -102,7 +104,7 @@ def test_lora_job_succeeds_from_the_images_with_progress_logs_and_exec(
         st = wait_for(finished, timeout=RUN_TIMEOUT, interval=0.3, what="e2e finished")
     assert st["phase"] == "Succeeded", st
     seen = {step for _, step in watch.samples}
-    assert any(0 < s < 12 for s in seen), f"no intermediate progress seen: {seen}"
+    assert any(0 < s < steps for s in seen), f"no intermediate progress seen: {seen}"
     assert exec_result["uid"] == 1000 and exec_result["/workspace/probe"] == "ok"
     assert exec_result["/opt/probe"] == "Read-only file system", exec_result
     for field in ("model", "manifest", "report"):
