@@ -48,7 +48,7 @@ def tiny_archive(path: Path, name: str, note: str) -> Path:
 def store_images(store: Path) -> dict[str, str]:
     """Name -> digest (not CRI's own `sha256:<config>` aliases)."""
     with imagestore._store_containerd(store) as paths:
-        images = imagestore._image_digests(paths)
+        images = realnode.image_digests(paths)
     return {name: digest for name, digest in images.items() if not name.startswith("sha256:")}
 
 

@@ -26,9 +26,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -103,7 +101,7 @@ def update(archives: Sequence[Path], store: Path | None = None) -> Path:
         replaced = {record.pop(a) for a in changed if a in record}
         _write_record(store, record)  # claims nothing it may not finish
         with _store_containerd(store) as paths:
-            present = set(_image_digests(paths).values())
+            present = set(realnode.image_digests(paths).values())
             for archive, digest in changed.items():
                 if digest not in present:
                     _import_new_blobs(paths, Path(archive), store / "root")
@@ -156,9 +154,7 @@ def store_containerd_argv(store: Path, paths: realnode.NodePaths) -> list[str]:
 @contextlib.contextmanager
 def _store_containerd(store: Path) -> Iterator[realnode.NodePaths]:
     """containerd on the store's root, its state and sockets in a short temporary dir."""
-    for pid in realnode.pids_naming(store):  # left running by a killed update
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    realnode.kill_processes_naming(store)  # a store containerd a killed update left running
     state = Path(tempfile.mkdtemp(prefix="kubetune-image-store-"))
     paths = realnode.NodePaths(state / "node")
     proc = subprocess.Popen(
@@ -203,15 +199,10 @@ def _import_new_blobs(paths: realnode.NodePaths, archive: Path, root: Path) -> N
         realnode.ctr(paths, "images", "import", slim.name, timeout=900)
 
 
-def _image_digests(paths: realnode.NodePaths) -> dict[str, str]:
-    listing = realnode.ctr(paths, "images", "ls").stdout.splitlines()[1:]
-    return {cols[0]: cols[2] for cols in (line.split() for line in listing) if len(cols) > 2}
-
-
 def _forget(paths: realnode.NodePaths, digests: set[str]) -> None:
     """Remove the images with these digests (an archive's image before its rebuild), then
     collect what no image uses any more (layers a rebuilt image shares stay)."""
-    images = _image_digests(paths)
+    images = realnode.image_digests(paths)
     stale = [name for name, digest in images.items() if digest in digests]
     if not stale:
         return

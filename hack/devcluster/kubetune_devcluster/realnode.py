@@ -361,6 +361,12 @@ def ctr(paths: NodePaths, *args: str, timeout: float = 120) -> subprocess.Comple
     return result
 
 
+def image_digests(paths: NodePaths) -> dict[str, str]:
+    """Image name -> manifest digest, as the runtime's k8s.io namespace has them."""
+    listing = ctr(paths, "images", "ls").stdout.splitlines()[1:]
+    return {cols[0]: cols[2] for cols in (line.split() for line in listing) if len(cols) > 2}
+
+
 def containerd_ready(paths: NodePaths) -> bool:
     return paths.socket.exists() and bool(ctr(paths, "version", timeout=10).stdout)
 

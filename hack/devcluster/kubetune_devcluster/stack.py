@@ -93,8 +93,7 @@ def archive_digest(archive: Path) -> str:
 
 def node_image_digests(cluster: Any) -> dict[str, str]:
     """Image name -> manifest digest, as the node's containerd has them."""
-    listing = realnode.ctr(cluster.node_paths, "images", "ls").stdout.splitlines()[1:]
-    return {cols[0]: cols[2] for cols in (line.split() for line in listing) if len(cols) > 2}
+    return realnode.image_digests(cluster.node_paths)
 
 
 def load_images(cluster: Any) -> dict[str, float]:
