@@ -18,6 +18,7 @@ from kubetune_operator.loops import ControllerLoop
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.watchhealth import WatchHealth
+from tests.fixtures.ftj import push
 from tests.operator.test_controller_parts import FTJ, JOB, POD
 
 # How long the stuck token check holds its loop at most: if that loop were the controller's,
@@ -49,17 +50,6 @@ class StubKube:
 
     async def get(self, path: str) -> None:
         return None
-
-
-def push(url: str, token: str) -> int:
-    request = urllib.request.Request(
-        url, data=EVENT, headers={"Authorization": f"Bearer {token}"}, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=2 * STUCK_FOR_S) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
 
 
 def get(url: str) -> int:
@@ -114,7 +104,9 @@ def test_a_stuck_progress_request_holds_up_no_reconcile_and_pushes_still_arrive(
         controller.start()
         try:
             stuck = asyncio.create_task(
-                asyncio.to_thread(push, f"{base}/v1/progress/team-a/tune", "stuck")
+                asyncio.to_thread(
+                    push, f"{base}/v1/progress/team-a/tune", "stuck", EVENT, 2 * STUCK_FOR_S
+                )
             )
             assert await asyncio.to_thread(checking.wait, STUCK_FOR_S)
             # The stuck request's check holds its loop now. A new FineTuneJob's reconcile:
@@ -132,9 +124,9 @@ def test_a_stuck_progress_request_holds_up_no_reconcile_and_pushes_still_arrive(
             controller.observe_job("ADDED", JOB)
             controller.observe_pod("ADDED", POD)
             url = f"{base}/v1/progress/team-a/tune"
-            assert await asyncio.to_thread(push, url, "genuine") == 202
+            assert await asyncio.to_thread(push, url, "genuine", EVENT, 2 * STUCK_FOR_S) == 202
             assert controller.cache.progress[("team-a", "tune")]["step"] == 3
-            assert await asyncio.to_thread(push, url, "forged") == 401
+            assert await asyncio.to_thread(push, url, "forged", EVENT, 2 * STUCK_FOR_S) == 401
 
             # Liveness is still the controller loop's answer (a wedged loop fails it).
             assert await asyncio.to_thread(get, f"{base}/healthz") == 200
